@@ -1,0 +1,69 @@
+"""The canonical checkpoint: one safetensors file, canonical names, metadata describing the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from convnextv2.converters.atomic import atomic_file
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
+from convnextv2.converters.errors import BadInputError
+from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.safetensors_io import is_safetensors, read_header, read_safetensors, write_safetensors
+from convnextv2.reference import schema
+from convnextv2.reference.variants import ModelConfig, check_variant
+
+NAME = "canonical"
+SUFFIXES = (".safetensors",)
+
+
+def sniff(path: Path) -> bool:
+    if not path.is_file() or not is_safetensors(path):
+        return False
+    try:
+        header, _, _ = read_header(path)
+    except BadInputError:
+        return False
+    meta = header.get("__metadata__") or {}
+    return isinstance(meta, dict) and meta.get("schema") == schema.SCHEMA_NAME
+
+
+def _json_field(meta: dict[str, str], key: str, path: Path) -> Any:
+    if key not in meta:
+        raise BadInputError(f"{path}: canonical metadata lacks {key!r}")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}: canonical metadata {key!r} is not valid JSON: {exc}") from None
+
+
+def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+    tensors, meta = read_safetensors(path)
+    if meta.get("schema") != schema.SCHEMA_NAME:
+        raise BadInputError(f"{path}: not a canonical ConvNeXt V2 file (metadata schema={meta.get('schema')!r})")
+    version = meta.get("schema_version")
+    if version not in schema.SUPPORTED_SCHEMA_VERSIONS:
+        raise BadInputError(
+            f"{path}: schema version {version!r} is not supported by this toolkit "
+            f"(supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2"
+        )
+    config = ModelConfig.from_json_dict(_json_field(meta, "config", path))
+    ckpt = Checkpoint(
+        config=config,
+        tensors=tensors,
+        preprocessing=Preprocessing.from_json_dict(_json_field(meta, "preprocessing", path)),
+        source=Source.from_json_dict(_json_field(meta, "source", path)),
+        info=dict(_json_field(meta, "info", path)) if "info" in meta else {},
+    )
+    ckpt.validate(str(path))
+    check_variant(config, variant, str(path))
+    return ckpt
+
+
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, **_: Any) -> None:
+    ckpt.validate(f"writing {path}")
+    items = ckpt.ordered_tensors()
+    total = sum(int(a.size) * a.dtype.itemsize for _, a in items)
+    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+        write_safetensors(tmp, items, ckpt.metadata(), progress=bar)

@@ -1,0 +1,165 @@
+"""The in-memory checkpoint every converter produces and consumes: config, canonical tensors, metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.errors import BadInputError
+from convnextv2.reference import schema
+from convnextv2.reference.variants import ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for this checkpoint (timm/HF pretrained-config semantics)."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # "center": resize shorter side to input_size / crop_pct, then centre-crop; "squash": resize both sides.
+    crop_mode: str = "center"
+
+    @classmethod
+    def for_resolution(cls, input_size: int) -> Preprocessing:
+        # The released 384/512 checkpoints were fine-tuned without a crop (facts §4.5).
+        if input_size >= 384:
+            return cls(input_size=input_size, crop_pct=1.0, crop_mode="squash")
+        return cls(input_size=input_size)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        try:
+            return cls(
+                input_size=int(data["input_size"]),
+                crop_pct=float(data["crop_pct"]),
+                interpolation=str(data["interpolation"]),
+                mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+                crop_mode=str(data.get("crop_mode", "center")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInputError(f"preprocessing metadata is invalid: {exc}") from None
+
+
+@dataclasses.dataclass
+class Source:
+    """Where a checkpoint came from; carried through every conversion."""
+
+    format: str
+    file_name: str = ""
+    sha256: str = ""
+    # Format-specific facts needed to write the same layout back bit for bit (e.g. GRN's stored shape).
+    layout: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "file_name": self.file_name, "sha256": self.sha256, "layout": self.layout}
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> Source:
+        return cls(
+            format=str(data.get("format", "unknown")),
+            file_name=str(data.get("file_name", "")),
+            sha256=str(data.get("sha256", "")),
+            layout=dict(data.get("layout", {})),
+        )
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Canonical tensors (numpy, possibly memory-mapped from the source file) plus everything about them."""
+
+    config: ModelConfig
+    tensors: dict[str, np.ndarray]
+    preprocessing: Preprocessing = dataclasses.field(default_factory=Preprocessing)
+    source: Source = dataclasses.field(default_factory=lambda: Source(format="memory"))
+    # Plain-data leftovers of the source that are not tensors (epoch, training args), kept for the record.
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, where: str = "checkpoint") -> None:
+        schema.validate({k: v.shape for k, v in self.tensors.items()}, self.config, where)
+
+    def model_tensors(self) -> dict[str, np.ndarray]:
+        """The canonical tensors in forward order, without extras."""
+        return {name: self.tensors[name] for name in schema.expected_shapes(self.config)}
+
+    def extras(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self.tensors.items() if k.startswith(schema.EXTRAS_PREFIX)}
+
+    def ordered_tensors(self) -> list[tuple[str, np.ndarray]]:
+        """Model tensors in forward order, then extras sorted by name: the order files are written in."""
+        items = list(self.model_tensors().items())
+        items += sorted(self.extras().items())
+        return items
+
+    @property
+    def parameter_count(self) -> int:
+        return int(sum(v.size for v in self.model_tensors().values()))
+
+    @property
+    def dtype(self) -> str:
+        kinds = sorted({str(v.dtype) for v in self.model_tensors().values()})
+        return kinds[0] if len(kinds) == 1 else "mixed(" + ",".join(kinds) + ")"
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` of a canonical file (string values; JSON where structured)."""
+        return {
+            "format": "pt",  # lets transformers and others treat the file as PyTorch-layout safetensors
+            "schema": schema.SCHEMA_NAME,
+            "schema_version": schema.SCHEMA_VERSION,
+            "config": _dumps(self.config.to_json_dict()),
+            "preprocessing": _dumps(self.preprocessing.to_json_dict()),
+            "source": _dumps(self.source.to_json_dict()),
+            "info": _dumps(self.info),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """What ``convnextv2 inspect`` prints."""
+        return {
+            "format": self.source.format,
+            "variant": self.config.variant,
+            "depths": list(self.config.depths),
+            "dims": list(self.config.dims),
+            "num_classes": self.config.num_classes,
+            "head_norm": self.config.head_norm,
+            "head_norm_eps": self.config.head_norm_eps,
+            "parameters": self.parameter_count,
+            "dtype": self.dtype,
+            "extras": len(self.extras()),
+            "preprocessing": self.preprocessing.to_json_dict(),
+            "source": self.source.to_json_dict(),
+            "info": self.info,
+        }
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_of(path: str | os.PathLike[str], chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

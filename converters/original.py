@@ -1,0 +1,308 @@
+"""facebookresearch/ConvNeXt-V2 checkpoints (facts §4.1-4.3), in and out.
+
+Three layouts share the ``.pt`` zip format:
+- ``finetuned``: ``{"model": state_dict}`` (or ``model_ema``, or a bare state dict), GRN (1,1,1,4C);
+- ``fcmae``: the released ``pt_only`` encoders, same dense names, no ``norm``/``head``, GRN (1,4C);
+- ``fcmae-sparse``: raw pretraining checkpoints, MinkowskiEngine layout under ``encoder.``, plus a decoder
+  (``proj``, ``mask_token``, ``decoder.0``, ``pred``) that is kept verbatim under ``extras.fcmae.``.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.atomic import atomic_file
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.errors import BadInputError
+from convnextv2.converters.keymap import KeyTable, Rule
+from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.torchzip import PickledNamespace, is_legacy_torch, is_torch_zip, read_torch_zip, write_torch_zip
+from convnextv2.reference import schema
+from convnextv2.reference.variants import check_variant
+
+NAME = "original"
+SUFFIXES = (".pt", ".pth", ".bin")
+LAYOUTS = ("finetuned", "fcmae", "fcmae-sparse")
+EXTRAS_NAMESPACE = "extras.fcmae."
+
+DENSE = KeyTable([
+    Rule("downsample_layers.0.0.{p}", "stem.conv.{p}"),
+    Rule("downsample_layers.0.1.{p}", "stem.norm.{p}"),
+    Rule("downsample_layers.{i}.0.{p}", "stages.{i}.downsample.norm.{p}"),
+    Rule("downsample_layers.{i}.1.{p}", "stages.{i}.downsample.conv.{p}"),
+    Rule("stages.{s}.{b}.grn.{p}", "stages.{s}.blocks.{b}.grn.{p}", transform="grn"),
+    Rule("stages.{s}.{b}.{p}.weight", "stages.{s}.blocks.{b}.{p}.weight"),
+    Rule("stages.{s}.{b}.{p}.bias", "stages.{s}.blocks.{b}.{p}.bias"),
+    Rule("norm.{p}", "head.norm.{p}"),
+    Rule("head.{p}", "head.fc.{p}"),
+])
+
+SPARSE = KeyTable([
+    Rule("encoder.downsample_layers.0.0.{p}", "stem.conv.{p}"),
+    Rule("encoder.downsample_layers.0.1.{p}", "stem.norm.{p}"),
+    Rule("encoder.downsample_layers.{i}.0.ln.{p}", "stages.{i}.downsample.norm.{p}"),
+    Rule("encoder.downsample_layers.{i}.1.kernel", "stages.{i}.downsample.conv.weight", transform="sparse_conv"),
+    Rule("encoder.downsample_layers.{i}.1.bias", "stages.{i}.downsample.conv.bias", transform="row"),
+    Rule("encoder.stages.{s}.{b}.dwconv.kernel", "stages.{s}.blocks.{b}.dwconv.weight", transform="sparse_dw"),
+    Rule("encoder.stages.{s}.{b}.dwconv.bias", "stages.{s}.blocks.{b}.dwconv.bias", transform="row"),
+    Rule("encoder.stages.{s}.{b}.norm.ln.{p}", "stages.{s}.blocks.{b}.norm.{p}"),
+    Rule("encoder.stages.{s}.{b}.pwconv1.linear.{p}", "stages.{s}.blocks.{b}.pwconv1.{p}"),
+    Rule("encoder.stages.{s}.{b}.pwconv2.linear.{p}", "stages.{s}.blocks.{b}.pwconv2.{p}"),
+    Rule("encoder.stages.{s}.{b}.grn.{p}", "stages.{s}.blocks.{b}.grn.{p}", transform="grn"),
+])
+
+# GRN's stored shape per layout when the source does not tell us (a canonical file from elsewhere).
+DEFAULT_GRN_SHAPE = {"finetuned": [1, 1, 1, -1], "fcmae": [1, -1], "fcmae-sparse": [1, -1]}
+
+_RESOLUTION_IN_NAME = re.compile(r"_(224|256|288|384|512)(?:_|\.|$)")
+
+
+# ------------------------------------------------------------ layout transforms (the one place)
+
+def _sparse_conv_to_dense(kernel: np.ndarray, name: str) -> np.ndarray:
+    # MinkowskiEngine kernel (k*k, in, out), first spatial coordinate fastest: W[o,i,h,w] = K[w*k+h, i, o].
+    volume, c_in, c_out = kernel.shape
+    k = int(round(volume ** 0.5))
+    if k * k != volume:
+        raise BadInputError(f"sparse kernel {name} has {volume} taps, not a square kernel")
+    return kernel.reshape(k, k, c_in, c_out).transpose(3, 2, 1, 0)
+
+
+def _dense_conv_to_sparse(weight: np.ndarray) -> np.ndarray:
+    c_out, c_in, k, _ = weight.shape
+    return weight.transpose(3, 2, 1, 0).reshape(k * k, c_in, c_out)
+
+
+def _sparse_dw_to_dense(kernel: np.ndarray, name: str) -> np.ndarray:
+    volume, channels = kernel.shape
+    k = int(round(volume ** 0.5))
+    if k * k != volume:
+        raise BadInputError(f"sparse depthwise kernel {name} has {volume} taps, not a square kernel")
+    return kernel.reshape(k, k, channels).transpose(2, 1, 0)[:, None, :, :]
+
+
+def _dense_dw_to_sparse(weight: np.ndarray) -> np.ndarray:
+    channels, _, k, _ = weight.shape
+    return weight[:, 0].transpose(2, 1, 0).reshape(k * k, channels)
+
+
+def _flatten_vector(array: np.ndarray, name: str, kind: str) -> np.ndarray:
+    if array.ndim == 0 or any(s != 1 for s in array.shape[:-1]):
+        raise BadInputError(f"{kind} tensor {name} should be a vector with leading 1s, found shape {list(array.shape)}")
+    return array.reshape(array.shape[-1])
+
+
+def _to_canonical_tensor(array: np.ndarray, rule: Rule, name: str) -> np.ndarray:
+    if rule.transform == "grn":
+        return _flatten_vector(array, name, "GRN")
+    if rule.transform == "row":
+        return _flatten_vector(array, name, "sparse bias")
+    if rule.transform == "sparse_conv":
+        if array.ndim != 3:
+            raise BadInputError(f"sparse kernel {name} should be (k*k, in, out), found shape {list(array.shape)}")
+        return _sparse_conv_to_dense(array, name)
+    if rule.transform == "sparse_dw":
+        if array.ndim != 2:
+            raise BadInputError(f"sparse depthwise kernel {name} should be (k*k, channels), found {list(array.shape)}")
+        return _sparse_dw_to_dense(array, name)
+    return array
+
+
+def _to_original_tensor(array: np.ndarray, rule: Rule, grn_shape: list[int]) -> np.ndarray:
+    if rule.transform == "grn":
+        return array.reshape([s if s != -1 else array.size for s in grn_shape])
+    if rule.transform == "row":
+        return array.reshape(1, -1)
+    if rule.transform == "sparse_conv":
+        return _dense_conv_to_sparse(array)
+    if rule.transform == "sparse_dw":
+        return _dense_dw_to_sparse(array)
+    return array
+
+
+# ------------------------------------------------------------ reading
+
+def sniff(path: Path) -> bool:
+    return path.is_file() and (is_torch_zip(path) or is_legacy_torch(path))
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy of plain pickled data (args, epoch) for the record."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, np.ndarray):
+        return f"<tensor {list(value.shape)} {value.dtype}>"
+    return value
+
+
+def select_state_dict(obj: Any, ema: bool, where: str) -> tuple[Mapping[str, np.ndarray], dict[str, Any]]:
+    """Find the model weights in a loaded checkpoint; return them and the plain-data leftovers."""
+    info: dict[str, Any] = {}
+    if _is_state_dict(obj):
+        if ema:
+            raise BadInputError(f"{where}: --ema asked for model_ema, but the file is a bare state dict")
+        return obj, {"container": "bare"}
+    if not isinstance(obj, Mapping):
+        raise BadInputError(f"{where}: expected a dict checkpoint, found {type(obj).__name__}")
+    key = "model_ema" if ema else "model"
+    if key not in obj:
+        hint = " (the file has 'model'; drop --ema)" if ema and "model" in obj else ""
+        raise BadInputError(f"{where}: no {key!r} entry; top-level keys are {sorted(map(str, obj))[:10]}{hint}")
+    state = obj[key]
+    if not isinstance(state, Mapping):
+        raise BadInputError(f"{where}: {key!r} is a {type(state).__name__}, not a state dict")
+    bad = [str(k) for k, v in state.items() if not isinstance(v, np.ndarray)]
+    if bad:
+        raise BadInputError(f"{where}: {key!r} holds non-tensor entries {bad[:5]}")
+    info["container"] = key
+    for extra in ("epoch", "args"):
+        if extra in obj:
+            info[extra] = _plain(obj[extra])
+    dropped = sorted(str(k) for k in obj if k not in (key, "epoch", "args"))
+    if dropped:
+        info["dropped"] = dropped
+    return state, info
+
+
+def _strip_module_prefix(state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def detect_layout(state: Mapping[str, np.ndarray]) -> str:
+    if any(k.startswith("encoder.") for k in state):
+        return "fcmae-sparse"
+    return "finetuned" if "head.weight" in state else "fcmae"
+
+
+def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], str, list[int] | None]:
+    """Rename/reshape an original state dict; returns (canonical tensors, layout, stored GRN shape)."""
+    state = _strip_module_prefix(state)
+    layout = detect_layout(state)
+    table = SPARSE if layout == "fcmae-sparse" else DENSE
+    tensors: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    grn_shape: list[int] | None = None
+    for key, array in state.items():
+        mapped = table.to_canonical(key)
+        if mapped is None:
+            if layout == "fcmae-sparse" and not key.startswith("encoder."):
+                tensors[EXTRAS_NAMESPACE + key] = array
+            else:
+                unknown.append(f"{key} {list(array.shape)}")
+            continue
+        name, rule = mapped
+        if rule.transform == "grn" and grn_shape is None:
+            grn_shape = [1] * (array.ndim - 1) + [-1]
+        tensors[name] = _to_canonical_tensor(array, rule, f"{where}: {key}")
+    if unknown:
+        raise BadInputError(f"{where}: {len(unknown)} key(s) not in the {layout} layout: {', '.join(unknown[:10])}")
+    return tensors, layout, grn_shape
+
+
+def preprocessing_from_name(file_name: str) -> Preprocessing:
+    match = _RESOLUTION_IN_NAME.search(file_name)
+    return Preprocessing.for_resolution(int(match.group(1))) if match else Preprocessing()
+
+
+def read(path: Path, *, variant: str | None = None, ema: bool = False, **_: Any) -> Checkpoint:
+    where = str(path)
+    obj = read_torch_zip(path)
+    state, info = select_state_dict(obj, ema, where)
+    tensors, layout, grn_shape = state_dict_to_canonical(state, where)
+    config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
+    ckpt = Checkpoint(
+        config=config,
+        tensors=tensors,
+        preprocessing=preprocessing_from_name(path.name),
+        source=Source(
+            format=NAME,
+            file_name=path.name,
+            sha256=sha256_of(path),
+            layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema},
+        ),
+        info=info,
+    )
+    ckpt.validate(where)
+    check_variant(config, variant, where)
+    return ckpt
+
+
+# ------------------------------------------------------------ writing
+
+def _original_order(name: str) -> tuple[int, ...]:
+    """Registration order of the original model: downsample layers, then stages, then norm, head."""
+    if name.startswith("encoder."):
+        return _original_order(name[len("encoder."):])
+    parts = name.split(".")
+    if parts[0] == "downsample_layers":
+        return (0, int(parts[1]), int(parts[2]))
+    if parts[0] == "stages":
+        return (1, int(parts[1]), int(parts[2]))
+    return (2,) if parts[0] == "norm" else (3,)
+
+
+def canonical_to_state_dict(ckpt: Checkpoint, layout: str) -> collections.OrderedDict[str, np.ndarray]:
+    if layout not in LAYOUTS:
+        raise BadInputError(f"unknown original layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "finetuned" and ckpt.config.num_classes == 0:
+        raise BadInputError("a headless checkpoint cannot be written as a fine-tuned file; use --layout fcmae")
+    if layout.startswith("fcmae") and ckpt.config.num_classes > 0:
+        raise BadInputError(f"the {layout} layout is an encoder only; this checkpoint has a {ckpt.config.num_classes}-class head")
+    source_layout = ckpt.source.layout if ckpt.source.format == NAME else {}
+    grn_shape = source_layout.get("grn_shape") if source_layout.get("layout") == layout else None
+    grn_shape = list(grn_shape or DEFAULT_GRN_SHAPE[layout])
+    table = SPARSE if layout == "fcmae-sparse" else DENSE
+    entries: list[tuple[str, np.ndarray]] = []
+    for name, array in ckpt.model_tensors().items():
+        mapped = table.to_foreign(name)
+        if mapped is None:
+            raise BadInputError(f"tensor {name} has no place in the {layout} layout")
+        key, rule = mapped
+        entries.append((key, _to_original_tensor(array, rule, grn_shape)))
+    entries.sort(key=lambda item: _original_order(item[0]))
+    if layout == "fcmae-sparse":
+        entries += [(k[len(EXTRAS_NAMESPACE):], v) for k, v in sorted(ckpt.extras().items())
+                    if k.startswith(EXTRAS_NAMESPACE)]
+    return collections.OrderedDict(entries)
+
+
+def default_layout(ckpt: Checkpoint) -> str:
+    if ckpt.source.format == NAME and ckpt.source.layout.get("layout") in LAYOUTS:
+        return str(ckpt.source.layout["layout"])
+    return "finetuned" if ckpt.config.num_classes > 0 else "fcmae"
+
+
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str | None = None, **_: Any) -> None:
+    ckpt.validate(f"writing {path}")
+    layout = layout or default_layout(ckpt)
+    state = canonical_to_state_dict(ckpt, layout)
+    container: dict[str, Any] = {"model": state}
+    # Training epoch and args go back only into the layout they came from, so nothing is invented.
+    if ckpt.source.format == NAME and ckpt.source.layout.get("layout") == layout:
+        if ckpt.info.get("container") == "bare":
+            container = state  # type: ignore[assignment]
+        else:
+            if "epoch" in ckpt.info:
+                container["epoch"] = ckpt.info["epoch"]
+            if isinstance(ckpt.info.get("args"), dict):
+                container["args"] = PickledNamespace(ckpt.info["args"])
+    total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
+    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+        write_torch_zip(tmp, container, archive_name=path.stem or "archive", progress=bar)

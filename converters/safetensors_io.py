@@ -1,0 +1,204 @@
+"""A validating safetensors reader and a streaming, deterministic writer, both numpy-only.
+
+Our own code rather than the ``safetensors`` package because (a) the package has no streaming writer
+(facts §7), so a 2.6 GB conversion would hold every tensor in memory, and (b) the reader must reject
+hostile headers with our own error types before anything is allocated. Tests check both directions
+against the ``safetensors`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.errors import BadInputError
+
+# A header larger than this is not a model header; refuse before reading it (no allocation by declared size).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+HEADER_ALIGNMENT = 8
+
+
+def _bfloat16() -> np.dtype[Any]:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+_NUMPY_BY_CODE: dict[str, str] = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
+
+
+def dtype_from_code(code: str, where: str) -> np.dtype[Any]:
+    if code == "BF16":
+        return _bfloat16()
+    try:
+        return np.dtype(_NUMPY_BY_CODE[code])
+    except KeyError:
+        raise BadInputError(f"{where}: unsupported dtype {code!r}") from None
+
+
+def code_from_dtype(dtype: np.dtype[Any]) -> str:
+    if dtype.name == "bfloat16":
+        return "BF16"
+    normal = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+    for code, text in _NUMPY_BY_CODE.items():
+        if np.dtype(text) == normal:
+            return code
+    raise BadInputError(f"dtype {dtype} cannot be stored in safetensors")
+
+
+def is_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 0 < length <= MAX_HEADER_BYTES and head[8:9] == b"{"
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """Return (header dict, data start offset, file size), validating the header's own framing."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise BadInputError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", raw_len)
+        if length > MAX_HEADER_BYTES or length > size - 8:
+            raise BadInputError(
+                f"{path}: safetensors header claims {length} bytes but the file has {size - 8} after the length"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path}: safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: safetensors header must be a JSON object")
+    return header, 8 + length, size
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Map every tensor of a safetensors file without copying; return (tensors, metadata)."""
+    path = Path(path)
+    header, data_start, size = read_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise BadInputError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_len = size - data_start
+    spans: list[tuple[int, int, str]] = []
+    parsed: dict[str, tuple[np.dtype[Any], tuple[int, ...], int, int]] = {}
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise BadInputError(f"{where}: entry must have exactly dtype, shape and data_offsets")
+        dtype = dtype_from_code(str(entry["dtype"]), where)
+        shape = entry["shape"]
+        offsets = entry["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise BadInputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise BadInputError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+        begin, end = offsets
+        count = 1
+        for s in shape:
+            count *= s
+        if not 0 <= begin <= end <= data_len:
+            raise BadInputError(f"{where}: data_offsets {offsets} fall outside the {data_len}-byte data section")
+        if end - begin != count * dtype.itemsize:
+            raise BadInputError(
+                f"{where}: shape {shape} of {entry['dtype']} needs {count * dtype.itemsize} bytes, "
+                f"offsets give {end - begin}"
+            )
+        spans.append((begin, end, name))
+        parsed[name] = (dtype, tuple(shape), begin, end)
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            kind = "overlaps the previous tensor" if begin < cursor else "leaves a gap before it"
+            raise BadInputError(f"{path}: tensor {name!r} at offset {begin} {kind} (expected {cursor})")
+        cursor = end
+    if cursor != data_len:
+        raise BadInputError(f"{path}: {data_len - cursor} trailing bytes after the last tensor")
+    tensors: dict[str, np.ndarray] = {}
+    if data_len:
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer = memoryview(mapped)
+    for name, (dtype, shape, begin, end) in parsed.items():
+        if end == begin:
+            tensors[name] = np.zeros(shape, dtype=dtype)
+            continue
+        array = np.frombuffer(buffer[data_start + begin: data_start + end], dtype=dtype).reshape(shape)
+        tensors[name] = array
+    return tensors, dict(metadata)
+
+
+def _header_bytes(entries: dict[str, Any]) -> bytes:
+    raw = json.dumps(entries, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    pad = (-len(raw)) % HEADER_ALIGNMENT
+    return raw + b" " * pad
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    progress: Any = None,
+) -> None:
+    """Write tensors in the order given, one at a time from their (possibly mapped) source.
+
+    Output is a function of names, dtypes, shapes, bytes and metadata only, so the same input gives a
+    byte-identical file. ``path`` should be a temporary path (see ``atomic_file``).
+    """
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    for name, array in items:
+        if name in entries:
+            raise BadInputError(f"duplicate tensor name {name!r}")
+        nbytes = int(array.size) * array.dtype.itemsize
+        entries[name] = {
+            "dtype": code_from_dtype(array.dtype),
+            "shape": [int(s) for s in array.shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header = _header_bytes(entries)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(header)))
+        out.write(header)
+        for _name, array in items:
+            write_array_bytes(out, array)
+            if progress is not None:
+                progress.update(int(array.size) * array.dtype.itemsize)
+
+
+def write_array_bytes(out: Any, array: np.ndarray) -> None:
+    """Little-endian, C-order bytes of ``array``, written in bounded chunks for non-contiguous inputs."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    if array.flags.c_contiguous:
+        out.write(memoryview(array.reshape(-1).view(np.uint8)))
+        return
+    # A transposed view: copy one leading slice at a time so memory stays bounded by a slice.
+    for index in range(array.shape[0]):
+        out.write(np.ascontiguousarray(array[index]).tobytes())

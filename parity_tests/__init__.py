@@ -1,0 +1,1 @@
+"""Parity harness and the pytest matrix CI runs (``pytest --pyargs convnextv2.parity_tests``)."""

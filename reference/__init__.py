@@ -1,0 +1,47 @@
+"""ConvNeXt V2 implemented once per framework on one canonical weight schema.
+
+Importing this package imports no deep-learning framework; ``build`` imports only the one asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from convnextv2.converters.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.variants import VARIANTS, ModelConfig, config_for, parse_variant
+
+if TYPE_CHECKING:
+    from convnextv2.converters.checkpoint import Checkpoint
+
+FRAMEWORKS = ("torch", "tensorflow", "flax")
+
+# framework -> (module holding build_<framework>, pip extra that installs it)
+_BUILDERS = {
+    "torch": ("convnextv2.reference.torch_model", "build_torch", "torch"),
+    "tensorflow": ("convnextv2.reference.keras_model", "build_keras", "tf"),
+    "flax": ("convnextv2.reference.flax_model", "build_flax", "flax"),
+}
+
+
+def build(ckpt: Checkpoint, framework: str = "torch", dtype: str = "float32", **options: Any) -> Any:
+    """The native model for ``framework`` with the checkpoint's weights, in inference mode."""
+    if framework not in _BUILDERS:
+        raise BadInputError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
+    if dtype not in ("float32", "float64"):
+        raise BadInputError(f"dtype must be float32 or float64, got {dtype!r}")
+    module_name, function_name, extra = _BUILDERS[framework]
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("convnextv2"):
+            raise
+        raise MissingDependencyError(
+            f"building a {framework} model needs {exc.name}; install it with: pip install 'convnextv2-toolkit[{extra}]'"
+        ) from exc
+    ckpt.validate()
+    return getattr(module, function_name)(ckpt.config, ckpt.tensors, dtype=dtype, **options)
+
+
+__all__ = ["FRAMEWORKS", "VARIANTS", "ModelConfig", "build", "config_for", "parse_variant"]

@@ -1,0 +1,178 @@
+"""ConvNeXt V2 in PyTorch. ``state_dict()`` keys are exactly the canonical names (reference/schema.py).
+
+Numerics follow the original definition (facts §1): exact erf GELU, every LayerNorm with eps 1e-6 and
+biased variance, GRN's L2 norm over H and W per image and channel with eps only in the denominator.
+Runs in float64 too; that instance is the referee every runtime is compared against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convnextv2.reference.variants import GRN_EPS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
+
+FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor."""
+
+    def __init__(self, channels: int, eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalization on NHWC input; gamma/beta flat (4C,) as in the schema."""
+
+    def __init__(self, channels: int, eps: float = GRN_EPS):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A vector norm over the flattened H*W, per image and channel: ord=2 over two dims of
+        # torch.linalg.norm would be the spectral norm (the transformers 4.51 bug).
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return torch.addcmul(self.beta + x, x * nx, self.gamma)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(width, width, kernel_size=7, padding=3, groups=width)
+        self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.pwconv1 = nn.Linear(width, MLP_RATIO * width)
+        self.grn = GRN(MLP_RATIO * width)
+        self.pwconv2 = nn.Linear(MLP_RATIO * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv1(self.norm(y))
+        y = F.gelu(y, approximate="none")
+        y = self.pwconv2(self.grn(y))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class Stem(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, kernel_size=4, stride=4)
+        self.norm = LayerNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class Downsample(nn.Module):
+    def __init__(self, in_width: int, out_width: int):
+        super().__init__()
+        self.norm = LayerNorm2d(in_width)
+        self.conv = nn.Conv2d(in_width, out_width, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, in_width: int, width: int, depth: int, downsample: bool):
+        super().__init__()
+        self.downsample = Downsample(in_width, width) if downsample else None
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.blocks(x)
+
+
+class Head(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width = config.dims[-1]
+        self.norm = nn.LayerNorm(width, eps=config.head_norm_eps) if config.head_norm else None
+        self.fc = nn.Linear(width, config.num_classes) if config.num_classes > 0 else None
+
+
+class ConvNeXtV2(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        dims = config.dims
+        self.stem = Stem(dims[0])
+        self.stages = nn.ModuleList(
+            Stage(dims[max(i - 1, 0)], dims[i], config.depths[i], downsample=i > 0) for i in range(NUM_STAGES)
+        )
+        self.head = Head(config)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected NCHW input with 3 channels, got shape {tuple(x.shape)}")
+        if x.shape[2] % 32 or x.shape[3] % 32:
+            raise ValueError(f"input height and width must be divisible by 32, got {tuple(x.shape[2:])}")
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        if self.head.norm is not None:
+            pooled = self.head.norm(pooled)
+        return pooled
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every intermediate the parity harness compares: stem, stage1..stage4 (NCHW), pooled, logits."""
+        self._check_input(x)
+        features: dict[str, torch.Tensor] = {}
+        x = self.stem(x)
+        features["stem"] = x
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            features[f"stage{index + 1}"] = x
+        features["pooled"] = self.pool(x)
+        if self.head.fc is not None:
+            features["logits"] = self.head.fc(features["pooled"])
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, or pooled features for a headless model."""
+        self._check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        pooled = self.pool(x)
+        return self.head.fc(pooled) if self.head.fc is not None else pooled
+
+
+def load_canonical(model: ConvNeXtV2, tensors: Mapping[str, np.ndarray]) -> ConvNeXtV2:
+    """Copy canonical tensors into the model, cast to the model's dtype; strict on names and shapes."""
+    dtype = next(model.parameters()).dtype
+    state = {
+        name: torch.from_numpy(np.array(array, dtype=np.float64 if dtype == torch.float64 else np.float32))
+        for name, array in tensors.items()
+        if not name.startswith("extras.")
+    }
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def export_canonical(model: ConvNeXtV2) -> dict[str, np.ndarray]:
+    return {name: value.detach().cpu().numpy().copy() for name, value in model.state_dict().items()}
+
+
+def build_torch(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> ConvNeXtV2:
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    model = ConvNeXtV2(config).to(torch_dtype)
+    load_canonical(model, tensors)
+    return model.eval()
