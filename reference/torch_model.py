@@ -176,3 +176,12 @@ def build_torch(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: s
     model = ConvNeXtV2(config).to(torch_dtype)
     load_canonical(model, tensors)
     return model.eval()
+
+
+def run_features(model: ConvNeXtV2, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
+    """Framework-neutral entry point shared by every reference: numpy NCHW in, numpy features out
+    (stem/stage1..stage4 NCHW, pooled (B, C3), logits (B, K) when there is a head), in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        features = model.forward_features(torch.from_numpy(np.ascontiguousarray(images_nchw)).to(dtype))
+    return {name: value.numpy() for name, value in features.items()}
