@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from convnextv2.converters.errors import ConvNeXtV2Error
+from convnextv2.fixtures.make import FIXTURE_FORMATS
 
 WRITABLE = ["canonical", "original", "hf", "timm", "keras", "flax", "savedmodel", "onnx"]
 READABLE = ["auto", "canonical", "original", "hf", "timm", "keras", "flax", "onnx"]
@@ -134,8 +135,9 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
 
 @main.command()
 @click.option("--variant", default="atto", show_default=True, help="atto..huge or custom:depths=...;dims=...")
-@click.option("--format", "fmt", type=click.Choice(["original", "fcmae", "fcmae-sparse", "canonical"]),
-              default="original", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(FIXTURE_FORMATS)), default="original", show_default=True,
+              help="original/fcmae/fcmae-sparse: the facebookresearch layouts; any other: the canonical fixture "
+                   "written through that format's converter.")
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--num-classes", default=1000, show_default=True, type=int)

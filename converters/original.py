@@ -22,7 +22,13 @@ from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, 
 from convnextv2.converters.errors import BadInputError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.torchzip import PickledNamespace, is_legacy_torch, is_torch_zip, read_torch_zip, write_torch_zip
+from convnextv2.converters.torchzip import (
+    PickledNamespace,
+    is_legacy_torch,
+    is_torch_zip,
+    read_torch_zip,
+    write_torch_zip,
+)
 from convnextv2.reference import schema
 from convnextv2.reference.variants import check_variant
 
