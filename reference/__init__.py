@@ -44,4 +44,14 @@ def build(ckpt: Checkpoint, framework: str = "torch", dtype: str = "float32", **
     return getattr(module, function_name)(ckpt.config, ckpt.tensors, dtype=dtype, **options)
 
 
-__all__ = ["FRAMEWORKS", "VARIANTS", "ModelConfig", "build", "config_for", "parse_variant"]
+def run_features(model: Any, framework: str, images_nchw: Any) -> dict[str, Any]:
+    """Run a model made by ``build`` on numpy NCHW images; numpy features out, the same on every framework:
+    ``stem``, ``stage1``..``stage4`` (NCHW), ``pooled`` (B, C3) and ``logits`` (B, K) when there is a head."""
+    if framework not in _BUILDERS:
+        raise BadInputError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
+    import importlib
+
+    return importlib.import_module(_BUILDERS[framework][0]).run_features(model, images_nchw)
+
+
+__all__ = ["FRAMEWORKS", "VARIANTS", "ModelConfig", "build", "config_for", "parse_variant", "run_features"]
