@@ -27,9 +27,10 @@ from convnextv2.converters.errors import (
 # format name -> module. Order matters for auto-detection: the most specific sniffers first.
 FORMAT_MODULES: dict[str, str] = {
     "canonical": "convnextv2.converters.canonical",
-    "original": "convnextv2.converters.original",
+    # hf and timm peek at key names and claim only their own torch zips; original takes every other one.
     "hf": "convnextv2.converters.hf",
     "timm": "convnextv2.converters.timm",
+    "original": "convnextv2.converters.original",
     "keras": "convnextv2.converters.keras",
     "flax": "convnextv2.converters.flax",
     "savedmodel": "convnextv2.converters.savedmodel",

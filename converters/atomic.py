@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -37,9 +38,55 @@ def _umask() -> int:
     return mask
 
 
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """Linux renameat2(2); False where the kernel, libc or filesystem lacks it (the caller falls back)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = function(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), ctypes.c_uint(flags))
+    if result == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    if error == errno.EEXIST:
+        raise BadInputError(f"{target} appeared while it was being written; pass --overwrite to replace it")
+    raise OSError(error, os.strerror(error), str(target))
+
+
+def _publish_file(tmp: Path, dest: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, dest)
+        return
+    # Without --overwrite, never replace a file that appeared after check_destination: link() refuses an
+    # existing name atomically, then the temporary name is dropped.
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise BadInputError(f"{dest} appeared while it was being written; pass --overwrite to replace it") from None
+    except OSError:
+        # Filesystems without hard links: the check made at the start is all there is.
+        os.replace(tmp, dest)
+        return
+    tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in the destination's directory; rename it into place on success only."""
+    """Yield a temporary path in the destination's directory; rename it into place on success only.
+
+    A process killed before the rename leaves the destination untouched (absent, or the old file) and a
+    ``.<name>.<random>.partial`` file beside it, which may be deleted (docs/safety.md).
+    """
     dest = check_destination(path, overwrite)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     os.close(fd)
@@ -52,7 +99,7 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterat
         os.chmod(tmp, 0o666 & ~_umask())
         if dest.is_dir():
             raise BadInputError(f"{dest} is a directory; refusing to replace it with a file")
-        os.replace(tmp, dest)
+        _publish_file(tmp, dest, overwrite)
         _fsync_dir(dest.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -61,23 +108,36 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False) -> Iterat
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``path`` (the old one is removed only after)."""
+    """Yield a temporary directory; on success it replaces ``path`` (the old one is removed only after).
+
+    An existing destination is swapped with the new one in a single ``renameat2(RENAME_EXCHANGE)``, so at
+    every instant the destination is the complete old or the complete new directory. Where the kernel or
+    filesystem lacks it, two renames are used and a kill between them leaves the destination absent with
+    the old directory kept as ``.<name>.<random>.old`` beside it.
+    """
     dest = check_destination(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     old: Path | None = None
     try:
         yield tmp
-        for child in tmp.rglob("*"):
+        for child in sorted(tmp.rglob("*")):
             if child.is_file():
                 with open(child, "rb+") as handle:
                     os.fsync(handle.fileno())
+        _fsync_dir(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
-        if dest.exists():
-            # Two renames leave either the old or the new directory in place at every instant.
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.rmdir(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
+        if dest.exists() or dest.is_symlink():
+            if not dest.is_dir() or dest.is_symlink():
+                raise BadInputError(f"{dest} exists and is not a directory; refusing to replace it")
+            if _renameat2(tmp, dest, _RENAME_EXCHANGE):
+                old = tmp  # the old directory now lives at the temporary name
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+                os.rmdir(old)
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+        elif not _renameat2(tmp, dest, _RENAME_NOREPLACE):
+            os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     finally:
         if tmp.exists():

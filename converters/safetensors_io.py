@@ -23,6 +23,32 @@ from convnextv2.converters.errors import BadInputError
 # A header larger than this is not a model header; refuse before reading it (no allocation by declared size).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HEADER_ALIGNMENT = 8
+# numpy allows 64 dimensions; no model tensor has more than a handful.
+MAX_TENSOR_DIMS = 32
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys silently; two readers could then see two different files.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BadInputError(f"duplicate key {key!r} in the JSON header")
+        result[key] = value
+    return result
+
+
+def parse_json_text(text: bytes | str, what: str) -> Any:
+    """``json.loads`` that fails with BadInputError only: duplicate keys, deep nesting, huge numbers."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except BadInputError as exc:
+        raise BadInputError(f"{what}: {exc}") from None
+    except RecursionError:
+        raise BadInputError(f"{what} nests too deeply to be a header") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and int-digit limits are ValueErrors
+        raise BadInputError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def _bfloat16() -> np.dtype[Any]:
@@ -82,20 +108,21 @@ def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
                 f"{path}: safetensors header claims {length} bytes but the file has {size - 8} after the length"
             )
         raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path}: safetensors header is not valid JSON: {exc}") from None
+    header = parse_json_text(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise BadInputError(f"{path}: safetensors header must be a JSON object")
     return header, 8 + length, size
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Map every tensor of a safetensors file without copying; return (tensors, metadata)."""
     path = Path(path)
     header, data_start, size = read_header(path)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -110,10 +137,12 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray
         dtype = dtype_from_code(str(entry["dtype"]), where)
         shape = entry["shape"]
         offsets = entry["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise BadInputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise BadInputError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+            raise BadInputError(f"{where}: shape must be a list of non-negative integers, got {shape!r:.200}")
+        if len(shape) > MAX_TENSOR_DIMS or any(s >= 1 << 62 for s in shape):
+            raise BadInputError(f"{where}: shape {shape!r:.200} has too many or too large dimensions")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise BadInputError(f"{where}: data_offsets must be two integers, got {offsets!r:.200}")
         begin, end = offsets
         count = 1
         for s in shape:

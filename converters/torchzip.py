@@ -12,8 +12,10 @@ references), then every storage is streamed into its own aligned, uncompressed z
 
 from __future__ import annotations
 
+import bisect
 import collections
 import io
+import math
 import mmap
 import os
 import pickle
@@ -30,6 +32,10 @@ from convnextv2.converters.safetensors_io import write_array_bytes
 
 # data.pkl of a real checkpoint (with optimizer state) is a few MB; bound it before reading it.
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
+# Plain data in a checkpoint (epoch, args, optimizer hyper-parameters) is a shallow tree of modest size.
+MAX_NESTING = 100
+MAX_PLAIN_NODES = 1_000_000
+MAX_TENSOR_DIMS = 32
 STORAGE_ALIGNMENT = 64
 ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (pre-1.6) torch files start with a pickled magic number, protocol 2.
@@ -104,12 +110,13 @@ def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requir
     if not isinstance(storage, Storage):
         raise UnsafeCheckpointError("tensor rebuild got something other than a storage")
     if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) and all(isinstance(v, int) and v >= 0 for v in size + stride)
-            and offset >= 0):
-        raise BadInputError(f"tensor in storage {storage.key}: invalid offset/size/stride {offset}/{size}/{stride}")
+            and len(size) == len(stride) <= MAX_TENSOR_DIMS
+            and all(isinstance(v, int) and v >= 0 for v in size + stride) and offset >= 0):
+        raise BadInputError(
+            f"tensor in storage {storage.key}: invalid offset/size/stride {offset}/{size!r:.100}/{stride!r:.100}"
+        )
     data = storage.array
-    count = int(np.prod(size)) if size else 1
-    if count == 0:
+    if math.prod(size) == 0:
         return np.zeros(size, dtype=data.dtype)
     extent = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True)) + 1
     if extent > data.size:
@@ -185,7 +192,7 @@ def is_torch_zip(path: Path) -> bool:
                 return False
         with zipfile.ZipFile(path) as archive:
             return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except Exception:  # noqa: BLE001 - a sniffer answers no, whatever zipfile makes of a damaged archive
         return False
 
 
@@ -195,6 +202,55 @@ def is_legacy_torch(path: Path) -> bool:
             return handle.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
     except OSError:
         return False
+
+
+def _check_entry_names(names: list[str], where: str) -> None:
+    # Nothing is ever extracted, but a name that would escape a directory marks a crafted archive: refuse it
+    # rather than guess what its maker meant.
+    for name in names:
+        parts = name.rstrip("/").split("/")
+        if (name.startswith("/") or "\\" in name or "\x00" in name or ":" in parts[0]
+                or any(part in ("", ".", "..") for part in parts)):
+            raise BadInputError(f"{where}: unsafe entry name {name!r} in the archive (absolute or '..' path)")
+
+
+def _check_object_graph(root: Any, where: str) -> None:
+    """Refuse pickled plain data that is cyclic, deeper than MAX_NESTING, or huge once expanded.
+
+    The unpickler's memo lets a few bytes describe an object that refers to itself or that shares one
+    list at every level (2**60 leaves once copied): whatever turns the data into JSON or prints it would
+    loop forever or exhaust memory. Checkpoints hold trees of plain data; sizes are memoised, so this walk
+    costs one visit per distinct container.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> int:
+        if not isinstance(obj, (dict, list, tuple, set, frozenset)):
+            return 1
+        key = id(obj)
+        if key in active:
+            raise BadInputError(f"{where}: the pickled data refers to itself; a checkpoint holds plain data only")
+        if key in sizes:
+            return sizes[key]
+        if depth > MAX_NESTING:
+            raise BadInputError(f"{where}: data.pkl nests too deeply (over {MAX_NESTING} levels)")
+        active.add(key)
+        children: Iterable[Any] = (
+            (item for pair in obj.items() for item in pair) if isinstance(obj, dict) else obj
+        )
+        total = 1
+        for child in children:
+            total += visit(child, depth + 1)
+            if total > MAX_PLAIN_NODES:
+                raise BadInputError(
+                    f"{where}: the pickled data is too large once expanded (over {MAX_PLAIN_NODES:,} values)"
+                )
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    visit(root, 0)
 
 
 def read_torch_zip(path: str | os.PathLike[str]) -> Any:
@@ -213,70 +269,97 @@ def read_torch_zip(path: str | os.PathLike[str]) -> Any:
         raise BadInputError(f"{where} is not a torch zip checkpoint (starts with {head[:4]!r})")
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise BadInputError(f"{where}: broken zip archive ({exc}); the file may be truncated") from None
+    file_size = path.stat().st_size
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    buffer = memoryview(mapped)
     with archive:
         infos = archive.infolist()
         names = [i.filename for i in infos]
         if len(names) != len(set(names)):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise BadInputError(f"{where}: zip archive has duplicate entries {dup[:5]}")
+        _check_entry_names(names, where)
+        # Each entry's bytes must end before the next entry (or the central directory) begins: a size that
+        # claims more would read another entry's bytes as tensor data.
+        central_start = min(int(getattr(archive, "start_dir", file_size)), file_size)
+        boundaries = sorted({i.header_offset for i in infos} | {central_start})
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pickles) != 1:
             raise BadInputError(f"{where}: expected one data.pkl in the archive, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
         by_name = {i.filename: i for i in infos}
+
+        def entry_bytes(info: zipfile.ZipInfo, declared: int) -> memoryview:
+            """The raw bytes of an uncompressed entry, after checking they lie where the archive says."""
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise BadInputError(
+                    f"{where}: entry {info.filename} is compressed; torch checkpoints store every entry raw"
+                )
+            if info.file_size != declared or info.compress_size != declared:
+                raise BadInputError(
+                    f"{where}: entry {info.filename} should hold {declared} bytes, the archive says {info.file_size}"
+                )
+            local = bytes(buffer[info.header_offset: info.header_offset + 30])
+            if len(local) < 30 or local[:4] != ZIP_MAGIC:
+                raise BadInputError(f"{where}: zip local header of {info.filename} is damaged")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + declared > file_size:
+                raise BadInputError(
+                    f"{where}: entry {info.filename} runs past the end of the file; the file is truncated"
+                )
+            limit = boundaries[bisect.bisect_right(boundaries, info.header_offset)] \
+                if info.header_offset < boundaries[-1] else file_size
+            if start + declared > limit:
+                raise BadInputError(
+                    f"{where}: entry {info.filename} claims {declared} bytes, which overlaps the next entry"
+                )
+            return buffer[start: start + declared]
+
         byteorder = "little"
         if f"{prefix}byteorder" in by_name:
-            byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+            info = by_name[f"{prefix}byteorder"]
+            if info.file_size > 16:
+                raise BadInputError(f"{where}: byteorder record of {info.file_size} bytes; expected 'little' or 'big'")
+            byteorder = bytes(entry_bytes(info, info.file_size)).decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
                 raise BadInputError(f"{where}: unknown byteorder record {byteorder!r}")
         pkl_info = by_name[pickles[0]]
         if pkl_info.file_size > MAX_PICKLE_BYTES:
             raise BadInputError(f"{where}: data.pkl declares {pkl_info.file_size} bytes, over the {MAX_PICKLE_BYTES} limit")
-        try:
-            pickled = archive.read(pkl_info)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-            raise BadInputError(f"{where}: cannot read data.pkl ({exc}); the file may be truncated") from None
-    file_size = path.stat().st_size
-    with open(path, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    buffer = memoryview(mapped)
+        pickled = bytes(entry_bytes(pkl_info, pkl_info.file_size))
 
     def load_storage(storage_type: StorageType, key: str, numel: int) -> Storage:
         entry = f"{prefix}data/{key}"
         info = by_name.get(entry)
         if info is None:
             raise BadInputError(f"{where}: storage entry {entry} is missing from the archive")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise BadInputError(f"{where}: storage entry {entry} is compressed; torch checkpoints store them raw")
         dtype = storage_type.dtype if byteorder == "little" else storage_type.dtype.newbyteorder(">")
-        nbytes = numel * dtype.itemsize
-        if numel < 0 or info.file_size != nbytes:
-            raise BadInputError(
-                f"{where}: storage {entry} should hold {numel} x {dtype.itemsize} bytes, the archive says {info.file_size}"
-            )
-        local = bytes(buffer[info.header_offset: info.header_offset + 30])
-        if len(local) < 30 or local[:4] != ZIP_MAGIC:
-            raise BadInputError(f"{where}: zip local header of {entry} is damaged")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        if start + nbytes > file_size:
-            raise BadInputError(f"{where}: storage {entry} runs past the end of the file; the file is truncated")
-        array = np.frombuffer(buffer[start: start + nbytes], dtype=dtype)
+        if numel < 0:
+            raise BadInputError(f"{where}: storage {entry} has a negative size {numel}")
+        array = np.frombuffer(entry_bytes(info, numel * dtype.itemsize), dtype=dtype)
         if byteorder == "big":
             array = array.astype(dtype.newbyteorder("<"))
         return Storage(array, key)
 
     unpickler = _RestrictedUnpickler(pickled, where, load_storage)
     try:
-        return unpickler.load()
-    except (BadInputError, UnsafeCheckpointError):
-        raise
+        loaded = unpickler.load()
+    except BadInputError as exc:
+        if where in str(exc):
+            raise
+        # The rebuild helpers do not know the file's name.
+        kind = UnsafeCheckpointError if isinstance(exc, UnsafeCheckpointError) else BadInputError
+        raise kind(f"{where}: {exc}") from None
     except RecursionError:
         raise BadInputError(f"{where}: data.pkl nests too deeply") from None
     except Exception as exc:  # the C unpickler raises many types on malformed input
         raise BadInputError(f"{where}: data.pkl is not a valid checkpoint pickle ({type(exc).__name__}: {exc})") from None
+    _check_object_graph(loaded, where)
+    return loaded
 
 
 # ---------------------------------------------------------------- writing

@@ -1,0 +1,32 @@
+"""Regenerate ``imagenet1k_labels.json`` from timm's bundled ImageNet metadata (run once, by hand).
+
+The toolkit ships the JSON so that writing an HF ``config.json`` with real class names needs no timm at run
+time. Usage: ``python converters/data/make_imagenet1k_labels.py`` inside an environment with timm.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    from convnextv2.parity_tests.peers import import_timm
+
+    import_timm()
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    count = info.num_classes()
+    data = {
+        "source": "timm.data.ImageNetInfo (imagenet_synsets.txt, imagenet_synset_to_lemma.txt)",
+        "synsets": [info.index_to_label_name(i) for i in range(count)],
+        "descriptions": [info.index_to_description(i) for i in range(count)],
+    }
+    out = Path(__file__).with_name("imagenet1k_labels.json")
+    out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out} ({count} classes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""``convnextv2 export-onnx``: any checkpoint the toolkit reads -> a checked ONNX file (docs/onnx.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from convnextv2.converters.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, VIAS
+
+
+@click.command("export-onnx")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Destination .onnx file.")
+@click.option("--from", "from_format", default="auto", show_default=True,
+              help="Format of SRC (auto-detected by content).")
+@click.option("--variant", default=None, help="Expected size (atto..huge or custom:...); cross-checked against the shapes.")
+@click.option("--ema", is_flag=True, help="Original checkpoints: export model_ema instead of model.")
+@click.option("--via", type=click.Choice(list(VIAS)), default="torch", show_default=True,
+              help="Which reference is exported: torch (torch.onnx), tensorflow (tf2onnx), flax (jax2onnx).")
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True)
+@click.option("--dynamic-hw", is_flag=True, help="Also make height and width dynamic (multiples of 32).")
+@click.option("--features", is_flag=True, help="Add stem, stage1..stage4 and pooled outputs (for localising divergence).")
+@click.option("--fp16", is_flag=True, help="float16 weights; LayerNorm and GRN computed in float32 (torch path).")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Weights in <output>.data (default: only when the model exceeds ~1.8 GB).")
+@click.option("--check-size", type=int, default=None,
+              help="Image size of the parity check (default: the checkpoint's input size).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema: bool, via: str, opset: int,
+                dynamic_hw: bool, features: bool, fp16: bool, external_data: bool | None, check_size: int | None,
+                overwrite: bool, as_json: bool) -> None:
+    """Export SRC to ONNX, check it in onnxruntime (ORT_ENABLE_ALL) against the float64 PyTorch referee,
+    and only then write DST. Exit 1 when parity fails, 2 when a path cannot run here (the message says why)."""
+    from convnextv2 import converters
+    from convnextv2.converters import onnx_export
+    from convnextv2.converters.atomic import check_destination
+    from convnextv2.converters.errors import MissingDependencyError
+
+    check_destination(dst, overwrite)
+    reason = onnx_export.why_unavailable(via)
+    if reason:
+        raise MissingDependencyError(reason)
+    ckpt = converters.load(src, format=from_format, variant=variant, ema=ema)
+    log = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    result = onnx_export.export(ckpt, dst, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
+                                external_data=external_data, overwrite=overwrite, check_size=check_size,
+                                source_path=src, log=log)
+    if as_json:
+        click.echo(json.dumps(result.summary(), indent=2, sort_keys=True, default=str))
+    else:
+        extra = f" + {result.data_path.name}" if result.data_path else ""
+        click.echo(f"wrote {result.path}{extra} ({ckpt.config.variant}, via {via}, opset {result.opset}, "
+                   f"outputs {', '.join(result.outputs)})")
+        click.echo(f"parity: {result.check['message']}")

@@ -1,0 +1,305 @@
+"""timm's ConvNeXt V2 (``convnextv2_<size>``, facts §4.5), in and out.
+
+Written: one safetensors state dict in timm's names, loadable with
+``timm.create_model("convnextv2_<size>", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``, and a
+``<stem>.json`` beside it in the schema of timm's hub ``config.json`` (architecture, model_args,
+pretrained_cfg with the preprocessing). Any output path not ending in ``.safetensors`` becomes timm's hub-style
+folder (``model.safetensors`` + ``config.json``) for ``timm.create_model("local-dir:FOLDER", pretrained=True)``.
+
+timm builds atto, femto, pico and nano with ``conv_mlp=True``: their MLP weights are 1x1 convolutions
+(4C, C, 1, 1) and their block norm runs on NCHW; larger sizes use (4C, C). GRN weight/bias are (4C,).
+Custom sizes have no registered timm name: the file is written with the layout chosen by ``conv_mlp``
+(default: the source's, else False) and users build ``timm.models.convnext.ConvNeXt(depths=..., dims=...,
+conv_mlp=..., use_grn=True, ls_init_value=None, num_classes=...)`` themselves (docs/hf_timm.md).
+
+Read: timm safetensors files, and timm torch-zip state dicts through the safe reader, plus a hub-style
+folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.atomic import atomic_directory, atomic_file, check_destination
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.errors import BadInputError
+from convnextv2.converters.hf import (
+    embedded_metadata,
+    flat_vector,
+    peek_keys,
+    read_state_file,
+    restore_embedded,
+)
+from convnextv2.converters.keymap import KeyTable, Rule
+from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.safetensors_io import write_safetensors
+from convnextv2.reference import schema
+from convnextv2.reference.variants import LAYER_NORM_EPS, ModelConfig, check_variant
+
+NAME = "timm"
+SUFFIXES = (".safetensors", ".bin", ".pth")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+# Sizes timm registers with 1x1-conv MLPs (timm/models/convnext.py: convnextv2_{atto,femto,pico,nano}).
+CONV_MLP_VARIANTS = ("atto", "femto", "pico", "nano")
+
+KEYS = KeyTable([
+    Rule("stem.0.{p}", "stem.conv.{p}"),
+    Rule("stem.1.{p}", "stem.norm.{p}"),
+    Rule("stages.{i}.downsample.0.{p}", "stages.{i}.downsample.norm.{p}"),
+    Rule("stages.{i}.downsample.1.{p}", "stages.{i}.downsample.conv.{p}"),
+    Rule("stages.{s}.blocks.{b}.conv_dw.{p}", "stages.{s}.blocks.{b}.dwconv.{p}"),
+    Rule("stages.{s}.blocks.{b}.norm.{p}", "stages.{s}.blocks.{b}.norm.{p}"),
+    Rule("stages.{s}.blocks.{b}.mlp.fc1.weight", "stages.{s}.blocks.{b}.pwconv1.weight", transform="mlp"),
+    Rule("stages.{s}.blocks.{b}.mlp.fc1.bias", "stages.{s}.blocks.{b}.pwconv1.bias"),
+    Rule("stages.{s}.blocks.{b}.mlp.grn.weight", "stages.{s}.blocks.{b}.grn.gamma", transform="grn"),
+    Rule("stages.{s}.blocks.{b}.mlp.grn.bias", "stages.{s}.blocks.{b}.grn.beta", transform="grn"),
+    Rule("stages.{s}.blocks.{b}.mlp.fc2.weight", "stages.{s}.blocks.{b}.pwconv2.weight", transform="mlp"),
+    Rule("stages.{s}.blocks.{b}.mlp.fc2.bias", "stages.{s}.blocks.{b}.pwconv2.bias"),
+    Rule("head.norm.{p}", "head.norm.{p}"),
+    Rule("head.fc.{p}", "head.fc.{p}"),
+])
+
+
+def _strip_module_prefix(keys_or_state: Any) -> Any:
+    if keys_or_state and all(str(k).startswith("module.") for k in keys_or_state):
+        if isinstance(keys_or_state, Mapping):
+            return {k[len("module."):]: v for k, v in keys_or_state.items()}
+        return [k[len("module."):] for k in keys_or_state]
+    return keys_or_state
+
+
+def _looks_timm(keys: list[str]) -> bool:
+    keys = _strip_module_prefix(keys)
+    return "stem.0.weight" in keys and any(".blocks." in k and ".conv_dw." in k for k in keys)
+
+
+def _hub_weights(directory: Path) -> Path | None:
+    for name in WEIGHTS_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _is_timm_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("architecture", "")).startswith("convnextv2")
+
+
+def sniff(path: Path) -> bool:
+    if path.is_dir():
+        weights = _hub_weights(path)
+        return (path / CONFIG_FILE).is_file() and _is_timm_config(path / CONFIG_FILE) and weights is not None \
+            and _looks_timm(peek_keys(weights))
+    return path.is_file() and _looks_timm(peek_keys(path))
+
+
+# ------------------------------------------------------------ reading
+
+def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], bool]:
+    """timm keys -> canonical tensors; returns (tensors, whether the MLP weights were 1x1 convolutions)."""
+    state = _strip_module_prefix(state)
+    tensors: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    conv_mlp: set[bool] = set()
+    for key, array in state.items():
+        mapped = KEYS.to_canonical(key)
+        if mapped is None:
+            unknown.append(f"{key} {list(array.shape)}")
+            continue
+        name, rule = mapped
+        if rule.transform == "grn":
+            array = flat_vector(array, f"{where}: {key}")
+        elif rule.transform == "mlp":
+            if array.ndim == 4 and array.shape[2:] == (1, 1):
+                conv_mlp.add(True)
+                array = array.reshape(array.shape[:2])
+            elif array.ndim == 2:
+                conv_mlp.add(False)
+            else:
+                raise BadInputError(f"{where}: {key} should be (out, in) or (out, in, 1, 1), found {list(array.shape)}")
+        tensors[name] = array
+    if unknown:
+        raise BadInputError(f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 timm keys: {', '.join(unknown[:10])}")
+    if len(conv_mlp) > 1:
+        raise BadInputError(f"{where}: MLP weights mix 1x1-conv (4-D) and linear (2-D) shapes")
+    return tensors, conv_mlp == {True}
+
+
+def preprocessing_from_timm(cfg: Mapping[str, Any], where: str) -> Preprocessing:
+    pre = cfg.get("pretrained_cfg", cfg)
+    try:
+        size = pre.get("input_size", (3, 224, 224))
+        return Preprocessing(
+            input_size=int(size[-1]),
+            crop_pct=float(pre.get("crop_pct", 0.875)),
+            interpolation=str(pre.get("interpolation", "bicubic")),
+            mean=tuple(float(x) for x in pre.get("mean", Preprocessing().mean)),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in pre.get("std", Preprocessing().std)),  # type: ignore[arg-type]
+            crop_mode=str(pre.get("crop_mode", "center")),
+        )
+    except (TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise BadInputError(f"{where}: pretrained_cfg is malformed ({exc})") from None
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _config_beside(weights: Path) -> Path | None:
+    for candidate in (_sidecar(weights), weights.parent / CONFIG_FILE):
+        if candidate != weights and candidate.is_file() and _is_timm_config(candidate):
+            return candidate
+    return None
+
+
+def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+    where = str(path)
+    if path.is_dir():
+        weights = _hub_weights(path)
+        if weights is None:
+            raise BadInputError(f"{where}: no {' or '.join(WEIGHTS_FILES)} in the directory")
+    else:
+        weights = path
+    state, meta = read_state_file(weights, str(weights))
+    tensors, conv_mlp = state_dict_to_canonical(state, str(weights))
+    config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))
+    embedded = restore_embedded(meta, str(weights))
+    config_path = _config_beside(weights)
+    timm_config: dict[str, Any] | None = None
+    if config_path is not None:
+        timm_config = json.loads(config_path.read_text(encoding="utf-8"))
+        declared = timm_config.get("model_args", {})
+        for key, value in (("depths", list(config.depths)), ("dims", list(config.dims))):
+            if key in declared and list(declared[key]) != value:
+                raise BadInputError(f"{config_path}: model_args {key} {declared[key]} does not match the weights {value}")
+
+    if embedded is not None:
+        # timm runs every norm at 1e-6; our own files record the eps the checkpoint was made with.
+        config = config.with_(head_norm_eps=embedded["config"].head_norm_eps)
+        pre, source, info = embedded["preprocessing"], embedded["source"], embedded["info"]
+        if timm_config is not None:
+            from_file = preprocessing_from_timm(timm_config, str(config_path))
+            if from_file != pre:
+                pre = from_file  # the user edited the JSON: it is what timm will use
+    else:
+        pre = preprocessing_from_timm(timm_config, str(config_path)) if timm_config else Preprocessing()
+        source = Source(format=NAME, file_name=path.name, sha256=sha256_of(path),
+                        layout={"conv_mlp": conv_mlp, "weights_file": weights.name})
+        info = {}
+    ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
+    ckpt.validate(where)
+    check_variant(config, variant, where)
+    return ckpt
+
+
+# ------------------------------------------------------------ writing
+
+def default_conv_mlp(ckpt: Checkpoint) -> bool:
+    if ckpt.source.format == NAME and "conv_mlp" in ckpt.source.layout:
+        return bool(ckpt.source.layout["conv_mlp"])
+    return ckpt.config.variant in CONV_MLP_VARIANTS
+
+
+def canonical_to_state_dict(ckpt: Checkpoint, conv_mlp: bool) -> collections.OrderedDict[str, np.ndarray]:
+    entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+    for name, array in ckpt.model_tensors().items():
+        mapped = KEYS.to_foreign(name)
+        if mapped is None:
+            raise BadInputError(f"tensor {name} has no place in the timm layout")
+        key, rule = mapped
+        if rule.transform == "mlp" and conv_mlp:
+            array = array.reshape(*array.shape, 1, 1)
+        entries[key] = array
+    return entries
+
+
+def timm_config_json(ckpt: Checkpoint, conv_mlp: bool) -> dict[str, Any]:
+    """timm hub ``config.json`` schema: what timm needs to rebuild the model and prepare its inputs."""
+    config: ModelConfig = ckpt.config
+    pre = ckpt.preprocessing
+    size = pre.input_size
+    released = config.variant != "custom"
+    model_args: dict[str, Any] = {
+        "depths": list(config.depths), "dims": list(config.dims), "conv_mlp": conv_mlp,
+        "use_grn": True, "ls_init_value": None, "num_classes": config.num_classes,
+    }
+    data: dict[str, Any] = {
+        # Custom sizes have no registered name; model_args carry the whole constructor.
+        "architecture": f"convnextv2_{config.variant}" if released else "convnextv2_atto",
+        "num_classes": config.num_classes,
+        "num_features": config.dims[-1],
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, size, size],
+            "pool_size": [size // 32, size // 32],
+            "crop_pct": pre.crop_pct,
+            "crop_mode": pre.crop_mode,
+            "interpolation": pre.interpolation,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "num_classes": config.num_classes,
+            "first_conv": "stem.0",
+            "classifier": "head.fc",
+            "fixed_input_size": False,
+        },
+    }
+    if not released:
+        data["custom_size"] = ("no timm model is registered for these depths/dims; build "
+                               "timm.models.convnext.ConvNeXt(**model_args) and load the state dict")
+    return data
+
+
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bool | None = None, **_: Any) -> None:
+    """``X.safetensors`` gets ``X.json`` beside it; any other path becomes a timm hub-style folder
+    (``model.safetensors`` + ``config.json``) for ``timm.create_model("local-dir:PATH", pretrained=True)``."""
+    ckpt.validate(f"writing {path}")
+    folder = path.suffix != ".safetensors"
+    if folder:
+        check_destination(path, overwrite)
+    else:
+        check_destination(_sidecar(path), overwrite)  # refuse before writing anything
+    if ckpt.extras():
+        warnings.warn(f"writing {path}: {len(ckpt.extras())} extras tensors (e.g. an FCMAE decoder) have no place "
+                      "in a timm model and are not written", UserWarning, stacklevel=2)
+    if ckpt.config.head_norm and ckpt.config.head_norm_eps != LAYER_NORM_EPS:
+        warnings.warn(
+            f"writing {path}: the final LayerNorm of this checkpoint uses eps {ckpt.config.head_norm_eps:g} "
+            f"(a transformers config) but timm uses {LAYER_NORM_EPS:g} for every norm; timm's outputs will differ "
+            "from the source's in the last digits. The eps is recorded in the file's metadata.",
+            UserWarning, stacklevel=2,
+        )
+    if not ckpt.config.head_norm:
+        warnings.warn(
+            f"writing {path}: this encoder has no final LayerNorm (an FCMAE encoder) but timm's model has one; "
+            "load it like timm's own FCMAE weights, non-strictly: "
+            "timm.create_model('convnextv2_<size>.fcmae', pretrained=True, pretrained_cfg_overlay=dict(file=...))",
+            UserWarning, stacklevel=2,
+        )
+    conv_mlp = default_conv_mlp(ckpt) if conv_mlp is None else conv_mlp
+    if ckpt.config.variant in CONV_MLP_VARIANTS and not conv_mlp:
+        warnings.warn(f"writing {path}: timm's convnextv2_{ckpt.config.variant} uses 1x1-conv MLP weights; this "
+                      "file has linear ones and needs ConvNeXt(..., conv_mlp=False)", UserWarning, stacklevel=2)
+    state = canonical_to_state_dict(ckpt, conv_mlp)
+    metadata = {"format": "pt", **embedded_metadata(ckpt)}
+    total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
+    config_text = json.dumps(timm_config_json(ckpt, conv_mlp), indent=2, sort_keys=True) + "\n"
+    if folder:
+        with atomic_directory(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+            write_safetensors(tmp / WEIGHTS_FILES[0], list(state.items()), metadata, progress=bar)
+            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        return
+    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+        write_safetensors(tmp, list(state.items()), metadata, progress=bar)
+    with atomic_file(_sidecar(path), overwrite=True) as tmp:
+        tmp.write_text(config_text, encoding="utf-8")

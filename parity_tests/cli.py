@@ -1,0 +1,127 @@
+"""``convnextv2 parity``: run a checkpoint on several runtimes and compare each, stage by stage, with a float64
+PyTorch referee. Exit 0 pass, 1 parity failure, 2 bad input or usage (including a runtime asked for by
+name that cannot run here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from convnextv2.converters.errors import BadInputError, CheckFailedError
+
+RUNTIME_ALIASES = {"tf": "tensorflow", "keras": "tensorflow", "jax": "flax", "onnx": "onnxruntime",
+                   "ort": "onnxruntime", "pytorch": "torch", "hf": "transformers-pt", "transformers": "transformers-pt",
+                   "hf-tf": "transformers-tf"}
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    names: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip().lower()
+            if part:
+                names.append(RUNTIME_ALIASES.get(part, part))
+    return list(dict.fromkeys(names))
+
+
+def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list[str], bool]:
+    """(names, explicit): explicit names must all be able to run."""
+    from convnextv2.parity_tests import runtimes
+
+    known = runtimes.runtime_names(kind)
+    names = _split(values)
+    if not names:
+        return (known if default_all else []), False
+    if names == ["none"]:
+        return [], True
+    if names == ["all"]:
+        return known, False
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        what = "--runtimes" if kind == "runtime" else "--peers"
+        raise BadInputError(f"{what}: unknown {', '.join(unknown)}; expected some of {', '.join(known)}, or all")
+    return names, True
+
+
+@click.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--from", "fmt", default="auto", show_default=True, help="Source format (auto-detected by default).")
+@click.option("--ema", is_flag=True, help="Original checkpoints: check model_ema instead of model.")
+@click.option("--runtimes", "runtime_values", multiple=True, metavar="LIST",
+              help="torch, tensorflow, flax, onnxruntime (comma-separated or repeated; 'all' = default: every "
+                   "installed one, the others listed as not available; 'none').")
+@click.option("--peers", "peer_values", multiple=True, metavar="LIST",
+              help="Independent implementations to compare too: timm, transformers-pt, transformers-tf, or all.")
+@click.option("--image-size", type=int, default=None, help="Input size in pixels (default: the checkpoint's).")
+@click.option("--batch", type=int, default=2, show_default=True, help="Number of seeded random images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
+              help="Use the image files in DIR (put through the checkpoint's preprocessing) instead of random ones.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]),
+              help="Precision(s) to run the runtimes in (default float32; float64 where the runtime supports it).")
+@click.option("--atol", multiple=True, metavar="[DTYPE=]X",
+              help="Absolute tolerance; replaces the derived rule. Per dtype: --atol float64=1e-12.")
+@click.option("--rtol", multiple=True, metavar="[DTYPE=]X",
+              help="Tolerance relative to the feature's largest |referee| value (scale-aware), with --atol.")
+@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path),
+              help="Write a report; the extension picks the kind: .json .md .xml (JUnit) .html .png.")
+@click.option("--overwrite", is_flag=True, help="Replace existing report files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+def parity(src: Path, fmt: str, ema: bool, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
+           image_size: int | None, batch: int, seed: int, images_dir: Path | None, dtypes: tuple[str, ...],
+           atol: tuple[str, ...], rtol: tuple[str, ...], reports: tuple[Path, ...], overwrite: bool,
+           as_json: bool) -> None:
+    """Check SRC on every runtime against a float64 PyTorch referee, stage by stage.
+
+    The default tolerance is derived from the PyTorch float32 error in the same run (2x, floor 2**-20,
+    scale-aware); see docs/parity.md.
+    """
+    import json
+
+    from convnextv2 import converters
+    from convnextv2.converters.atomic import check_destination
+    from convnextv2.parity_tests import runtimes
+    from convnextv2.parity_tests.harness import parse_tolerances, run_parity
+    from convnextv2.parity_tests.report import check_report_paths, terminal_table, write_report
+
+    # Everything a user can get wrong is checked before any model runs.
+    runtime_names, runtimes_explicit = _select(runtime_values, "runtime", default_all=True)
+    peer_names, _ = _select(peer_values, "peer", default_all=False)
+    selected = runtime_names + peer_names
+    if not selected:
+        raise BadInputError("nothing to compare: --runtimes none and no --peers")
+    explicit = set(peer_names) | (set(runtime_names) if runtimes_explicit else set())
+    for name in selected:
+        if name in explicit:
+            reason = runtimes.get(name).availability()
+            if reason is not None:
+                raise BadInputError(f"runtime {name} is not available: {reason}")
+    atol_by_dtype = parse_tolerances(list(atol), "--atol")
+    rtol_by_dtype = parse_tolerances(list(rtol), "--rtol")
+    report_paths = list(reports)
+    check_report_paths(report_paths)
+    for path in report_paths:
+        check_destination(path, overwrite)
+    if batch < 1:
+        raise BadInputError(f"--batch must be at least 1, got {batch}")
+    if images_dir is not None and not images_dir.is_dir():
+        raise BadInputError(f"--images {images_dir}: not a directory")
+
+    ckpt = converters.load(src, format=fmt, **({"ema": True} if ema else {}))
+    say = (lambda message: click.echo(f"  {message}", err=True))
+    report = run_parity(ckpt, selected, dtypes=list(dtypes) or ["float32"], image_size=image_size, batch=batch,
+                        seed=seed, images_dir=images_dir, atol=atol_by_dtype, rtol=rtol_by_dtype,
+                        checkpoint_path=str(src), progress=say)
+    for path in report_paths:
+        write_report(report, path, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(report.to_json_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(terminal_table(report))
+    for path in report_paths:
+        click.echo(f"wrote {path}", err=True)
+    if not report.passed:
+        failed = ", ".join(f"{r.name} ({r.status}{', first diverges at ' + r.first_divergence if r.first_divergence else ''})"
+                           for r in report.failures()) or "no runtime could run"
+        raise CheckFailedError(f"parity failed: {failed}")

@@ -1,0 +1,380 @@
+"""The parity harness: run one checkpoint on several runtimes, on the same inputs, and compare every runtime,
+stage by stage, with a float64 PyTorch referee.
+
+Tolerance rule (documented in docs/parity.md). For each feature f (stem, stage1..4, pooled, logits):
+
+    scale-aware error  e_f = max|runtime - referee| / max|referee|
+    baseline           b_f = e_f of the PyTorch float32 reference, measured in the same run, same inputs
+    tolerance          t_f = max(FP32_FACTOR * b_f, FLOOR[dtype])      (FP32_FACTOR = 2)
+
+A feature passes when e_f <= t_f; logits also need the same top-1 class on every image except where the
+referee's two best logits are closer than the tolerance (a tie at that precision). ``atol``/``rtol`` replace
+the rule: pass when max|runtime - referee| <= atol + rtol * max|referee|. The first failing feature in
+forward order is where the runtime diverges.
+
+The floor only matters where the baseline is nearly exact (a single convolution can round almost
+identically in two runtimes): 2**-20 is about eight float32 ulps at the feature's scale, and every injected
+trap (parity_tests/traps.py) lands orders of magnitude above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.errors import BadInputError, MissingDependencyError
+from convnextv2.parity_tests import runtimes as runtime_registry
+from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images, seeded_images
+from convnextv2.parity_tests.runtimes import Runtime
+
+FEATURES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits")
+DTYPES = ("float32", "float64")
+FP32_FACTOR = 2.0
+# float64 runtimes are held to the float32 rule scaled by the ratio of machine epsilons.
+EPS_RATIO = {"float32": 1.0, "float64": float(np.finfo(np.float64).eps / np.finfo(np.float32).eps)}
+FLOOR = {"float32": 2.0 ** -20, "float64": 2.0 ** -49}
+REPORT_SCHEMA = "convnextv2-parity-report"
+REPORT_SCHEMA_VERSION = "1"
+
+
+@dataclasses.dataclass
+class Tolerance:
+    """How pass/fail is decided for one dtype: the derived rule, or explicit atol/rtol."""
+
+    dtype: str
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def explicit(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    def threshold(self, baseline_scale_aware: float, scale: float) -> float:
+        """The largest allowed max-abs error for a feature whose referee's largest |value| is ``scale``."""
+        if self.explicit:
+            return (self.atol or 0.0) + (self.rtol or 0.0) * scale
+        derived = max(FP32_FACTOR * baseline_scale_aware * EPS_RATIO[self.dtype], FLOOR[self.dtype])
+        return derived * scale
+
+    def describe(self) -> str:
+        if self.explicit:
+            return f"atol {self.atol or 0.0:g} + rtol {self.rtol or 0.0:g} x max|referee|"
+        return (f"{FP32_FACTOR:g} x torch-float32 scale-aware error"
+                + (f" x {EPS_RATIO[self.dtype]:.3g} (eps ratio)" if self.dtype != "float32" else "")
+                + f", floor {FLOOR[self.dtype]:.3g}")
+
+
+def parse_tolerances(values: Sequence[str], option: str) -> dict[str, float]:
+    """``["1e-5"]`` -> every dtype; ``["float64=1e-12", "1e-5"]`` -> per dtype, unqualified for the rest."""
+    result: dict[str, float] = {}
+    default: float | None = None
+    for text in values:
+        dtype, sep, number = text.partition("=")
+        try:
+            value = float(number if sep else dtype)
+        except ValueError:
+            raise BadInputError(f"{option} {text!r}: expected a number or DTYPE=NUMBER") from None
+        if value < 0 or not np.isfinite(value):
+            raise BadInputError(f"{option} {text!r}: must be a finite number >= 0")
+        if sep:
+            if dtype not in DTYPES:
+                raise BadInputError(f"{option} {text!r}: dtype must be one of {', '.join(DTYPES)}")
+            result[dtype] = value
+        else:
+            default = value
+    if default is not None:
+        for dtype in DTYPES:
+            result.setdefault(dtype, default)
+    return result
+
+
+@dataclasses.dataclass
+class FeatureResult:
+    name: str
+    status: str  # pass | fail | not-exposed
+    shape: list[int] | None = None
+    max_abs_error: float | None = None
+    referee_max_abs: float | None = None
+    scale_aware_error: float | None = None
+    cosine_similarity: float | None = None
+    tolerance_abs: float | None = None
+    tolerance_scale_aware: float | None = None
+    top1_agreement: float | None = None
+    top5_overlap: float | None = None
+    message: str = ""
+
+
+@dataclasses.dataclass
+class RuntimeResult:
+    name: str
+    kind: str
+    dtype: str
+    status: str  # pass | fail | error | unavailable
+    reason: str = ""
+    first_divergence: str | None = None
+    seconds: float = 0.0
+    features: list[FeatureResult] = dataclasses.field(default_factory=list)
+
+    def feature(self, name: str) -> FeatureResult | None:
+        return next((f for f in self.features if f.name == name), None)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    checkpoint: dict[str, Any]
+    inputs: dict[str, Any]
+    referee: dict[str, Any]
+    baseline: dict[str, Any]
+    tolerance: dict[str, Any]
+    runtimes: list[RuntimeResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.status in ("pass", "unavailable") for r in self.runtimes) and any(
+            r.status == "pass" for r in self.runtimes)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def result(self, name: str, dtype: str = "float32") -> RuntimeResult:
+        for r in self.runtimes:
+            if r.name == name and r.dtype == dtype:
+                return r
+        raise KeyError(f"{name} ({dtype}) is not in this report")
+
+    def failures(self) -> list[RuntimeResult]:
+        return [r for r in self.runtimes if r.status in ("fail", "error")]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "schema": REPORT_SCHEMA,
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "passed": self.passed,
+            "exit_code": self.exit_code,
+            "checkpoint": self.checkpoint,
+            "inputs": self.inputs,
+            "referee": self.referee,
+            "baseline": self.baseline,
+            "tolerance": self.tolerance,
+            "features": list(FEATURES),
+            "runtimes": [
+                {**{k: v for k, v in dataclasses.asdict(r).items() if k != "features"},
+                 "features": [dataclasses.asdict(f) for f in r.features]}
+                for r in self.runtimes
+            ],
+        }
+
+
+# ------------------------------------------------------------------ metrics
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Worst per-image cosine similarity of the flattened features."""
+    a2 = a.reshape(a.shape[0], -1)
+    b2 = b.reshape(b.shape[0], -1)
+    norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    dots = np.einsum("ij,ij->i", a2, b2)
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(np.all(a2 == b2, axis=1), 1.0, 0.0))
+    return float(cos.min())
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, logits.shape[1])
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+def compare_feature(name: str, value: np.ndarray | None, referee: np.ndarray, baseline_scale_aware: float,
+                    tolerance: Tolerance) -> FeatureResult:
+    if value is None:
+        return FeatureResult(name, "not-exposed", message="this runtime does not expose it")
+    value = np.asarray(value)
+    if value.shape != referee.shape:
+        return FeatureResult(name, "fail", shape=list(value.shape),
+                             message=f"shape {tuple(value.shape)}, referee {tuple(referee.shape)}")
+    actual = value.astype(np.float64)
+    if not np.all(np.isfinite(actual)):
+        return FeatureResult(name, "fail", shape=list(value.shape), message="non-finite values")
+    diff = float(np.max(np.abs(actual - referee))) if referee.size else 0.0
+    scale = float(np.max(np.abs(referee))) if referee.size else 0.0
+    scale_aware = diff / scale if scale > 0 else diff
+    threshold = tolerance.threshold(baseline_scale_aware, scale)
+    result = FeatureResult(
+        name, "pass", shape=list(value.shape), max_abs_error=diff, referee_max_abs=scale,
+        scale_aware_error=scale_aware, cosine_similarity=_cosine(actual, referee), tolerance_abs=threshold,
+        tolerance_scale_aware=threshold / scale if scale > 0 else threshold)
+    problems = []
+    if diff > threshold:
+        problems.append(f"max abs error {diff:.3g} > tolerance {threshold:.3g}")
+    if name == "logits" and referee.ndim == 2 and referee.shape[1] > 0:
+        ours, theirs = _top_k(actual, 5), _top_k(referee, 5)
+        same_top1 = ours[:, 0] == theirs[:, 0]
+        result.top1_agreement = float(same_top1.mean())
+        result.top5_overlap = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ours, theirs, strict=True)]))
+        ordered = np.sort(referee, axis=1)
+        margins = ordered[:, -1] - ordered[:, -2] if referee.shape[1] > 1 else np.full(len(referee), np.inf)
+        # A flip between two classes the referee itself cannot separate at this tolerance is not a bug.
+        real_flips = int(np.sum(~same_top1 & (margins > threshold)))
+        if real_flips:
+            problems.append(f"top-1 differs on {real_flips} of {len(referee)} images")
+    if problems:
+        result.status = "fail"
+        result.message = "; ".join(problems)
+    return result
+
+
+# ------------------------------------------------------------------ inputs and the run
+
+def make_inputs(ckpt: Checkpoint, *, image_size: int | None = None, batch: int = 2, seed: int = 0,
+                images_dir: Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    size = image_size or ckpt.preprocessing.input_size
+    check_image_size(size)
+    if images_dir is not None:
+        files = image_files(Path(images_dir))
+        images = load_images(files, ckpt.preprocessing, size)
+        info = {"kind": "files", "directory": str(images_dir), "files": [p.name for p in files],
+                "batch": len(files), "image_size": size, "seed": None,
+                "preprocessing": ckpt.preprocessing.to_json_dict()}
+        return images, info
+    images = seeded_images(batch, size, seed)
+    return images, {"kind": "random", "directory": None, "files": [], "batch": batch, "image_size": size,
+                    "seed": seed, "preprocessing": None}
+
+
+def _torch_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    from convnextv2 import reference
+
+    try:
+        model = reference.build(ckpt, "torch", dtype=dtype)
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(f"the float64 PyTorch referee needs torch: {exc}") from exc
+    return reference.run_features(model, "torch", images.astype(dtype))
+
+
+def resolve_runtimes(names: Iterable[str | Runtime]) -> list[Runtime]:
+    resolved = []
+    for item in names:
+        resolved.append(item if isinstance(item, Runtime) else runtime_registry.get(item))
+    return resolved
+
+
+def _checkpoint_info(ckpt: Checkpoint, path: str | None) -> dict[str, Any]:
+    return {"path": path, "format": ckpt.source.format, "layout": ckpt.source.layout.get("layout"),
+            "file_name": ckpt.source.file_name, "sha256": ckpt.source.sha256 or None,
+            "variant": ckpt.config.variant, "depths": list(ckpt.config.depths), "dims": list(ckpt.config.dims),
+            "num_classes": ckpt.config.num_classes, "head_norm": ckpt.config.head_norm,
+            "head_norm_eps": ckpt.config.head_norm_eps}
+
+
+def run_parity(
+    ckpt: Checkpoint,
+    runtimes: Sequence[str | Runtime],
+    *,
+    dtypes: Sequence[str] = ("float32",),
+    images: np.ndarray | None = None,
+    inputs_info: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
+    batch: int = 2,
+    seed: int = 0,
+    images_dir: Path | None = None,
+    atol: Mapping[str, float] | None = None,
+    rtol: Mapping[str, float] | None = None,
+    referee_ckpt: Checkpoint | None = None,
+    referee_features: Mapping[str, np.ndarray] | None = None,
+    baseline_features: Mapping[str, np.ndarray] | None = None,
+    checkpoint_path: str | None = None,
+    progress: Any = None,
+) -> ParityReport:
+    """Compare ``runtimes`` on ``ckpt`` against the float64 PyTorch referee.
+
+    ``referee_ckpt`` lets a caller build the referee from an independent copy of the weights (the matrix
+    builds it from the in-memory fixture, so a converter bug in the file under test cannot hide by
+    appearing on both sides). ``referee_features``/``baseline_features`` reuse earlier float64/float32
+    PyTorch runs on the same images.
+    """
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    resolved = resolve_runtimes(runtimes)
+    if images is None:
+        images, info = make_inputs(ckpt, image_size=image_size, batch=batch, seed=seed, images_dir=images_dir)
+    else:
+        info = dict(inputs_info or {"kind": "given", "batch": int(images.shape[0]), "image_size": int(images.shape[-1]),
+                                    "seed": None, "directory": None, "files": [], "preprocessing": None})
+    source = referee_ckpt or ckpt
+    say = progress or (lambda message: None)
+    if referee_features is None:
+        say("referee: torch float64")
+        referee_features = _torch_features(source, images, "float64")
+    if baseline_features is None:
+        say("baseline: torch float32")
+        baseline_features = _torch_features(source, images, "float32")
+    referee = {k: np.asarray(v, dtype=np.float64) for k, v in referee_features.items()}
+    features = [name for name in FEATURES if name in referee]
+    baseline: dict[str, float] = {}
+    for name in features:
+        scale = float(np.max(np.abs(referee[name]))) if referee[name].size else 0.0
+        err = float(np.max(np.abs(np.asarray(baseline_features[name], dtype=np.float64) - referee[name])))
+        baseline[name] = err / scale if scale > 0 else err
+    tolerances = {d: Tolerance(d, (atol or {}).get(d), (rtol or {}).get(d)) for d in DTYPES}
+
+    results: list[RuntimeResult] = []
+    for runtime in resolved:
+        for dtype in dtypes:
+            results.append(_run_one(runtime, dtype, ckpt, images, referee, features, baseline, tolerances[dtype], say))
+
+    return ParityReport(
+        checkpoint=_checkpoint_info(ckpt, checkpoint_path),
+        inputs=info,
+        referee={"runtime": "torch", "dtype": "float64",
+                 "built_from": "independent copy" if referee_ckpt is not None else "the checkpoint under test"},
+        baseline={"runtime": "torch", "dtype": "float32", "scale_aware_error": baseline},
+        tolerance={d: {"rule": "explicit" if t.explicit else "derived", "description": t.describe(),
+                       "atol": t.atol, "rtol": t.rtol, "factor": FP32_FACTOR, "floor": FLOOR[d]}
+                   for d, t in tolerances.items() if d in dtypes},
+        runtimes=results,
+    )
+
+
+def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray, referee: dict[str, np.ndarray],
+             features: list[str], baseline: dict[str, float], tolerance: Tolerance, say: Any) -> RuntimeResult:
+    result = RuntimeResult(runtime.name, runtime.kind, dtype, "pass")
+    reason = runtime.availability()
+    if reason is None and dtype not in runtime.dtypes:
+        reason = f"{runtime.name} runs only in {', '.join(runtime.dtypes)}"
+    if reason is not None:
+        result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available: {reason}"
+        say(result.reason)
+        return result
+    say(f"running {runtime.name} ({dtype})")
+    start = time.perf_counter()
+    try:
+        produced = runtime.features(ckpt, images, dtype)
+    except MissingDependencyError as exc:
+        result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available: {exc}"
+        return result
+    except BadInputError:
+        raise
+    except Exception as exc:  # a runtime that crashes on a valid checkpoint fails parity, with the cause
+        result.status = "error"
+        result.reason = f"{type(exc).__name__}: {exc}"
+        result.seconds = time.perf_counter() - start
+        say("".join(traceback.format_exception_only(type(exc), exc)).strip())
+        return result
+    result.seconds = time.perf_counter() - start
+    for name in features:
+        value = produced.get(name)
+        result.features.append(compare_feature(name, value, referee[name], baseline[name], tolerance))
+    failed = [f.name for f in result.features if f.status == "fail"]
+    if failed:
+        result.status = "fail"
+        result.first_divergence = failed[0]
+    elif not any(f.status == "pass" for f in result.features):
+        result.status, result.reason = "error", "the runtime exposed none of the compared features"
+    return result

@@ -1,0 +1,78 @@
+"""pytest options of the parity matrix, registered through the ``pytest11`` entry point so they exist wherever
+the toolkit is installed — also for ``pytest --pyargs convnextv2.parity_tests --checkpoint PATH`` run from
+site-packages, where no conftest of this repository is on the path.
+
+Options:
+  --full-matrix       every size at 224, tiny/base at 384, huge at 512 (default: small sizes at 64 px)
+  --checkpoint PATH   also check this checkpoint on every runtime (repeatable; any readable format)
+  --shard I/N         run only the I-th of N stable slices of the collected tests (CI sharding)
+  --parity-report DIR write a JSON/Markdown/JUnit/HTML parity report per --checkpoint into DIR
+
+This module is imported by every pytest run in an environment where the toolkit is installed: it must stay
+cheap and import no deep-learning framework.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+MARKERS = {
+    "torch": "needs PyTorch (parity group)",
+    "tf": "needs TensorFlow/Keras",
+    "flax": "needs JAX/Flax",
+    "onnx": "needs onnx/onnxruntime",
+    "peers": "needs timm/transformers",
+    "slow": "long checks (huge model, full matrix)",
+}
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("convnextv2-parity", "ConvNeXt V2 parity matrix")
+    group.addoption("--full-matrix", action="store_true", default=False,
+                    help="all 8 sizes at 224 px, tiny/base at 384, huge at 512 (default: small sizes at 64 px)")
+    group.addoption("--checkpoint", action="append", default=[], metavar="PATH",
+                    help="also check this checkpoint (any readable format) on every runtime; repeatable")
+    group.addoption("--shard", default=None, metavar="I/N",
+                    help="run only shard I of N (1-based) of the collected tests, split by a stable hash")
+    group.addoption("--parity-report", default=None, metavar="DIR",
+                    help="with --checkpoint: write .json/.md/.xml/.html parity reports into DIR")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise pytest.UsageError(f"--shard {text!r}: expected I/N, e.g. 2/4") from None
+    if not sep or n < 1 or not 1 <= i <= n:
+        raise pytest.UsageError(f"--shard {text!r}: expected I/N with 1 <= I <= N")
+    return i, n
+
+
+def shard_of(nodeid: str, count: int) -> int:
+    """1-based shard of a test: a hash of its id, so every machine and every xdist worker agrees."""
+    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:8], "big") % count + 1
+
+
+def pytest_configure(config: Any) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    parse_shard(config.getoption("--shard"))
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    shard = parse_shard(config.getoption("--shard"))
+    if shard is None:
+        return
+    index, count = shard
+    keep, drop = [], []
+    for item in items:
+        (keep if shard_of(item.nodeid, count) == index else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep

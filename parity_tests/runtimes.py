@@ -1,0 +1,293 @@
+"""Runtime registry of the parity harness: one small adapter per runtime, all producing the same feature dict.
+
+An adapter takes a canonical :class:`Checkpoint`, NCHW numpy images and a dtype, and returns numpy
+``stem``, ``stage1``..``stage4`` (NCHW), ``pooled`` (B, C3) and ``logits`` (B, K). A peer that does not expose
+a feature leaves it out; the harness reports it as "not exposed" instead of comparing it.
+
+``availability()`` is cheap (no framework import) and says why a runtime cannot run here; a runtime whose
+module lands later is picked up without changing this file's callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.checkpoint import Checkpoint
+
+FeatureFn = Callable[[Checkpoint, np.ndarray, str], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass
+class Runtime:
+    name: str
+    kind: str  # "runtime" (our implementations), "peer" (independent libraries) or "custom"
+    description: str
+    features: FeatureFn
+    # Python modules that must be importable (found, not imported) and the pip extra that provides them.
+    requires: tuple[str, ...] = ()
+    extra: str = ""
+    dtypes: tuple[str, ...] = ("float32",)
+    # Extra, runtime-specific check returning a reason, e.g. "converters/hf.py is not there yet".
+    probe: Callable[[], str | None] | None = None
+
+    def availability(self) -> str | None:
+        """None when the runtime can run here, else the reason it cannot."""
+        for module in self.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                hint = f"; install it with: pip install 'convnextv2-toolkit[{self.extra}]'" if self.extra else ""
+                return f"{module} is not installed{hint}"
+        return self.probe() if self.probe is not None else None
+
+
+RUNTIMES: dict[str, Runtime] = {}
+
+
+def register(runtime: Runtime) -> Runtime:
+    RUNTIMES[runtime.name] = runtime
+    return runtime
+
+
+def get(name: str) -> Runtime:
+    from convnextv2.converters.errors import BadInputError
+
+    if name not in RUNTIMES:
+        raise BadInputError(f"unknown runtime {name!r}; expected one of {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def runtime_names(kind: str) -> list[str]:
+    return [name for name, runtime in RUNTIMES.items() if runtime.kind == kind]
+
+
+def _module_present(module: str, what: str) -> Callable[[], str | None]:
+    def probe() -> str | None:
+        try:
+            present = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            present = False
+        return None if present else f"{what} is not part of this version of the toolkit"
+    return probe
+
+
+_CHILD_FLAG = "CONVNEXTV2_PARITY_CHILD"
+
+
+def _in_child_process(name: str, ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """Run runtime ``name`` in a fresh interpreter: the checkpoint goes as a canonical file (bit-exact),
+    images and features as .npy files."""
+    from convnextv2 import converters
+
+    with tempfile.TemporaryDirectory(prefix=f"convnextv2-parity-{name}-") as tmp:
+        work = Path(tmp)
+        converters.save(ckpt, work / "model.safetensors", format="canonical")
+        np.save(work / "images.npy", images)
+        env = {k: v for k, v in os.environ.items() if k not in ("USE_TF", "USE_TORCH")}
+        env[_CHILD_FLAG] = "1"
+        code = "import sys; from convnextv2.parity_tests.runtimes import child_main; child_main(sys.argv[1:])"
+        done = subprocess.run([sys.executable, "-c", code, name, str(work), dtype], env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{name} failed in its own process: {tail}")
+        with np.load(work / "features.npz") as data:
+            return {key: data[key] for key in data.files}
+
+
+def child_main(argv: list[str]) -> None:
+    from convnextv2 import converters
+
+    name, work, dtype = argv[0], Path(argv[1]), argv[2]
+    ckpt = converters.load(work / "model.safetensors", format="canonical")
+    features = RUNTIMES[name].features(ckpt, np.load(work / "images.npy"), dtype)
+    np.savez(work / "features.npz", **features)
+
+
+# ------------------------------------------------------------------ our runtimes
+
+def _reference_features(framework: str) -> FeatureFn:
+    def run(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+        from convnextv2 import reference
+
+        model = reference.build(ckpt, framework, dtype=dtype)
+        return reference.run_features(model, framework, images.astype(dtype))
+    return run
+
+
+def _onnx_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """A fresh ONNX export of the checkpoint with every stage as an output, run by onnxruntime at the full
+    optimisation level (where fusions such as BiasGelu have broken ConvNeXt V2 before, facts §6)."""
+    from convnextv2.converters import onnx_export
+
+    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        # The exporter refuses to write a graph that fails its own one-image check; that surfaces here as an
+        # error of this runtime, with the exporter's message.
+        onnx_export.export(ckpt, path, features=True, check_size=int(images.shape[-1]), check_batch=1)
+        session = onnx_export.ort_session(path, threads=2)
+        outputs = onnx_export.run_ort(session, images)
+    return _onnx_outputs_to_features(outputs)
+
+
+def _onnx_outputs_to_features(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from convnextv2.parity_tests.harness import FEATURES
+
+    return {name: outputs[name] for name in FEATURES if name in outputs}
+
+
+register(Runtime("torch", "runtime", "PyTorch reference (reference/torch_model.py)", _reference_features("torch"),
+                 requires=("torch",), extra="torch", dtypes=("float32", "float64")))
+register(Runtime("tensorflow", "runtime", "Keras 3 / TensorFlow reference (reference/keras_model.py)",
+                 _reference_features("tensorflow"), requires=("tensorflow", "keras"), extra="tf",
+                 dtypes=("float32", "float64"),
+                 probe=_module_present("convnextv2.reference.keras_model", "reference/keras_model.py")))
+register(Runtime("flax", "runtime", "Flax NNX reference (reference/flax_model.py)", _reference_features("flax"),
+                 requires=("jax", "flax"), extra="flax", dtypes=("float32", "float64"),
+                 probe=_module_present("convnextv2.reference.flax_model", "reference/flax_model.py")))
+register(Runtime("onnxruntime", "runtime", "onnxruntime on a fresh ONNX export (converters/onnx_export.py)",
+                 _onnx_features, requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx",
+                 probe=_module_present("convnextv2.converters.onnx_export", "converters/onnx_export.py")))
+
+
+# ------------------------------------------------------------------ peers (independent implementations)
+
+def _timm_model(ckpt: Checkpoint) -> Any:
+    from convnextv2.parity_tests.peers import import_timm
+
+    timm = import_timm()
+    config = ckpt.config
+    if config.variant != "custom":
+        return timm.create_model(f"convnextv2_{config.variant}", pretrained=False, num_classes=config.num_classes)
+    from timm.models.convnext import ConvNeXt
+
+    return ConvNeXt(depths=config.depths, dims=config.dims, use_grn=True, ls_init_value=None,
+                    num_classes=config.num_classes)
+
+
+def _timm_state_dict(ckpt: Checkpoint, model: Any) -> dict[str, Any]:
+    import torch
+
+    if importlib.util.find_spec("convnextv2.converters.timm") is not None:
+        timm_format = importlib.import_module("convnextv2.converters.timm")
+        to_state = getattr(timm_format, "canonical_to_state_dict", None)
+        if to_state is not None:
+            # timm builds atto..nano with 1x1-conv MLPs; ask our writer for whichever layout this model has.
+            conv_mlp = isinstance(model.stages[0].blocks[0].mlp.fc1, torch.nn.Conv2d)
+            return {k: torch.from_numpy(np.array(v)) for k, v in to_state(ckpt, conv_mlp).items()}
+    # No timm converter of ours: go through the original layout and timm's own remapping of it, which
+    # makes timm an independent check of our original-layout writer as well.
+    from timm.models.convnext import checkpoint_filter_fn
+
+    from convnextv2.converters.original import canonical_to_state_dict
+
+    layout = "finetuned" if ckpt.config.num_classes > 0 else "fcmae"
+    original = {k: torch.from_numpy(np.array(v)) for k, v in canonical_to_state_dict(ckpt, layout).items()}
+    return checkpoint_filter_fn(original, model)
+
+
+def _timm_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    import torch
+
+    model = _timm_model(ckpt)
+    state = _timm_state_dict(ckpt, model)
+    # A headless FCMAE encoder has no final norm, which timm's head always has: leave it at init and do
+    # not compare pooled features.
+    has_head_norm = ckpt.config.head_norm
+    missing, unexpected = model.load_state_dict(state, strict=has_head_norm)
+    if unexpected or (missing and any(not k.startswith("head.norm") for k in missing)):
+        raise RuntimeError(f"timm rejected the weights: missing {missing}, unexpected {unexpected}")
+    model = model.eval().to(torch.float64 if dtype == "float64" else torch.float32)
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(next(model.parameters()).dtype)
+    with torch.no_grad():
+        features = {"stem": model.stem(x)}
+        last, stages = model.forward_intermediates(x, indices=4)
+        features.update({f"stage{i + 1}": stage for i, stage in enumerate(stages)})
+        if has_head_norm:
+            features["pooled"] = model.forward_head(last, pre_logits=True)
+            if ckpt.config.num_classes > 0:
+                features["logits"] = model.forward_head(last)
+    return {name: value.numpy() for name, value in features.items()}
+
+
+def _hf_directory(ckpt: Checkpoint, directory: Path) -> Path:
+    """Our checkpoint written with our HF converter: the peer then reads what users would publish."""
+    from convnextv2 import converters
+
+    target = directory / "hf"
+    converters.save(ckpt, target, format="hf")
+    return target
+
+
+def _hf_pt_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    import torch
+
+    from convnextv2.parity_tests.peers import import_transformers
+
+    transformers = import_transformers()
+    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-hf-") as tmp:
+        target = _hf_directory(ckpt, Path(tmp))
+        cls = (transformers.ConvNextV2ForImageClassification if ckpt.config.num_classes > 0
+               else transformers.ConvNextV2Model)
+        model = cls.from_pretrained(str(target), dtype=torch.float64 if dtype == "float64" else torch.float32)
+    model.eval()
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(model.dtype)
+    with torch.no_grad():
+        return _hf_outputs(model, x, ckpt, lambda t: t.numpy())
+
+
+def _hf_outputs(model: Any, pixels: Any, ckpt: Checkpoint, to_numpy: Callable[[Any], np.ndarray],
+                **call: Any) -> dict[str, np.ndarray]:
+    # The classification model is the backbone plus ``classifier`` on its pooler output; calling the two
+    # parts exposes the pooled features the classification output does not return.
+    has_head = ckpt.config.num_classes > 0
+    backbone = model.convnextv2 if has_head else model
+    out = backbone(pixel_values=pixels, output_hidden_states=True, **call)
+    # hidden_states: the embeddings (stem) then each stage's output, NCHW in both the PT and TF classes.
+    hidden = [to_numpy(h) for h in out.hidden_states]
+    features = {"stem": hidden[0], **{f"stage{i}": hidden[i] for i in range(1, 5)}}
+    if ckpt.config.head_norm:
+        features["pooled"] = to_numpy(out.pooler_output)
+    if has_head:
+        features["logits"] = to_numpy(model.classifier(out.pooler_output))
+    return features
+
+
+def _hf_tf_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    # transformers decides once per process whether TensorFlow is enabled, and the PyTorch peer turns it
+    # off (importing TF costs seconds and memory): the TF peer runs in a process of its own.
+    if os.environ.get(_CHILD_FLAG) != "1":
+        return _in_child_process("transformers-tf", ckpt, images, dtype)
+    from convnextv2.parity_tests.peers import import_transformers
+
+    transformers = import_transformers(tensorflow=True)
+    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-hftf-") as tmp:
+        target = _hf_directory(ckpt, Path(tmp))
+        cls = (transformers.TFConvNextV2ForImageClassification if ckpt.config.num_classes > 0
+               else transformers.TFConvNextV2Model)
+        model = cls.from_pretrained(str(target), from_pt=True)
+    return _hf_outputs(model, np.ascontiguousarray(images, dtype=np.float32), ckpt, lambda t: np.asarray(t),
+                       training=False)
+
+
+register(Runtime("timm", "peer", "timm ConvNeXt (weights through our timm converter or timm's own remapping)",
+                 _timm_features, requires=("torch", "timm"), extra="peers", dtypes=("float32", "float64")))
+register(Runtime("transformers-pt", "peer", "Hugging Face transformers ConvNextV2, PyTorch",
+                 _hf_pt_features, requires=("torch", "transformers"), extra="peers", dtypes=("float32", "float64"),
+                 probe=_module_present("convnextv2.converters.hf", "converters/hf.py (the HF writer)")))
+register(Runtime("transformers-tf", "peer", "Hugging Face transformers ConvNextV2, TensorFlow (tf-keras)",
+                 _hf_tf_features, requires=("tensorflow", "tf_keras", "transformers"), extra="peers",
+                 probe=_module_present("convnextv2.converters.hf", "converters/hf.py (the HF writer)")))

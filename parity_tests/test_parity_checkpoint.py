@@ -1,0 +1,73 @@
+"""Parity of the user's own checkpoints: ``pytest --pyargs convnextv2.parity_tests --checkpoint PATH``.
+
+Each ``--checkpoint`` (any readable format) runs on every runtime, one test per runtime carrying its group
+marker, against a float64 PyTorch referee built from the same file. ``--parity-report DIR`` also writes the
+JSON, Markdown, JUnit and HTML reports of each run into DIR. Without ``--checkpoint`` the test shows as
+skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from convnextv2.parity_tests.test_parity_matrix import RUNTIME_GROUPS
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    if "user_case" not in metafunc.fixturenames:
+        return
+    paths = metafunc.config.getoption("--checkpoint", default=[]) or []
+    if not paths:
+        metafunc.parametrize("user_case", [pytest.param(None, marks=pytest.mark.skip(
+            reason="no --checkpoint PATH given"), id="no-checkpoint")])
+        return
+    params = [pytest.param((path, runtime), marks=[getattr(pytest.mark, group)], id=f"{Path(path).name}-{runtime}")
+              for path in paths for runtime, group in RUNTIME_GROUPS.items()]
+    metafunc.parametrize("user_case", params)
+
+
+@functools.lru_cache(maxsize=2)
+def _checkpoint(path: str) -> Any:
+    from convnextv2 import converters
+
+    return converters.load(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _torch(path: str, dtype: str) -> Any:
+    from convnextv2 import reference
+    from convnextv2.parity_tests.inputs import seeded_images
+
+    ckpt = _checkpoint(path)
+    images = seeded_images(2, ckpt.preprocessing.input_size, 0)
+    return reference.run_features(reference.build(ckpt, "torch", dtype=dtype), "torch", images.astype(dtype))
+
+
+def test_user_checkpoint(user_case: tuple[str, str], request: pytest.FixtureRequest) -> None:
+    from convnextv2.parity_tests.harness import run_parity
+    from convnextv2.parity_tests.inputs import seeded_images
+    from convnextv2.parity_tests.report import write_report
+
+    path, runtime = user_case
+    ckpt = _checkpoint(path)
+    images = seeded_images(2, ckpt.preprocessing.input_size, 0)
+    report = run_parity(ckpt, [runtime], images=images, checkpoint_path=path,
+                        inputs_info={"kind": "random", "batch": 2, "image_size": int(images.shape[-1]), "seed": 0,
+                                     "directory": None, "files": [], "preprocessing": None},
+                        referee_features=_torch(path, "float64"), baseline_features=_torch(path, "float32"))
+    out_dir = request.config.getoption("--parity-report", default=None)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(path).name}-{runtime}")
+        for suffix in (".json", ".md", ".xml", ".html"):
+            write_report(report, Path(out_dir) / f"{stem}{suffix}", overwrite=True)
+    result = report.result(runtime)
+    assert result.status != "unavailable", result.reason
+    assert result.status == "pass", (
+        f"{runtime}: {result.status} {result.reason} first diverges at {result.first_divergence}: "
+        + "; ".join(f"{f.name} {f.message}" for f in result.features if f.status == "fail"))
