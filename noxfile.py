@@ -56,8 +56,12 @@ def tests_slow(session: nox.Session) -> None:
 def parity(session: nox.Session, group: str) -> None:
     """The full parity matrix for one framework group (all sizes at 224, tiny/base at 384, huge at 512)."""
     python = _install_if_isolated(session)
-    _timed(session, python, "-m", "pytest", "parity_tests", "-m", group, "--full-matrix", "-n", "2", "-q",
-           *session.posargs)
+    # The matrix files only (the other suites run under `tests`/`tests_slow`); `nox -s parity -- --checkpoint
+    # PATH` adds the user's checkpoint. loadgroup keeps the huge cases on one worker: two at once would not
+    # fit in a CI runner's memory.
+    _timed(session, python, "-m", "pytest", "parity_tests/test_parity_matrix.py",
+           "parity_tests/test_parity_checkpoint.py", "-m", group, "--full-matrix", "-n", "2", "--dist", "loadgroup",
+           "-q", *session.posargs)
 
 
 @nox.session(venv_backend="none")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, deferred_digests
 from convnextv2.converters.errors import BadInputError
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import is_safetensors, read_header, read_safetensors, write_safetensors
@@ -65,5 +65,7 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, **_: Any) ->
     ckpt.validate(f"writing {path}")
     items = ckpt.ordered_tensors()
     total = sum(int(a.size) * a.dtype.itemsize for _, a in items)
+    with deferred_digests():  # the source digest is computed while the tensors stream
+        metadata = ckpt.metadata()
     with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
-        write_safetensors(tmp, items, ckpt.metadata(), progress=bar)
+        write_safetensors(tmp, items, metadata, progress=bar)

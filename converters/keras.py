@@ -79,6 +79,7 @@ VARIABLE_ORDER: dict[str, tuple[str, ...]] = {
     "conv2d": ("kernel", "bias"),
     "depthwise_conv2d": ("kernel", "bias"),
     "dense": ("kernel", "bias"),
+    "head_dense": ("kernel", "bias"),
     "layer_norm": ("weight", "bias"),
     "grn": ("gamma", "beta"),
 }
@@ -204,7 +205,8 @@ def _read_weights(handle: Any, where: str, config: ModelConfig | None) -> dict[s
                 raise BadInputError(f"{where}: Keras weight {keras_path} has no canonical name")
             name, rule = found
             dataset = variables[str(index)]
-            if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "fiu":
+            bfloat16 = isinstance(dataset, h5py.Dataset) and _is_keras_bfloat16(dataset)
+            if not isinstance(dataset, h5py.Dataset) or (dataset.dtype.kind not in "fiu" and not bfloat16):
                 raise BadInputError(f"{where}: {keras_path} ({name}) is not a numeric array")
             found_shape = tuple(int(s) for s in dataset.shape)
             if expected is not None:
@@ -221,8 +223,21 @@ def _read_weights(handle: Any, where: str, config: ModelConfig | None) -> dict[s
                                     f"{_RANK[rule.transform]}, found shape {list(found_shape)}")
             if name in tensors:
                 raise BadInputError(f"{where}: two layers are named {layer!r}")
-            tensors[name] = np.ascontiguousarray(to_canonical_layout(dataset[()], rule.transform))
+            value = dataset[()]
+            if bfloat16:
+                import ml_dtypes
+
+                value = value.view(ml_dtypes.bfloat16)
+            tensors[name] = np.ascontiguousarray(to_canonical_layout(value, rule.transform))
     return tensors
+
+
+def _is_keras_bfloat16(dataset: Any) -> bool:
+    # HDF5 has no bfloat16: Keras stores the raw 2-byte values and marks the dataset with a dtype attribute.
+    marker = dataset.attrs.get("dtype")
+    if isinstance(marker, bytes):
+        marker = marker.decode("ascii", "replace")
+    return marker == "bfloat16" and dataset.dtype.itemsize == 2
 
 
 def _ordered(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:

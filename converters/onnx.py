@@ -524,8 +524,8 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     events, info = _events(model, where, path.parent)
     parser = _Parser(events, where)
     config = parser.model()
+    # float16 files come back as float32 (exactly); transposed linears become contiguous, memmaps stay mapped.
     tensors = {name: np.ascontiguousarray(parser.tensors[name], dtype=np.float32)
-               if parser.tensors[name].dtype != np.float32 else np.asarray(parser.tensors[name])
                for name in schema.expected_shapes(config)}
     shape = [d.dim_value or d.dim_param for d in info["input"].type.tensor_type.shape.dim]
     layout = "NHWC" if len(shape) == 4 and shape[3] == 3 and shape[1] != 3 else "NCHW"

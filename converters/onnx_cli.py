@@ -19,7 +19,8 @@ from convnextv2.converters.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSE
 @click.option("--ema", is_flag=True, help="Original checkpoints: export model_ema instead of model.")
 @click.option("--via", type=click.Choice(list(VIAS)), default="torch", show_default=True,
               help="Which reference is exported: torch (torch.onnx), tensorflow (tf2onnx), flax (jax2onnx).")
-@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True)
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None,
+              help=f"ONNX opset (default: {DEFAULT_OPSET['torch']} for torch, {DEFAULT_OPSET['tensorflow']} for tensorflow).")
 @click.option("--dynamic-hw", is_flag=True, help="Also make height and width dynamic (multiples of 32).")
 @click.option("--features", is_flag=True, help="Add stem, stage1..stage4 and pooled outputs (for localising divergence).")
 @click.option("--fp16", is_flag=True, help="float16 weights; LayerNorm and GRN computed in float32 (torch path).")
@@ -29,7 +30,7 @@ from convnextv2.converters.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSE
               help="Image size of the parity check (default: the checkpoint's input size).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema: bool, via: str, opset: int,
+def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema: bool, via: str, opset: int | None,
                 dynamic_hw: bool, features: bool, fp16: bool, external_data: bool | None, check_size: int | None,
                 overwrite: bool, as_json: bool) -> None:
     """Export SRC to ONNX, check it in onnxruntime (ORT_ENABLE_ALL) against the float64 PyTorch referee,

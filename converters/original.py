@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, lazy_sha256
 from convnextv2.converters.errors import BadInputError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
@@ -240,7 +240,7 @@ def read(path: Path, *, variant: str | None = None, ema: bool = False, **_: Any)
         source=Source(
             format=NAME,
             file_name=path.name,
-            sha256=sha256_of(path),
+            sha256=lazy_sha256(path),  # type: ignore[arg-type]  # a full read: done when needed
             layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema},
         ),
         info=info,

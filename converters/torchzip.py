@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.errors import BadInputError, UnsafeCheckpointError
-from convnextv2.converters.safetensors_io import write_array_bytes
+from convnextv2.converters.safetensors_io import TensorStreamer, write_array_bytes
 
 # data.pkl of a real checkpoint (with optimizer state) is a few MB; bound it before reading it.
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
@@ -253,6 +253,29 @@ def _check_object_graph(root: Any, where: str) -> None:
     visit(root, 0)
 
 
+_MEMO_OPCODES = {"PUT", "GET", "BINPUT", "BINGET", "LONG_BINPUT", "LONG_BINGET"}
+
+
+def _prescan_pickle(pickled: bytes, where: str) -> None:
+    """Walk the opcodes before the C unpickler sees them, refusing what makes it allocate by declaration.
+
+    The C unpickler grows its memo to the largest index a PUT names (LONG_BINPUT 774972275 asks for 6 GB)
+    and allocates a BINBYTES8/BINUNICODE8 buffer of the declared length before reading it. A memo index can
+    never legitimately exceed the number of opcodes, and ``genops`` checks every declared length against the
+    bytes that remain, without allocating them.
+    """
+    import pickletools
+
+    try:
+        for opcode, argument, _position in pickletools.genops(pickled):
+            if opcode.name in _MEMO_OPCODES and isinstance(argument, int) and not 0 <= argument <= len(pickled):
+                raise BadInputError(f"{where}: data.pkl uses memo slot {argument}, beyond its own size")
+    except BadInputError:
+        raise
+    except Exception as exc:  # genops raises ValueError and friends on truncated or malformed opcodes
+        raise BadInputError(f"{where}: data.pkl is not a valid checkpoint pickle ({type(exc).__name__}: {exc})") from None
+
+
 def read_torch_zip(path: str | os.PathLike[str]) -> Any:
     """Unpickle a torch zip checkpoint safely; tensors come back as read-only numpy views of the file."""
     path = Path(path)
@@ -345,6 +368,7 @@ def read_torch_zip(path: str | os.PathLike[str]) -> Any:
             array = array.astype(dtype.newbyteorder("<"))
         return Storage(array, key)
 
+    _prescan_pickle(pickled, where)
     unpickler = _RestrictedUnpickler(pickled, where, load_storage)
     try:
         loaded = unpickler.load()
@@ -511,13 +535,18 @@ def write_torch_zip(path: str | os.PathLike[str], obj: Any, archive_name: str = 
     records += [(f"data/{i}", array) for i, array in enumerate(writer.storages)]
     records.append(("version", b"3\n"))
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, payload in records:
-            size = len(payload) if isinstance(payload, bytes) else int(payload.size) * payload.dtype.itemsize
-            info = _aligned_info(archive, f"{archive_name}/{name}", size)
-            with archive.open(info, "w", force_zip64=size * 1.05 > zipfile.ZIP64_LIMIT) as entry:
-                if isinstance(payload, bytes):
-                    entry.write(payload)
-                else:
-                    write_array_bytes(entry, payload)
-                    if progress is not None:
-                        progress.update(size)
+        # One streamer for every entry: it reads mapped source tensors through a single reused buffer (zip
+        # needs the bytes for each entry's CRC), so memory stays flat whatever the checkpoint's size.
+        streamer = TensorStreamer(None, kernel_copy=False)
+        with streamer:
+            for name, payload in records:
+                size = len(payload) if isinstance(payload, bytes) else int(payload.size) * payload.dtype.itemsize
+                info = _aligned_info(archive, f"{archive_name}/{name}", size)
+                with archive.open(info, "w", force_zip64=size * 1.05 > zipfile.ZIP64_LIMIT) as entry:
+                    if isinstance(payload, bytes):
+                        entry.write(payload)
+                    else:
+                        streamer.out = entry
+                        write_array_bytes(streamer, payload)
+                        if progress is not None:
+                            progress.update(size)

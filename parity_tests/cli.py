@@ -109,7 +109,10 @@ def parity(src: Path, fmt: str, ema: bool, runtime_values: tuple[str, ...], peer
         raise BadInputError(f"--images {images_dir}: not a directory")
 
     ckpt = converters.load(src, format=fmt, **({"ema": True} if ema else {}))
-    say = (lambda message: click.echo(f"  {message}", err=True))
+
+    def say(message: str) -> None:
+        click.echo(f"  {message}", err=True)
+
     report = run_parity(ckpt, selected, dtypes=list(dtypes) or ["float32"], image_size=image_size, batch=batch,
                         seed=seed, images_dir=images_dir, atol=atol_by_dtype, rtol=rtol_by_dtype,
                         checkpoint_path=str(src), progress=say)

@@ -154,11 +154,12 @@ def _atheris_child(target: str, libfuzzer_args: list[str]) -> None:
 
 # ------------------------------------------------------------------ the driver
 
-def run_atheris(target: str, seconds: int, artifacts: Path, rss_limit_mb: int = 2048) -> dict[str, Any]:
+def run_atheris(target: str, seconds: int, artifacts: Path, rss_limit_mb: int = 2048,
+                seed: int | None = None) -> dict[str, Any]:
     corpus = Path(tempfile.mkdtemp(prefix=f"fuzz-corpus-{target}-"))
     seeds = SEED_ROOT / target
-    for seed in sorted(seeds.iterdir()) if seeds.is_dir() else []:
-        shutil.copy(seed, corpus / seed.name)
+    for seed_file in sorted(seeds.iterdir()) if seeds.is_dir() else []:
+        shutil.copy(seed_file, corpus / seed_file.name)
     artifacts.mkdir(parents=True, exist_ok=True)
     artifacts = artifacts.resolve()
     stale = artifacts / f"{target}-crashes.json"
@@ -166,6 +167,8 @@ def run_atheris(target: str, seconds: int, artifacts: Path, rss_limit_mb: int = 
         stale.unlink()
     args = [str(corpus), f"-max_total_time={seconds}", f"-artifact_prefix={artifacts}/{target}-",
             f"-rss_limit_mb={rss_limit_mb}", "-timeout=20", "-print_final_stats=1", "-max_len=1048576"]
+    if seed is not None:
+        args.append(f"-seed={seed}")
     env = {**os.environ, "CONVNEXTV2_PROGRESS": "0"}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "convnextv2.parity_tests.fuzz", "--child", target, "--", *args],
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=int(os.environ.get("FUZZ_EXAMPLES", "2000")),
                         help="hypothesis examples per property (env FUZZ_EXAMPLES)")
     parser.add_argument("--artifacts", type=Path, default=Path("fuzz-artifacts"))
+    parser.add_argument("--seed", type=int, default=None, help="libFuzzer seed (default: random)")
     parser.add_argument("--json", type=Path, default=None, help="also write the reports here")
     parser.add_argument("--make-seeds", action="store_true", help="regenerate fixtures/seeds and exit")
     parser.add_argument("--replay", nargs=2, metavar=("TARGET", "FILE"), help="read one saved input, show any error")
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     targets = [t for t in args.targets if t != "onnx" or _available(("onnx",))]
     for target in targets:
-        report = run_atheris(target, args.seconds, args.artifacts)
+        report = run_atheris(target, args.seconds, args.artifacts, seed=args.seed)
         reports.append(report)
         print(json.dumps(report), flush=True)
     if not args.no_hypothesis:

@@ -70,7 +70,8 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     if shard is None:
         return
     index, count = shard
-    keep, drop = [], []
+    keep: list[Any] = []
+    drop: list[Any] = []
     for item in items:
         (keep if shard_of(item.nodeid, count) == index else drop).append(item)
     if drop:

@@ -175,6 +175,14 @@ def _chart_series(report: ParityReport) -> tuple[list[str], list[tuple[str, list
     features = [f for f in FEATURES if f in report.baseline["scale_aware_error"]]
     series: list[tuple[str, list[float | None], bool]] = [
         ("torch float32 baseline", [report.baseline["scale_aware_error"][f] for f in features], True)]
+    with_features = [r for r in report.runtimes if r.dtype == "float32" and r.features]
+    if with_features:
+        tolerance = []
+        for name in features:
+            values = [fr.tolerance_scale_aware for r in with_features if (fr := r.feature(name)) is not None
+                      and fr.tolerance_scale_aware is not None]
+            tolerance.append(min(values) if values else None)
+        series.append(("float32 tolerance", tolerance, True))
     for r in report.runtimes:
         if r.status == "unavailable" or not r.features:
             continue
@@ -216,7 +224,7 @@ def to_svg(report: ParityReport, width: int = 760, height: int = 360) -> str:
     for i, name in enumerate(features):
         parts.append(f'<text x="{x(i):.1f}" y="{height - bottom + 16}" text-anchor="middle">{name}</text>')
     for index, (label, values, dashed) in enumerate(series):
-        colour = "#000" if dashed else _PALETTE[index % len(_PALETTE)]
+        colour = ("#000" if index == 0 else "#888") if dashed else _PALETTE[index % len(_PALETTE)]
         points = [(x(i), y(v)) for i, v in enumerate(values) if v is not None]
         if len(points) > 1:
             path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
@@ -295,7 +303,7 @@ def to_png(report: ParityReport, path: Path, width: int = 760, height: int = 360
     for i, name in enumerate(features):
         draw.text((x(i) - 3 * len(name), height - bottom + 8), name, fill="black")
     for index, (label, values, dashed) in enumerate(series):
-        colour = "#000000" if dashed else _PALETTE[index % len(_PALETTE)]
+        colour = ("#000000" if index == 0 else "#888888") if dashed else _PALETTE[index % len(_PALETTE)]
         points = [(x(i), y(v)) for i, v in enumerate(values) if v is not None]
         if len(points) > 1:
             draw.line(points, fill=colour, width=1 if dashed else 2)

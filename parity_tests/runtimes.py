@@ -114,7 +114,7 @@ def child_main(argv: list[str]) -> None:
     name, work, dtype = argv[0], Path(argv[1]), argv[2]
     ckpt = converters.load(work / "model.safetensors", format="canonical")
     features = RUNTIMES[name].features(ckpt, np.load(work / "images.npy"), dtype)
-    np.savez(work / "features.npz", **features)
+    np.savez(work / "features.npz", **features)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ our runtimes

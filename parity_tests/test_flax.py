@@ -183,6 +183,18 @@ def test_input_checks_and_export_canonical():
         flax_model.build_flax(ckpt.config, bad)
 
 
+def test_forward_is_compiled_once_per_model_and_input_shape():
+    from convnextv2.reference import flax_model
+
+    model = reference.build(_checkpoint(TINY, seed=1, num_classes=4), "flax")
+    reference.run_features(model, "flax", seeded_images(2, 64))
+    forward = flax_model._COMPILED[model]
+    reference.run_features(model, "flax", seeded_images(2, 64, seed=5))
+    assert flax_model._COMPILED[model] is forward and forward._cache_size() == 1
+    reference.run_features(model, "flax", seeded_images(1, 96))
+    assert forward._cache_size() == 2
+
+
 def test_run_features_honours_weights_updated_after_compilation():
     from flax import nnx
 
@@ -456,37 +468,32 @@ def _timed(run: Any, repeats: int) -> float:
 
 def timing_table(variants: tuple[str, ...] = ("atto", "tiny"), batches: tuple[int, ...] = (1, 8),
                  size: int = 224) -> list[dict[str, Any]]:
-    import torch
-
+    """Median wall time of ``reference.run_features`` (numpy in, every feature out) on both frameworks."""
     rows = []
     for variant in variants:
         ckpt = fixtures.make_checkpoint(variant, seed=1)
-        flax_model, torch_model = reference.build(ckpt, "flax"), reference.build(ckpt, "torch")
+        models = {"flax": reference.build(ckpt, "flax"), "torch": reference.build(ckpt, "torch")}
         for batch in batches:
             images = seeded_images(batch, size)
             start = time.perf_counter()
-            reference.run_features(flax_model, "flax", images)
+            reference.run_features(models["flax"], "flax", images)  # jit warm-up (compilation)
             first = time.perf_counter() - start
-            torch_input = torch.from_numpy(images)
-
-            def run_torch(model=torch_model, x=torch_input):
-                with torch.no_grad():
-                    model(x)
-
-            run_torch()
+            reference.run_features(models["torch"], "torch", images)
             repeats = 10 if variant == "atto" else 5
-            rows.append({
-                "variant": variant, "batch": batch, "flax_first_call_s": first,
-                "flax_ms": 1e3 * _timed(lambda f=flax_model, x=images: reference.run_features(f, "flax", x), repeats),
-                "torch_ms": 1e3 * _timed(run_torch, repeats),
-                "torch_threads": torch.get_num_threads(),
-            })
+            row: dict[str, Any] = {"variant": variant, "batch": batch, "flax_first_call_s": first}
+            for name, model in models.items():
+                row[f"{name}_ms"] = 1e3 * _timed(lambda m=model, f=name, x=images: reference.run_features(m, f, x),
+                                                 repeats)
+            rows.append(row)
     return rows
 
 
 def main(argv: list[str]) -> int:
+    """Args: none (every size, then timings), ``--timing`` (timings only) or sizes like ``tiny@384``."""
     cases = [(v, 224) for v in VARIANTS] + [("tiny", 384), ("base", 384)]
-    if argv:
+    if argv == ["--timing"]:
+        cases = []
+    elif argv:
         cases = [(v, int(s)) for v, s in (a.split("@") for a in argv)]
     print("| size | res | feature | flax fp32 err | torch fp32 err | ratio | flax fp64 err |")
     print("|---|---|---|---|---|---|---|")
@@ -501,8 +508,9 @@ def main(argv: list[str]) -> int:
                   f"{ratio:.2f} | {errors['flax64']:.1e} |", flush=True)
         print(f"| {variant} | {size} | top-1 identical | {result['top1']['flax32']} | {result['top1']['torch32']} "
               f"| | {result['top1']['flax64']} |", flush=True)
-    print(f"worst ratio flax/torch float32: {worst:.2f}")
-    print("\n| size | batch | flax ms | torch ms | flax first call s |")
+    if cases:
+        print(f"worst ratio flax/torch float32: {worst:.2f}")
+    print("\n| size | batch | flax run_features ms | torch run_features ms | flax first call (jit) s |")
     print("|---|---|---|---|---|")
     for row in timing_table():
         print(f"| {row['variant']} | {row['batch']} | {row['flax_ms']:.1f} | {row['torch_ms']:.1f} | "

@@ -15,6 +15,7 @@ with the reason: every runtime here is declared in the ``all`` extra.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,8 @@ def pytest_generate_tests(metafunc: Any) -> None:
                 marks = [getattr(pytest.mark, group)]
                 if variant in ("large", "huge") or size > 224:
                     marks.append(pytest.mark.slow)
+                if variant == "huge":
+                    marks.append(pytest.mark.xdist_group("huge"))  # one huge model in memory at a time
                 params.append(pytest.param((variant, size, runtime), marks=marks,
                                            id=f"{_case_id(variant, size)}-{runtime}"))
         metafunc.parametrize("size_case", params)
@@ -103,15 +106,60 @@ def pytest_generate_tests(metafunc: Any) -> None:
         metafunc.parametrize("format_case", params)
 
 
+def _code_fingerprint() -> str:
+    """What the cached referee depends on: the reference model, the fixture maker, the torch version."""
+    import hashlib
+
+    import torch
+
+    from convnextv2.fixtures import make
+    from convnextv2.reference import torch_model, variants
+
+    digest = hashlib.sha256(torch.__version__.encode() + np.__version__.encode())
+    for module in (torch_model, variants, make):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _weights_kind(fmt: str) -> str:
+    """The fixture whose tensors a format holds: every format holds the canonical fixture's tensors, except
+    the headless FCMAE encoders."""
+    return "fcmae" if fmt.startswith("fcmae") else "canonical"
+
+
+def _torch_features(variant: str, size: int, fmt: str, dtype: str, cache_dir: str | None) -> dict[str, np.ndarray]:
+    return _torch_features_of(variant, size, _weights_kind(fmt), dtype, cache_dir)
+
+
 @functools.lru_cache(maxsize=4)
-def _torch_features(variant: str, size: int, fmt: str, dtype: str) -> dict[str, np.ndarray]:
-    """Referee (float64) or baseline (float32) features of the in-memory fixture, cached per worker: every
-    runtime of a size shares them."""
+def _torch_features_of(variant: str, size: int, kind: str, dtype: str, cache_dir: str | None) -> dict[str, np.ndarray]:
+    """Referee (float64) or baseline (float32) features of the in-memory fixture. Cached per worker, and on
+    disk (pytest's cache directory) across the nox sessions of each framework group: at huge@512 the float64
+    referee is most of a group's time."""
     from convnextv2 import reference
 
-    ckpt = make_checkpoint(variant, SEED, fmt)
+    cached = None
+    if cache_dir is not None:
+        key = f"{_case_id(variant, size)}-{kind}-{dtype}-b{_batch(size)}-s{SEED}-{_code_fingerprint()}.npz"
+        cached = Path(cache_dir) / key.replace(":", "_").replace(";", "_").replace(",", "_").replace("=", "_")
+        if cached.exists():
+            with np.load(cached) as data:
+                return {k: data[k] for k in data.files}
+    ckpt = make_checkpoint(variant, SEED, kind)
     model = reference.build(ckpt, "torch", dtype=dtype)
-    return reference.run_features(model, "torch", seeded_images(_batch(size), size, SEED).astype(dtype))
+    features = reference.run_features(model, "torch", seeded_images(_batch(size), size, SEED).astype(dtype))
+    del model
+    if cached is not None:
+        partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial.npz")
+        np.savez(partial, **features)  # type: ignore[arg-type]
+        os.replace(partial, cached)  # atomic: a concurrent worker sees the whole file or none
+    return features
+
+
+@pytest.fixture(scope="session")
+def referee_cache(request: pytest.FixtureRequest) -> str | None:
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    return str(cache.mkdir("convnextv2-parity-referee")) if cache is not None else None
 
 
 @pytest.fixture(scope="session")
@@ -137,14 +185,14 @@ def fixture_files(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return get
 
 
-def _check(ckpt: Any, variant: str, size: int, fmt: str, runtime: str) -> None:
+def _check(ckpt: Any, variant: str, size: int, fmt: str, runtime: str, cache_dir: str | None) -> None:
     expected = make_checkpoint(variant, SEED, fmt)
     assert ckpt.config == expected.config, f"read back as {ckpt.config}, written as {expected.config}"
     report = run_parity(
         ckpt, [runtime], images=seeded_images(_batch(size), size, SEED),
         referee_ckpt=expected,
-        referee_features=_torch_features(variant, size, fmt, "float64"),
-        baseline_features=_torch_features(variant, size, fmt, "float32"))
+        referee_features=_torch_features(variant, size, fmt, "float64", cache_dir),
+        baseline_features=_torch_features(variant, size, fmt, "float32", cache_dir))
     result = report.result(runtime)
     assert result.status != "unavailable", result.reason  # declared in the extras: missing is a failure
     assert result.status == "pass", (
@@ -155,17 +203,17 @@ def _check(ckpt: Any, variant: str, size: int, fmt: str, runtime: str) -> None:
     assert ("logits" in compared) == (expected.config.num_classes > 0), f"{runtime} compared only {compared}"
 
 
-def test_size_case(size_case: tuple[str, int, str], fixture_files: Any) -> None:
+def test_size_case(size_case: tuple[str, int, str], fixture_files: Any, referee_cache: str | None) -> None:
     variant, size, runtime = size_case
     ckpt = converters.load(fixture_files(variant, "canonical", size), format="canonical")
-    _check(ckpt, variant, size, "canonical", runtime)
+    _check(ckpt, variant, size, "canonical", runtime, referee_cache)
 
 
-def test_format_case(format_case: tuple[str, int, str, str], fixture_files: Any) -> None:
+def test_format_case(format_case: tuple[str, int, str, str], fixture_files: Any, referee_cache: str | None) -> None:
     variant, size, fmt, runtime = format_case
     path = fixture_files(variant, fmt, size)
     assert converters.detect_format(path) == ("original" if fmt in ORIGINAL_LAYOUTS else fmt)
-    _check(converters.load(path), variant, size, fmt, runtime)
+    _check(converters.load(path), variant, size, fmt, runtime, referee_cache)
 
 
 @pytest.mark.torch

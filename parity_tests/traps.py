@@ -87,7 +87,7 @@ def _fast_variance(model: Any) -> None:
 
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
-            module.forward = types.MethodType(channels_last, module)
+            module.forward = types.MethodType(channels_last, module)  # type: ignore[method-assign]
         elif type(module).__name__ == "LayerNorm2d":
             module.forward = types.MethodType(channels_first, module)
 

@@ -3,8 +3,8 @@
 Every parameterised layer is named after its canonical prefix (``stages.1.blocks.0.pwconv1``), so a
 Keras weight path ``<layer name>/<variable name>`` maps to a canonical name through ``KERAS_KEYS``, and
 every layout change between the canonical (PyTorch) layouts and Keras' lives in ``to_keras_layout`` /
-``to_canonical_layout`` (both in converters/keras.py, which the file reader shares without TensorFlow). Numerics follow facts §1 and avoid the traps of §5: GELU is written out as
-0.5·x·(1+erf(x/√2)) (Keras' own exact GELU lowers to Erfc, which tf2onnx cannot convert, facts §6),
+``to_canonical_layout``; both are in converters/keras.py, which the file reader uses without TensorFlow.
+Numerics follow facts §1 and avoid the traps of §5: GELU is written out as 0.5·x·(1+erf(x/√2)) (Keras' own exact GELU lowers to Erfc, which tf2onnx cannot convert, facts §6),
 LayerNorm is our own two-pass, biased-variance layer with eps 1e-6 (Keras' default eps is 1e-3), and GRN
 is a vector L2 norm over H and W (``tf.norm(ord=2)`` over two axes would be the spectral norm).
 """
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.errors import BadInputError
-from convnextv2.converters.keras import KERAS_KEYS, keras_paths, to_canonical_layout, to_keras_layout
+from convnextv2.converters.keras import KERAS_KEYS, PACKAGE, keras_paths, to_canonical_layout, to_keras_layout
 from convnextv2.reference import schema
 from convnextv2.reference.variants import GRN_EPS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
 
@@ -61,7 +61,6 @@ if keras.backend.backend() != "tensorflow":
     raise ImportError(
         f"the Keras reference needs the TensorFlow backend, but KERAS_BACKEND is {keras.backend.backend()!r}")
 
-PACKAGE = "convnextv2"
 FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")
 SPATIAL_FEATURES = ("stem", "stage1", "stage2", "stage3", "stage4")
 INPUT_NAME = "pixel_values"
@@ -130,6 +129,24 @@ class GlobalMean(keras.layers.Layer):
         return ops.mean(x, axis=(1, 2))
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class HeadDense(keras.layers.Dense):
+    """The classifier: a Dense whose dot products accumulate in float64 when the model is float32.
+
+    Measured on every size at 224 (parity_tests/test_keras.py): a float32 GEMM through TensorFlow (as
+    through numpy) sums the C3-long dot products with about 2.3x the rounding error of PyTorch's float32
+    Linear, and that alone put the logits outside the project's 2x bar while every other feature was within
+    it. The head is one (B, C3) x (C3, K) product, so the float64 accumulation costs nothing measurable;
+    weights stay float32 and the output is float32.
+    """
+
+    def call(self, inputs: Any) -> Any:
+        if self.compute_dtype == "float64":
+            return super().call(inputs)
+        wide = ops.matmul(ops.cast(inputs, "float64"), ops.cast(self.kernel, "float64"))
+        return ops.cast(wide + ops.cast(self.bias, "float64"), self.compute_dtype)
+
+
 # ------------------------------------------------------------ model
 
 def _block(x: Any, prefix: str, width: int, dtype: str) -> Any:
@@ -163,7 +180,7 @@ def _graph(config: ModelConfig, dtype: str) -> tuple[Any, dict[str, Any]]:
         pooled = LayerNorm(epsilon=config.head_norm_eps, name="head.norm", dtype=dtype)(pooled)
     features["pooled"] = pooled
     if config.num_classes > 0:
-        features["logits"] = keras.layers.Dense(config.num_classes, name="head.fc", dtype=dtype)(pooled)
+        features["logits"] = HeadDense(config.num_classes, name="head.fc", dtype=dtype)(pooled)
     return inputs, features
 
 
@@ -218,8 +235,9 @@ def export_canonical(model: keras.Model) -> dict[str, np.ndarray]:
 
 
 def build_keras(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> keras.Model:
+    # float16/bfloat16 only serve to write files in the checkpoint's own dtype; parity runs use 32/64.
     if dtype not in ("float32", "float64", "float16", "bfloat16"):
-        raise BadInputError(f"dtype must be float32 or float64, got {dtype!r}")
+        raise BadInputError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype!r}")
     model = make_model(config, dtype)
     return load_canonical(model, config, tensors)
 
