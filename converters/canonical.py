@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, deferred_digests
+from convnextv2.converters.checkpoint import Checkpoint, checkpoint_from_metadata, deferred_digests
 from convnextv2.converters.errors import BadInputError
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import is_safetensors, read_header, read_safetensors, write_safetensors
 from convnextv2.reference import schema
-from convnextv2.reference.variants import ModelConfig, check_variant
+from convnextv2.reference.variants import check_variant
 
 NAME = "canonical"
 SUFFIXES = (".safetensors",)
@@ -29,15 +28,6 @@ def sniff(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("schema") == schema.SCHEMA_NAME
 
 
-def _json_field(meta: dict[str, str], key: str, path: Path) -> Any:
-    if key not in meta:
-        raise BadInputError(f"{path}: canonical metadata lacks {key!r}")
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path}: canonical metadata {key!r} is not valid JSON: {exc}") from None
-
-
 def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     tensors, meta = read_safetensors(path)
     if meta.get("schema") != schema.SCHEMA_NAME:
@@ -48,16 +38,9 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
             f"{path}: schema version {version!r} is not supported by this toolkit "
             f"(supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2"
         )
-    config = ModelConfig.from_json_dict(_json_field(meta, "config", path))
-    ckpt = Checkpoint(
-        config=config,
-        tensors=tensors,
-        preprocessing=Preprocessing.from_json_dict(_json_field(meta, "preprocessing", path)),
-        source=Source.from_json_dict(_json_field(meta, "source", path)),
-        info=dict(_json_field(meta, "info", path)) if "info" in meta else {},
-    )
+    ckpt = checkpoint_from_metadata(meta, tensors, str(path))
     ckpt.validate(str(path))
-    check_variant(config, variant, str(path))
+    check_variant(ckpt.config, variant, str(path))
     return ckpt
 
 

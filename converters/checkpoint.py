@@ -50,6 +50,8 @@ class Preprocessing:
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        if not isinstance(data, Mapping):
+            raise BadInputError(f"preprocessing metadata must be a JSON object, found {type(data).__name__}")
         try:
             return cls(
                 input_size=int(data["input_size"]),
@@ -59,8 +61,8 @@ class Preprocessing:
                 std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
                 crop_mode=str(data.get("crop_mode", "center")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadInputError(f"preprocessing metadata is invalid: {exc}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise BadInputError(f"preprocessing metadata is invalid: {exc!r}") from None
 
 
 @dataclasses.dataclass
@@ -82,11 +84,16 @@ class Source:
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> Source:
+        if not isinstance(data, Mapping):
+            raise BadInputError(f"source metadata must be a JSON object, found {type(data).__name__}")
+        layout = data.get("layout", {})
+        if not isinstance(layout, Mapping):
+            raise BadInputError(f"source metadata 'layout' must be a JSON object, found {type(layout).__name__}")
         return cls(
             format=str(data.get("format", "unknown")),
             file_name=str(data.get("file_name", "")),
             sha256=str(data.get("sha256", "")),
-            layout=dict(data.get("layout", {})),
+            layout=dict(layout),
         )
 
 
@@ -291,3 +298,38 @@ def lazy_sha256(path: str | os.PathLike[str]) -> LazySha256:
     digest = LazySha256(path)
     register_placeholder(digest)
     return digest
+
+
+def checkpoint_from_metadata(meta: Mapping[str, Any], tensors: dict[str, np.ndarray], where: str,
+                             required: tuple[str, ...] = ("config", "preprocessing", "source")) -> Checkpoint:
+    """Rebuild a Checkpoint from the canonical metadata fields (``Checkpoint.metadata()``), which every
+    format that can carry them embeds; the one parser of those fields, so every reader refuses the same
+    malformed values the same way. Values may be JSON text (safetensors, ONNX) or already-parsed JSON."""
+    from convnextv2.converters.safetensors_io import parse_json_text
+
+    def field(key: str) -> Any:
+        if key not in meta:
+            if key in required:
+                raise BadInputError(f"{where}: the toolkit metadata lacks {key!r}")
+            return {}
+        value = meta[key]
+        return parse_json_text(value, f"{where}: metadata {key!r}") if isinstance(value, (str, bytes)) else value
+
+    def parsed(key: str, build: Any) -> Any:
+        try:
+            return build(field(key))
+        except BadInputError as exc:
+            text = str(exc)
+            raise BadInputError(text if text.startswith(where) else f"{where}: {text}") from None
+
+    info = field("info")
+    if not isinstance(info, Mapping):
+        raise BadInputError(f"{where}: metadata 'info' must be a JSON object, found {type(info).__name__}")
+    ckpt = Checkpoint(
+        config=parsed("config", ModelConfig.from_json_dict),
+        tensors=tensors,
+        preprocessing=parsed("preprocessing", Preprocessing.from_json_dict),
+        source=parsed("source", Source.from_json_dict),
+        info=dict(info),
+    )
+    return ckpt

@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,7 +148,7 @@ def sniff(path: Path) -> bool:
             if info.file_size > 256 * 1024 * 1024:
                 return False
             return f'"{PACKAGE}>GRN"'.encode() in archive.read(CONFIG_ENTRY)
-    except (OSError, zipfile.BadZipFile, KeyError):
+    except Exception:  # noqa: BLE001 - a sniffer answers "not mine" for any damaged or foreign file
         return False
 
 
@@ -159,7 +160,7 @@ def _sniff_h5(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as handle:
             return H5_GROUP in handle or any(name == "stem.conv" for name, _, _ in _layer_groups(handle))
-    except (OSError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - as above
         return False
 
 
@@ -300,7 +301,18 @@ def _build_checkpoint(path: Path, tensors: dict[str, np.ndarray], meta: dict[str
     return ckpt
 
 
+# What zipfile and h5py raise on damaged files; reported as bad input, not as a toolkit bug.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError)
+
+
 def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+    try:
+        return _read(path, variant)
+    except _DAMAGED as exc:
+        raise BadInputError(f"{path}: damaged or unreadable Keras file: {exc}") from None
+
+
+def _read(path: Path, variant: str | None) -> Checkpoint:
     h5py = _require_h5py()
     where = str(path)
     with open(path, "rb") as handle:
@@ -319,11 +331,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
         return _build_checkpoint(path, {**tensors, **extras}, meta, "weights.h5", variant)
     if not zipfile.is_zipfile(path):
         raise BadInputError(f"{where}: neither a .keras archive (zip) nor a Keras .weights.h5 (HDF5) file")
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise BadInputError(f"{where}: damaged .keras archive: {exc}") from None
-    with archive, tempfile.TemporaryDirectory(prefix="convnextv2-keras-") as tmp:
+    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="convnextv2-keras-") as tmp:
         names = set(archive.namelist())
         if WEIGHTS_ENTRY not in names:
             raise BadInputError(f"{where}: the archive has no {WEIGHTS_ENTRY} (entries: {sorted(names)[:8]})")
@@ -338,11 +346,8 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
         weights_path = Path(tmp) / "weights.h5"
         with archive.open(weights_info) as src, open(weights_path, "wb") as dst:
             shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
-        try:
-            with h5py.File(weights_path, "r") as handle:
-                tensors = _read_weights(handle, f"{where}:{WEIGHTS_ENTRY}", config)
-        except OSError as exc:
-            raise BadInputError(f"{where}: {WEIGHTS_ENTRY} is not a readable HDF5 file: {exc}") from None
+        with h5py.File(weights_path, "r") as handle:
+            tensors = _read_weights(handle, f"{where}:{WEIGHTS_ENTRY}", config)
         if OUR_EXTRAS_ENTRY in names:
             info = archive.getinfo(OUR_EXTRAS_ENTRY)
             _check_entry(info, where)

@@ -10,6 +10,7 @@ Interface of every exported file (docs/onnx.md): input ``pixel_values`` (batch, 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -421,9 +422,13 @@ def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, seed:
     except onnx.checker.ValidationError as exc:
         return {"ok": False, "message": f"onnx.checker: {exc}"}
     images = seeded_images(batch, size, seed)
+    # One model alive at a time: Huge is 5.3 GB in float64.
     referee = reference.run_features(reference.build(ckpt, "torch", dtype="float64"), "torch", images)
+    gc.collect()
     fp32 = reference.run_features(reference.build(ckpt, "torch"), "torch", images)
+    gc.collect()
     got = run_ort(ort_session(path), images)
+    gc.collect()
     per_output = {name: parity(value, fp32[name], referee[name]) for name, value in got.items() if name in referee}
     final = "logits" if "logits" in got else "pooled"
     if final not in per_output:

@@ -466,7 +466,7 @@ class TensorStreamer:
         self._release_mapped_pages(array)
 
     def _release_mapped_pages(self, array: np.ndarray) -> None:
-        low, high = np.byte_bounds(array)
+        low, high = np.lib.array_utils.byte_bounds(array)
         region = self._region_of(low, high)
         # Only a shared, read-only file mapping may be dropped: its pages come back from the file. On private or
         # anonymous memory MADV_DONTNEED would discard data.

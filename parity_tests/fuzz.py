@@ -272,6 +272,9 @@ def make_seeds(root: Path = SEED_ROOT) -> list[Path]:
         written.append(tz / "torch-save.pt")
     if "onnx" in _available(("onnx",)):
         save(full, root / "onnx" / "toy.onnx", "onnx")
+    if "keras" in _available(("keras",)):  # not a fuzz target: the base of the hostile Keras cases
+        (root / "keras").mkdir(exist_ok=True)
+        save(make_checkpoint(SEED_VARIANT, 0, "canonical", num_classes=2), root / "keras" / "toy.keras", "keras")
     return written
 
 

@@ -479,11 +479,13 @@ def timing_table(variants: tuple[str, ...] = ("atto", "tiny"), batches: tuple[in
             reference.run_features(models["flax"], "flax", images)  # jit warm-up (compilation)
             first = time.perf_counter() - start
             reference.run_features(models["torch"], "torch", images)
-            repeats = 10 if variant == "atto" else 5
+            times: dict[str, list[float]] = {name: [] for name in models}
+            # Interleaved, so load from other processes falls on both frameworks alike.
+            for _ in range(10 if variant == "atto" else 5):
+                for name, model in models.items():
+                    times[name].append(_timed(lambda m=model, f=name, x=images: reference.run_features(m, f, x), 1))
             row: dict[str, Any] = {"variant": variant, "batch": batch, "flax_first_call_s": first}
-            for name, model in models.items():
-                row[f"{name}_ms"] = 1e3 * _timed(lambda m=model, f=name, x=images: reference.run_features(m, f, x),
-                                                 repeats)
+            row.update({f"{name}_ms": 1e3 * float(np.median(t)) for name, t in times.items()})
             rows.append(row)
     return rows
 

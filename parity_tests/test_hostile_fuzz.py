@@ -221,7 +221,7 @@ def test_zip_member_reads_are_bounded(tmp_path):
 
 def test_brief_atheris_run(tmp_path):
     """Each target fuzzed with atheris for a few seconds from the committed seeds; no crash, inputs were tried."""
-    seconds = int(os.environ.get("CONVNEXTV2_BRIEF_FUZZ_SECONDS", "7"))
+    seconds = int(os.environ.get("CONVNEXTV2_BRIEF_FUZZ_SECONDS", "5"))
     report_file = tmp_path / "fuzz.json"
     done = subprocess.run([sys.executable, "-m", "convnextv2.parity_tests.fuzz", "--seconds", str(seconds),
                            "--no-hypothesis", "--seed", "1", "--artifacts", str(tmp_path / "artifacts"),

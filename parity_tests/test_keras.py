@@ -203,9 +203,12 @@ def test_keras_itself_loads_our_files(tmp_path):
     fresh = keras_model.make_model(ckpt.config)
     fresh.load_weights(tmp_path / "m.weights.h5")
     assert_same_tensors(ckpt.model_tensors(), keras_model.export_canonical(fresh))
-    images = seeded_images(2, 64, seed=1).transpose(0, 2, 3, 1)
-    ours = reference.build(ckpt, "tensorflow")
-    np.testing.assert_array_equal(loaded(images).numpy(), ours(images).numpy())
+    images = seeded_images(2, 64, seed=1)
+    ours = reference.run_features(reference.build(ckpt, "tensorflow"), "tensorflow", images)
+    theirs = reference.run_features(loaded, "tensorflow", images)
+    assert list(theirs) == list(ours) == list(FEATURES)
+    for name in FEATURES:
+        np.testing.assert_array_equal(theirs[name], ours[name], err_msg=name)
 
 
 def _rewrite_weight(archive: Path, out: Path, layer_name: str, shape: tuple[int, ...]) -> None:
@@ -250,6 +253,12 @@ def test_damaged_and_foreign_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(BadInputError):
         converters.load(truncated, format="keras")
+    garbage_weights = tmp_path / "garbage.keras"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(garbage_weights, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, b"not hdf5" if info.filename == "model.weights.h5" else src.read(info))
+    with pytest.raises(BadInputError, match="damaged or unreadable"):
+        converters.load(garbage_weights)
     from convnextv2.converters import keras as keras_format
 
     canonical = tmp_path / "c.safetensors"

@@ -132,7 +132,9 @@ def test_features_dynamic_hw_and_opset_18(tmp_path):
     result = onnx_export.export(ckpt, out, check_size=SIZE, features=True, dynamic_hw=True, opset=18)
     assert result.outputs == ["stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits"]
     session = _ort(out)
-    ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "Erf" in ops and "Gelu" not in ops  # opset 18: GELU decomposed (the default, 20, has the Gelu op)
     for size in (64, 96):
         images = seeded_images(2, size, seed=size)
@@ -180,12 +182,14 @@ def test_fp16_export_keeps_norms_in_fp32(tmp_path):
 
 @pytest.mark.torch
 def test_failed_parity_writes_nothing_and_exits_1(tmp_path, monkeypatch):
+    import torch
+
     ckpt = make_checkpoint(SMALL, seed=5, fmt="canonical", num_classes=10)
     original = onnx_export._torch_module
 
     def broken(*args, **kwargs):
         module = original(*args, **kwargs)
-        with __import__("torch").no_grad():
+        with torch.no_grad():
             module.model.stages[2].blocks[1].grn.gamma.mul_(1.01)  # a 1% slip in one GRN
         return module
 
@@ -240,9 +244,10 @@ def _scramble(path: Path, out: Path) -> None:
 
 @pytest.mark.torch
 def test_import_uses_structure_not_names(tmp_path):
-    ckpt = make_checkpoint(SMALL, seed=6, fmt="canonical", num_classes=10)
+    ckpt = make_checkpoint(SMALL, seed=6, fmt="fcmae")  # an FCMAE encoder: no final norm, no classifier
+    assert not ckpt.config.head_norm and ckpt.config.num_classes == 0
     out = tmp_path / "ours.onnx"
-    onnx_export.export(ckpt, out, check_size=SIZE)
+    assert onnx_export.export(ckpt, out, check_size=SIZE).outputs == ["pooled"]
     scrambled = tmp_path / "scrambled.onnx"
     _scramble(out, scrambled)
     back = converters.load(scrambled)

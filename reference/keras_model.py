@@ -245,9 +245,23 @@ def build_keras(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: s
 # ------------------------------------------------------------ running
 
 def feature_model(model: keras.Model) -> keras.Model:
-    """The multi-output twin of a model made here (shares its layers and weights)."""
+    """The multi-output twin of a model (shares its layers and weights). Models loaded from a ``.keras``
+    file get one too: the features are found by the layer names the graph was built with."""
     if model not in _FEATURE_MODELS:
-        raise BadInputError("run_features needs a model made by convnextv2.reference.keras_model.build_keras")
+        names = [layer.name for layer in model.layers]
+        last_block: dict[int, str] = {}
+        for name in names:
+            parts = name.split(".")
+            if len(parts) == 5 and parts[0] == "stages" and parts[4] == "residual":
+                last_block[int(parts[1])] = name  # layers are in graph order: the last one wins
+        if "stem.norm" not in names or sorted(last_block) != list(range(NUM_STAGES)):
+            raise BadInputError(f"run_features needs a ConvNeXt V2 model built by this package, not {model.name!r}")
+        outputs = {"stem": model.get_layer("stem.norm").output}
+        outputs.update({f"stage{s + 1}": model.get_layer(last_block[s]).output for s in range(NUM_STAGES)})
+        outputs["pooled"] = model.get_layer("head.norm" if "head.norm" in names else "head.pool").output
+        if "head.fc" in names:
+            outputs["logits"] = model.get_layer("head.fc").output
+        _FEATURE_MODELS[model] = keras.Model(model.inputs, outputs, name=f"{model.name}_features")
     return _FEATURE_MODELS[model]
 
 

@@ -130,7 +130,10 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], where: str) -> ModelConf
     fc = shapes.get("head.fc.weight")
     num_classes = fc[0] if fc is not None and len(fc) == 2 else 0
     head_norm = "head.norm.weight" in shapes or num_classes > 0
-    return ModelConfig(depths=depths, dims=tuple(dims), num_classes=num_classes, head_norm=head_norm)
+    try:
+        return ModelConfig(depths=depths, dims=tuple(dims), num_classes=num_classes, head_norm=head_norm)
+    except BadInputError as exc:
+        raise BadInputError(f"{where}: {exc}") from None
 
 
 def schema_table_markdown() -> str:

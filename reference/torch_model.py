@@ -3,6 +3,13 @@
 Numerics follow the original definition (facts §1): exact erf GELU, every LayerNorm with eps 1e-6 and
 biased variance, GRN's L2 norm over H and W per image and channel with eps only in the denominator.
 Runs in float64 too; that instance is the referee every runtime is compared against.
+
+Two paths, one set of weights. float64 (the referee) runs the plain definition: NCHW tensors, GRN written
+term by term. float32 runs the same math arranged for speed (docs/benchmarks.md): channels-last activations
+end to end, so the NHWC blocks see contiguous memory and the permutes around them cost nothing; GRN's
+``gamma * (x * N) + beta + x`` as one multiply-add ``x * (gamma * N + 1) + beta``; the average pool as a
+reduction over the contiguous spatial axis. parity_tests/test_speed_parity.py holds the float32 path to
+within 2x of the plain path's float32 error against the referee.
 """
 
 from __future__ import annotations
@@ -17,6 +24,19 @@ from torch import nn
 from convnextv2.reference.variants import GRN_EPS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
 
 FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")
+
+
+# False runs float32 through the plain path too: the yardstick of parity_tests/test_speed_parity.py.
+FAST_FLOAT32 = True
+
+
+def _fast_path(x: torch.Tensor) -> bool:
+    """float32 outside export: the referee (float64) and exported graphs keep the plain formulation."""
+    return FAST_FLOAT32 and x.dtype == torch.float32 and not _exporting()
+
+
+def _exporting() -> bool:
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
 class LayerNorm2d(nn.Module):
@@ -48,6 +68,9 @@ class GRN(nn.Module):
         # torch.linalg.norm would be the spectral norm (the transformers 4.51 bug).
         gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        if _fast_path(x):
+            # One pass over the activation instead of three: the per-image scale is (B, 1, 1, 4C).
+            return torch.addcmul(self.beta, x, torch.addcmul(torch.ones_like(nx), nx, self.gamma))
         return torch.addcmul(self.beta + x, x * nx, self.gamma)
 
 
@@ -125,6 +148,13 @@ class ConvNeXtV2(nn.Module):
         if x.shape[2] % 32 or x.shape[3] % 32:
             raise ValueError(f"input height and width must be divisible by 32, got {tuple(x.shape[2:])}")
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if _fast_path(x):
+            # NHWC in memory from the first layer on: every block's permute to NHWC is then a free view.
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=(2, 3))
         if self.head.norm is not None:
@@ -133,7 +163,7 @@ class ConvNeXtV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every intermediate the parity harness compares: stem, stage1..stage4 (NCHW), pooled, logits."""
-        self._check_input(x)
+        x = self._prepare(x)
         features: dict[str, torch.Tensor] = {}
         x = self.stem(x)
         features["stem"] = x
@@ -147,7 +177,7 @@ class ConvNeXtV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, or pooled features for a headless model."""
-        self._check_input(x)
+        x = self._prepare(x)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
@@ -175,6 +205,9 @@ def build_torch(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: s
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     model = ConvNeXtV2(config).to(torch_dtype)
     load_canonical(model, tensors)
+    if torch_dtype == torch.float32 and FAST_FLOAT32:
+        # Convolution weights in the activations' memory format: oneDNN then runs them without reorders.
+        model = model.to(memory_format=torch.channels_last)
     return model.eval()
 
 
@@ -182,6 +215,7 @@ def run_features(model: ConvNeXtV2, images_nchw: np.ndarray) -> dict[str, np.nda
     """Framework-neutral entry point shared by every reference: numpy NCHW in, numpy features out
     (stem/stage1..stage4 NCHW, pooled (B, C3), logits (B, K) when there is a head), in the model's dtype."""
     dtype = next(model.parameters()).dtype
-    with torch.no_grad():
+    with torch.inference_mode():
         features = model.forward_features(torch.from_numpy(np.ascontiguousarray(images_nchw)).to(dtype))
-    return {name: value.numpy() for name, value in features.items()}
+    # Channels-last maps come back as NCHW-ordered, C-contiguous arrays like every other runtime's.
+    return {name: np.ascontiguousarray(value.numpy()) for name, value in features.items()}

@@ -37,6 +37,11 @@ GRN_EPS = 1e-6
 NUM_STAGES = 4
 IN_CHANNELS = 3
 MLP_RATIO = 4
+# Far beyond any real model (the largest stage has 27 blocks, the widest 2816 channels), but small enough
+# that a hostile config cannot make the schema enumerate a billion tensors before anything is checked.
+MAX_DEPTH = 1024
+MAX_WIDTH = 1 << 16
+MAX_CLASSES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +62,13 @@ class ModelConfig:
             )
         if any(d < 1 for d in self.depths) or any(c < 1 for c in self.dims):
             raise BadInputError(f"depths and dims must be positive: {list(self.depths)}, {list(self.dims)}")
-        if self.num_classes < 0:
-            raise BadInputError(f"num_classes must be >= 0, got {self.num_classes}")
+        if any(d > MAX_DEPTH for d in self.depths) or any(c > MAX_WIDTH for c in self.dims):
+            raise BadInputError(
+                f"depths {list(self.depths)} / dims {list(self.dims)} exceed the limits "
+                f"(depth <= {MAX_DEPTH}, width <= {MAX_WIDTH}); this is not a ConvNeXt V2 checkpoint"
+            )
+        if not 0 <= self.num_classes <= MAX_CLASSES:
+            raise BadInputError(f"num_classes must be in 0..{MAX_CLASSES}, got {self.num_classes}")
         if self.num_classes > 0 and not self.head_norm:
             raise BadInputError("a classification head needs the final norm (head_norm=True)")
 
@@ -93,6 +103,8 @@ class ModelConfig:
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        if not isinstance(data, Mapping):
+            raise BadInputError(f"model config must be a JSON object, found {type(data).__name__}")
         try:
             return cls(
                 depths=tuple(int(d) for d in data["depths"]),
@@ -101,8 +113,9 @@ class ModelConfig:
                 head_norm=bool(data.get("head_norm", True)),
                 head_norm_eps=float(data.get("head_norm_eps", LAYER_NORM_EPS)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadInputError(f"model config {json.dumps(dict(data), default=str)} is invalid: {exc}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            shown = json.dumps(dict(data), default=str)[:300]
+            raise BadInputError(f"model config {shown} is invalid: {exc!r}") from None
 
 
 def parse_variant(spec: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
