@@ -13,7 +13,6 @@ and the Flax reference model imports them, so writing or reading a Flax file nev
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.checkpoint import Checkpoint, Source, checkpoint_from_metadata, deferred_digests, lazy_sha256
 from convnextv2.converters.errors import BadInputError, SchemaError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
@@ -200,15 +199,6 @@ def sniff(path: Path) -> bool:
     return _STEM_KERNEL in keys and any(_BLOCK_KERNEL.match(k) for k in keys)
 
 
-def _json_field(meta: Mapping[str, str], key: str, path: Path) -> Any:
-    if key not in meta:
-        raise BadInputError(f"{path}: Flax file metadata lacks {key!r}")
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path}: Flax file metadata {key!r} is not valid JSON: {exc}") from None
-
-
 def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     where = str(path)
     flat, meta = read_safetensors(path)
@@ -220,26 +210,25 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
                 f"{path}: Flax layout version {meta.get(LAYOUT_VERSION_KEY)!r} is not supported "
                 f"(supports {LAYOUT_VERSION}); upgrade convnextv2"
             )
-        config = ModelConfig.from_json_dict(_json_field(meta, "config", path))
-        tensors, config = nnx_to_canonical(flat, where, config)
-        ckpt = Checkpoint(
-            config=config,
-            tensors=tensors,
-            preprocessing=Preprocessing.from_json_dict(_json_field(meta, "preprocessing", path)),
-            # The origin of the weights, as a canonical file keeps it; the Flax file is only a carrier.
-            source=Source.from_json_dict(_json_field(meta, "source", path)),
-            info=dict(_json_field(meta, "info", path)) if "info" in meta else {},
-        )
+        if meta.get("schema_version") not in schema.SUPPORTED_SCHEMA_VERSIONS:
+            raise BadInputError(
+                f"{path}: canonical schema version {meta.get('schema_version')!r} is not supported "
+                f"(supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2"
+            )
+        # The toolkit's one metadata parser; the source stays the origin of the weights, as a canonical
+        # file keeps it (the Flax file is only a carrier).
+        ckpt = checkpoint_from_metadata(meta, {}, where)
+        ckpt.tensors, _ = nnx_to_canonical(flat, where, ckpt.config)
     else:
         tensors, config = nnx_to_canonical(flat, where)
         ckpt = Checkpoint(
             config=config,
             tensors=tensors,
-            source=Source(format=NAME, file_name=path.name, sha256=sha256_of(path),
+            source=Source(format=NAME, file_name=path.name, sha256=lazy_sha256(path),  # type: ignore[arg-type]
                           layout={"layout": MARKER_VALUE, "metadata": "none"}),
         )
     ckpt.validate(where)
-    check_variant(config, variant, where)
+    check_variant(ckpt.config, variant, where)
     return ckpt
 
 
@@ -262,5 +251,7 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, **_: Any) ->
     # Extras (e.g. an FCMAE decoder) are kept verbatim so nothing is lost on the way through Flax.
     items += sorted(ckpt.extras().items())
     total = sum(int(a.size) * a.dtype.itemsize for _, a in items)
+    with deferred_digests():  # as canonical.write: the source digest is computed while the tensors stream
+        metadata = file_metadata(ckpt)
     with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
-        write_safetensors(tmp, items, file_metadata(ckpt), progress=bar)
+        write_safetensors(tmp, items, metadata, progress=bar)

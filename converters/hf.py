@@ -29,11 +29,25 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.checkpoint import (
+    Checkpoint,
+    Preprocessing,
+    Source,
+    checkpoint_from_metadata,
+    deferred_digests,
+    lazy_sha256,
+    sha256_of,
+)
 from convnextv2.converters.errors import BadInputError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.safetensors_io import is_safetensors, read_header, read_safetensors, write_safetensors
+from convnextv2.converters.safetensors_io import (
+    is_safetensors,
+    parse_json_text,
+    read_header,
+    read_safetensors,
+    write_safetensors,
+)
 from convnextv2.converters.torchzip import is_torch_zip, read_torch_zip
 from convnextv2.reference import schema
 from convnextv2.reference.variants import (
@@ -59,6 +73,9 @@ HF_DEFAULT_LAYER_NORM_EPS = 1e-12
 PATCH_SIZE = 4
 # safetensors metadata keys under which our canonical metadata is embedded in foreign-layout files.
 EMBEDDED_PREFIX = "convnextv2-toolkit."
+
+# A config.json with 1000 labels is ~60 KB; refuse absurd ones before reading them.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 # PIL resampling codes, which ConvNextImageProcessor stores as ``resample``.
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -103,9 +120,17 @@ def check_transformers_version(version: str | None = None) -> None:
 
 
 def embedded_metadata(ckpt: Checkpoint) -> dict[str, str]:
-    meta = ckpt.metadata()
+    """Our canonical metadata under EMBEDDED_PREFIX; a source digest still pending stays a placeholder that
+    ``write_safetensors`` fills in while it streams the tensors (see ``deferred_digests``)."""
+    with deferred_digests():
+        meta = ckpt.metadata()
     meta.pop("format", None)
     return {EMBEDDED_PREFIX + key: value for key, value in meta.items()}
+
+
+def source_digest(path: Path) -> Any:
+    # A file's digest is a full read: computed lazily (or while a writer streams); a directory's at once.
+    return sha256_of(path) if path.is_dir() else lazy_sha256(path)
 
 
 def restore_embedded(meta: Mapping[str, str], where: str) -> dict[str, Any] | None:
@@ -116,18 +141,11 @@ def restore_embedded(meta: Mapping[str, str], where: str) -> dict[str, Any] | No
         warnings.warn(f"{where}: embedded toolkit metadata has an unknown schema version; ignoring it",
                       RuntimeWarning, stacklevel=3)
         return None
-    parsed: dict[str, Any] = {}
+    fields = {key[len(EMBEDDED_PREFIX):]: value for key, value in meta.items() if key.startswith(EMBEDDED_PREFIX)}
     try:
-        for key in ("config", "preprocessing", "source", "info"):
-            if EMBEDDED_PREFIX + key in meta:
-                parsed[key] = json.loads(meta[EMBEDDED_PREFIX + key])
-        return {
-            "config": ModelConfig.from_json_dict(parsed["config"]),
-            "preprocessing": Preprocessing.from_json_dict(parsed["preprocessing"]),
-            "source": Source.from_json_dict(parsed["source"]),
-            "info": dict(parsed.get("info", {})),
-        }
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError, BadInputError) as exc:
+        ckpt = checkpoint_from_metadata(fields, {}, f"{where}: embedded toolkit metadata")
+        return {"config": ckpt.config, "preprocessing": ckpt.preprocessing, "source": ckpt.source, "info": ckpt.info}
+    except BadInputError as exc:
         warnings.warn(f"{where}: embedded toolkit metadata is unreadable ({exc}); ignoring it",
                       RuntimeWarning, stacklevel=3)
         return None
@@ -191,10 +209,10 @@ def imagenet1k_labels() -> dict[str, list[str]]:
 
 def _is_hf_config(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = load_json(path)
+    except BadInputError:
         return False
-    return isinstance(data, dict) and data.get("model_type") == "convnextv2"
+    return data.get("model_type") == "convnextv2"
 
 
 def _weights_file(directory: Path) -> Path | None:
@@ -208,7 +226,7 @@ def _read_weights(weights: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     """One weights file, or every shard an index lists, merged (metadata from the first shard)."""
     if weights.name not in SHARD_INDEX_FILES:
         return read_state_file(weights, str(weights))
-    index = _load_json(weights)
+    index = load_json(weights)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise BadInputError(f"{weights}: shard index has no weight_map")
@@ -261,11 +279,16 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
     return tensors, prefixed
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def load_json(path: Path) -> dict[str, Any]:
+    """A small JSON object file (config.json and friends), size-bounded, duplicate keys refused."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: cannot read JSON ({exc})") from None
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise BadInputError(f"{path}: {size} bytes is too large for a config file (limit {MAX_CONFIG_BYTES})")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc})") from None
+    data = parse_json_text(raw, str(path))
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: expected a JSON object")
     return data
@@ -333,6 +356,13 @@ def _hf_represents(pre: Preprocessing) -> bool:
     return (pre.crop_mode == "squash") == squash or (not squash and pre.crop_pct == 1.0)
 
 
+def _config_number(hf_config: Mapping[str, Any], key: str, default: Any, kind: Any, where: str) -> Any:
+    value = hf_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise BadInputError(f"{where}: config.json {key} must be a positive number, found {value!r}")
+    return kind(value)
+
+
 def _warn_eps(eps: float, where: str) -> None:
     if eps != LAYER_NORM_EPS:
         warnings.warn(
@@ -358,9 +388,9 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
         weights = path
     # A bare state dict may sit beside its config (a file inside a model directory).
     if (directory / CONFIG_FILE).is_file() and (path.is_dir() or _is_hf_config(directory / CONFIG_FILE)):
-        hf_config = _load_json(directory / CONFIG_FILE)
+        hf_config = load_json(directory / CONFIG_FILE)
     if (directory / PREPROCESSOR_FILE).is_file() and hf_config is not None:
-        preprocessor = _load_json(directory / PREPROCESSOR_FILE)
+        preprocessor = load_json(directory / PREPROCESSOR_FILE)
 
     state, meta = _read_weights(weights)
     tensors, prefixed = state_dict_to_canonical(state, str(weights))
@@ -369,7 +399,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
 
     if hf_config is not None:
         _check_config(hf_config, config, where)
-        eps = float(hf_config.get("layer_norm_eps", HF_DEFAULT_LAYER_NORM_EPS))
+        eps = _config_number(hf_config, "layer_norm_eps", HF_DEFAULT_LAYER_NORM_EPS, float, where)
     elif embedded is not None:
         eps = embedded["config"].head_norm_eps
     else:
@@ -388,7 +418,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     if preprocessor is not None:
         pre = preprocessing_from_hf(preprocessor, str(directory / PREPROCESSOR_FILE))
     elif hf_config is not None and "image_size" in hf_config:
-        pre = Preprocessing.for_resolution(int(hf_config["image_size"]))
+        pre = Preprocessing.for_resolution(_config_number(hf_config, "image_size", 224, int, where))
     else:
         pre = embedded["preprocessing"] if embedded is not None else Preprocessing()
     # The embedded record is the exact one when it agrees with what the HF files say.
@@ -401,7 +431,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
         layout: dict[str, Any] = {"prefixed": prefixed, "weights_file": weights.name}
         if hf_config is not None:
             layout["hf_config"] = hf_config
-        source = Source(format=NAME, file_name=path.name, sha256=sha256_of(path), layout=layout)
+        source = Source(format=NAME, file_name=path.name, sha256=source_digest(path), layout=layout)
         info = {}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
     ckpt.validate(where)

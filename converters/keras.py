@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata, lazy_sha256
 from convnextv2.converters.errors import BadInputError, MissingDependencyError
 from convnextv2.converters.keymap import KeyTable, Rule
-from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
+from convnextv2.converters.safetensors_io import parse_json_text, read_safetensors, write_safetensors
 from convnextv2.reference import schema
 from convnextv2.reference.variants import ModelConfig, check_variant
 
@@ -256,23 +256,15 @@ def _require_h5py() -> Any:
     return h5py
 
 
-def _parse_metadata(raw: Any, where: str) -> dict[str, Any]:
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{where}: the convnextv2 metadata is not valid JSON: {exc}") from None
+def _parse_metadata(raw: Any, where: str) -> Checkpoint:
+    """Our metadata entry -> a Checkpoint without tensors (config, preprocessing, source, info)."""
+    meta = parse_json_text(raw, f"{where}: the convnextv2 metadata")
     if not isinstance(meta, dict) or meta.get("schema") != schema.SCHEMA_NAME:
         raise BadInputError(f"{where}: the convnextv2 metadata does not describe a {schema.SCHEMA_NAME} model")
     if meta.get("schema_version") not in schema.SUPPORTED_SCHEMA_VERSIONS:
         raise BadInputError(f"{where}: schema version {meta.get('schema_version')!r} is not supported by this "
                             f"toolkit (supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2")
-    for key in ("config", "preprocessing", "source", "info"):
-        if key in meta and isinstance(meta[key], str):
-            try:
-                meta[key] = json.loads(meta[key])
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"{where}: metadata {key!r} is not valid JSON: {exc}") from None
-    return meta
+    return checkpoint_from_metadata(meta, {}, where)
 
 
 def _check_entry(info: zipfile.ZipInfo, where: str) -> None:
@@ -282,18 +274,17 @@ def _check_entry(info: zipfile.ZipInfo, where: str) -> None:
                             f"from {info.compress_size}; refusing it (zip bomb?)")
 
 
-def _build_checkpoint(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any] | None,
+def _build_checkpoint(path: Path, tensors: dict[str, np.ndarray], meta: Checkpoint | None,
                       container: str, variant: str | None) -> Checkpoint:
     where = str(path)
     if meta is not None:
-        config = ModelConfig.from_json_dict(meta["config"])
-        ckpt = Checkpoint(config=config, tensors=tensors,
-                          preprocessing=Preprocessing.from_json_dict(meta["preprocessing"]),
-                          source=Source.from_json_dict(meta["source"]), info=dict(meta.get("info") or {}))
+        # The source stays the origin of the weights, as a canonical file keeps it (this file is a carrier).
+        ckpt, config = meta, meta.config
+        ckpt.tensors = tensors
     else:
         config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
         ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=Preprocessing(),
-                          source=Source(format=NAME, file_name=path.name, sha256=sha256_of(path),
+                          source=Source(format=NAME, file_name=path.name, sha256=lazy_sha256(path),  # type: ignore[arg-type]
                                         layout={"container": container, "metadata": "none"}))
     ckpt.tensors = _ordered(ckpt.tensors, config)
     ckpt.validate(where)
@@ -319,15 +310,14 @@ def _read(path: Path, variant: str | None) -> Checkpoint:
         is_h5 = handle.read(8) == HDF5_SIGNATURE
     if is_h5:
         with h5py.File(path, "r") as handle:
-            meta = None
+            meta: Checkpoint | None = None
             extras: dict[str, np.ndarray] = {}
             if H5_GROUP in handle:
                 group = handle[H5_GROUP]
                 if "metadata" in group.attrs:
                     meta = _parse_metadata(group.attrs["metadata"], where)
                 extras = _read_h5_extras(group, where)
-            config = ModelConfig.from_json_dict(meta["config"]) if meta else None
-            tensors = _read_weights(handle, where, config)
+            tensors = _read_weights(handle, where, meta.config if meta else None)
         return _build_checkpoint(path, {**tensors, **extras}, meta, "weights.h5", variant)
     if not zipfile.is_zipfile(path):
         raise BadInputError(f"{where}: neither a .keras archive (zip) nor a Keras .weights.h5 (HDF5) file")
@@ -339,7 +329,7 @@ def _read(path: Path, variant: str | None) -> Checkpoint:
         if OUR_METADATA_ENTRY in names:
             _check_entry(archive.getinfo(OUR_METADATA_ENTRY), where)
             meta = _parse_metadata(archive.read(OUR_METADATA_ENTRY), where)
-        config = ModelConfig.from_json_dict(meta["config"]) if meta else None
+        config = meta.config if meta else None
         weights_info = archive.getinfo(WEIGHTS_ENTRY)
         _check_entry(weights_info, where)
         # h5py needs a seekable file; an extracted copy keeps reading at file speed for large models.

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata, sha256_of
 from convnextv2.converters.errors import BadInputError, MissingDependencyError
 from convnextv2.reference import schema
 from convnextv2.reference.variants import (
@@ -535,18 +534,19 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     if meta.get("schema") == schema.SCHEMA_NAME:
         if meta.get("schema_version") not in schema.SUPPORTED_SCHEMA_VERSIONS:
             raise BadInputError(f"{path}: metadata schema version {meta.get('schema_version')!r} is not supported")
-        try:
-            declared = ModelConfig.from_json_dict(json.loads(meta["config"]))
-            preprocessing = Preprocessing.from_json_dict(json.loads(meta["preprocessing"]))
-            ckpt_info = dict(json.loads(meta.get("info", "{}")))
-            ckpt_info["exported_from"] = json.loads(meta.get("source", "{}"))
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"{path}: convnextv2 metadata is malformed: {exc}") from None
+        embedded = checkpoint_from_metadata(meta, {}, f"{where}: metadata_props")
+        declared, preprocessing = embedded.config, embedded.preprocessing
+        ckpt_info = dict(embedded.info)
+        ckpt_info["exported_from"] = embedded.source.to_json_dict()
         if (declared.depths, declared.dims, declared.num_classes, declared.head_norm) != (
                 config.depths, config.dims, config.num_classes, config.head_norm):
             raise BadInputError(f"{path}: the graph is {config.to_json_dict()} but its metadata declares "
                                 f"{declared.to_json_dict()}")
-        config = config.with_(head_norm_eps=declared.head_norm_eps) if declared.head_norm else config
+        if config.head_norm:
+            if abs(declared.head_norm_eps - config.head_norm_eps) > 1e-3 * declared.head_norm_eps:
+                raise BadInputError(f"{path}: the head LayerNorm eps in the graph is {config.head_norm_eps:g} but "
+                                    f"the metadata declares {declared.head_norm_eps:g}")
+            config = config.with_(head_norm_eps=declared.head_norm_eps)  # the exact decimal, not fp32's
     elif config.head_norm and shape and len(shape) == 4:
         size = shape[2] if layout == "NCHW" else shape[1]
         if isinstance(size, int) and size:

@@ -340,11 +340,16 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch"
     source_sha256 = sha256_of(source_path) if source_path else ckpt.source.sha256
     say = log or (lambda _msg: None)
 
+    # The graph holds float32 weights (float16 with --fp16) whatever the checkpoint's dtype.
+    weight_bytes = ckpt.parameter_count * (2 if fp16 else 4)
+    if external_data is False and weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        raise BadInputError(f"--no-external-data: the model holds {weight_bytes / 1e9:.2f} GB of weights and a "
+                            "protobuf file stops at 2 GB; let the weights go to the .data file")
+    external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+
     say(f"exporting through {via} (opset {opset}{', fp16' if fp16 else ''}{', features' if features else ''})")
     proto = _BUILDERS[via](ckpt, opset, dynamic_hw, features, fp16, size)
     _finish_proto(proto, ckpt, via, opset, fp16, features, dynamic_hw, source_sha256)
-    external = external_data if external_data is not None else (
-        sum(int(a.size) * a.dtype.itemsize for a in ckpt.model_tensors().values()) > EXTERNAL_DATA_THRESHOLD)
 
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:

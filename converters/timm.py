@@ -28,14 +28,16 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory, atomic_file, check_destination
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, sha256_of
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.errors import BadInputError
 from convnextv2.converters.hf import (
     embedded_metadata,
     flat_vector,
+    load_json,
     peek_keys,
     read_state_file,
     restore_embedded,
+    source_digest,
 )
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
@@ -90,10 +92,10 @@ def _hub_weights(directory: Path) -> Path | None:
 
 def _is_timm_config(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = load_json(path)
+    except BadInputError:
         return False
-    return isinstance(data, dict) and str(data.get("architecture", "")).startswith("convnextv2")
+    return str(data.get("architecture", "")).startswith("convnextv2")
 
 
 def sniff(path: Path) -> bool:
@@ -178,8 +180,10 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     config_path = _config_beside(weights)
     timm_config: dict[str, Any] | None = None
     if config_path is not None:
-        timm_config = json.loads(config_path.read_text(encoding="utf-8"))
+        timm_config = load_json(config_path)
         declared = timm_config.get("model_args", {})
+        if not isinstance(declared, Mapping):
+            raise BadInputError(f"{config_path}: model_args must be a JSON object")
         for key, value in (("depths", list(config.depths)), ("dims", list(config.dims))):
             if key in declared and list(declared[key]) != value:
                 raise BadInputError(f"{config_path}: model_args {key} {declared[key]} does not match the weights {value}")
@@ -194,7 +198,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
                 pre = from_file  # the user edited the JSON: it is what timm will use
     else:
         pre = preprocessing_from_timm(timm_config, str(config_path)) if timm_config else Preprocessing()
-        source = Source(format=NAME, file_name=path.name, sha256=sha256_of(path),
+        source = Source(format=NAME, file_name=path.name, sha256=source_digest(path),
                         layout={"conv_mlp": conv_mlp, "weights_file": weights.name})
         info = {}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
