@@ -16,13 +16,16 @@ from typing import Any
 from benchmarks.measure import evict_file, run_measured, warm_file
 
 NAIVE_ROUTE = r"""
+import argparse
 import sys
 import torch
 from safetensors.torch import save_file
 from convnextv2.converters.original import DENSE
 
 src, dst = sys.argv[1:3]
-state = torch.load(src, map_location="cpu", weights_only=True, mmap=False)["model"]
+# The released checkpoints carry argparse.Namespace training args: the documented allow-listing.
+with torch.serialization.safe_globals([argparse.Namespace]):
+    state = torch.load(src, map_location="cpu", weights_only=True, mmap=False)["model"]
 tensors = {}
 for key, value in state.items():
     name, rule = DENSE.to_canonical(key)

@@ -95,26 +95,52 @@ def _import_onnx() -> Any:
 
 
 def _tensor_array(tensor: Any, base: Path, where: str) -> np.ndarray:
-    """An initializer as numpy; external data is memory-mapped, and may not point outside the model's folder."""
+    """An initializer as numpy; external data is memory-mapped, and may not point outside the model's folder.
+    Every declared size is checked against the bytes actually present before anything is allocated."""
     onnx = _import_onnx()
     from onnx import numpy_helper
 
+    name = tensor.name
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError(f"{where}: tensor {name!r} has an unsupported data type {tensor.data_type}") from None
+    shape = tuple(int(d) for d in tensor.dims)
+    if any(d < 0 for d in shape):
+        raise BadInputError(f"{where}: tensor {name!r} declares a negative dimension {list(shape)}")
+    count = 1
+    for d in shape:
+        count *= d
+    nbytes = count * dtype.itemsize
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
+        if tensor.HasField("raw_data"):
+            present = len(tensor.raw_data)
+        else:
+            field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+            # Typed fields hold one element per slot (float16 and int8 widened into int32_data), so the element
+            # count times the item size is the payload either way.
+            present = len(getattr(tensor, field)) * dtype.itemsize if field else 0
+        if present != nbytes:
+            raise BadInputError(f"{where}: tensor {name!r} declares shape {list(shape)} ({nbytes} bytes of {dtype}) "
+                                f"but holds {present} bytes")
+        try:
+            return numpy_helper.to_array(tensor)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BadInputError(f"{where}: tensor {name!r} cannot be decoded: {exc}") from None
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
     file = (base / location).resolve()
     if base.resolve() not in file.parents or not file.is_file():
-        raise BadInputError(f"{where}: tensor {tensor.name!r} points to external data {location!r}, "
+        raise BadInputError(f"{where}: tensor {name!r} points to external data {location!r}, "
                             "which is not a file beside the model")
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    shape = tuple(int(d) for d in tensor.dims)
-    count = int(np.prod(shape)) if shape else 1
-    offset = int(info.get("offset", 0))
-    length = int(info.get("length", count * dtype.itemsize))
-    if length != count * dtype.itemsize or offset + length > file.stat().st_size:
-        raise BadInputError(f"{where}: external data of {tensor.name!r} has {length} bytes at offset {offset}, "
-                            f"expected {count * dtype.itemsize} within {file.name}")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", nbytes))
+    except ValueError:
+        raise BadInputError(f"{where}: external data of {name!r} has a non-integer offset or length") from None
+    if offset < 0 or length != nbytes or offset + length > file.stat().st_size:
+        raise BadInputError(f"{where}: external data of {name!r} has {length} bytes at offset {offset}, "
+                            f"expected {nbytes} within {file.name}")
     return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 

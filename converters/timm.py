@@ -303,7 +303,11 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bo
             write_safetensors(tmp / WEIGHTS_FILES[0], list(state.items()), metadata, progress=bar)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         return
-    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
-        write_safetensors(tmp, list(state.items()), metadata, progress=bar)
+    # Two files cannot be renamed into place at once. The sidecar goes first so that new weights are never
+    # seen beside an old sidecar; the weights are the checkpoint (they embed the preprocessing themselves), so
+    # a crash between the renames still leaves the destination either the old or the new complete checkpoint.
+    check_destination(path, overwrite)
     with atomic_file(_sidecar(path), overwrite=True) as tmp:
         tmp.write_text(config_text, encoding="utf-8")
+    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+        write_safetensors(tmp, list(state.items()), metadata, progress=bar)

@@ -93,6 +93,7 @@ main(sys.argv[1:])
 # write through the same safetensors writer as canonical; the default suite kills canonical, original
 # (zip writer), hf (directory) and timm (weights plus a sidecar JSON); flax runs under slow.
 DIRECTORY_FORMATS = {"hf"}
+SIDECAR_FORMATS = {"timm"}
 FAST_WRITABLE = ["canonical", "original", "hf", "timm", "flax"]
 DEFAULT_SUITE = {"canonical", "original", "hf", "timm"}
 KILL_POINTS = ["tensor:0", "half:5", "tensor:last", "fsync:1", "publish", "published"]
@@ -106,8 +107,8 @@ def _output_files(path: Path) -> list[Path]:
     return [p for p in (path, sidecar) if p.exists()]
 
 
-def _digest(path: Path) -> str:
-    files = _output_files(path)
+def _digest(path: Path, weights_only: bool = False) -> str:
+    files = [path] if weights_only and path.exists() else [] if weights_only else _output_files(path)
     if not files:
         return "absent"
     digest = hashlib.sha256()
@@ -172,6 +173,7 @@ def test_killed_conversion_leaves_absent_old_or_complete(tmp_path, sources, fmt,
     reference = _destination(reference_dir, fmt)
     assert _convert(src, reference, fmt, None, False).returncode == 0
     new_digest = _digest(reference)
+    new_weights = _digest(reference, weights_only=True)
     tensors = _tensor_count(src, fmt, tmp_path)
     for kill_at in KILL_POINTS:
         kill_at = kill_at.replace("last", str(tensors - 1))
@@ -181,14 +183,25 @@ def test_killed_conversion_leaves_absent_old_or_complete(tmp_path, sources, fmt,
         if overwrite:
             assert _convert(old_src, dst, fmt, None, False).returncode == 0
         before = _digest(dst)
+        before_weights = _digest(dst, weights_only=True)
         keep = {p.name for p in work.iterdir()} | {dst.name, dst.with_suffix(".json").name}
         done = _convert(src, dst, fmt, kill_at, overwrite)
         assert done.returncode == -signal.SIGKILL, f"{kill_at}: the kill point was not reached: {done.stderr[-2000:]}"
-        after = _digest(dst)
-        if kill_at == "published":
-            assert after == new_digest, f"{kill_at}: the published output differs from a clean conversion"
+        if fmt in SIDECAR_FORMATS:
+            # A weights file and its sidecar JSON take two renames, and the kill points fire at the first (the
+            # sidecar's). The weights are the checkpoint: they must be the old or the new complete file, and
+            # new weights must never sit beside an old sidecar.
+            after_weights = _digest(dst, weights_only=True)
+            assert after_weights in (before_weights, new_weights), (
+                f"{kill_at}: the weights are neither the old nor the new file")
+            if after_weights == new_weights:
+                assert _digest(dst) == new_digest, f"{kill_at}: new weights beside an old sidecar"
         else:
-            assert after == before, f"{kill_at}: destination changed before it was published ({before} -> {after})"
+            after = _digest(dst)
+            if kill_at == "published":
+                assert after == new_digest, f"{kill_at}: the published output differs from a clean conversion"
+            else:
+                assert after == before, f"{kill_at}: destination changed before it was published ({before} -> {after})"
         for name in _leftovers(work, keep):
             assert re.fullmatch(r"\..+\.[^/]+\.(partial|old)", name), f"{kill_at}: left {name}"
         # A complete destination is valid: it reads back.
