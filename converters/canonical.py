@@ -32,12 +32,6 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     tensors, meta = read_safetensors(path)
     if meta.get("schema") != schema.SCHEMA_NAME:
         raise BadInputError(f"{path}: not a canonical ConvNeXt V2 file (metadata schema={meta.get('schema')!r})")
-    version = meta.get("schema_version")
-    if version not in schema.SUPPORTED_SCHEMA_VERSIONS:
-        raise BadInputError(
-            f"{path}: schema version {version!r} is not supported by this toolkit "
-            f"(supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2"
-        )
     ckpt = checkpoint_from_metadata(meta, tensors, str(path))
     ckpt.validate(str(path))
     check_variant(ckpt.config, variant, str(path))

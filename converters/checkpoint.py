@@ -307,6 +307,13 @@ def checkpoint_from_metadata(meta: Mapping[str, Any], tensors: dict[str, np.ndar
     malformed values the same way. Values may be JSON text (safetensors, ONNX) or already-parsed JSON."""
     from convnextv2.converters.safetensors_io import parse_json_text
 
+    version = meta.get("schema_version")
+    if version not in schema.SUPPORTED_SCHEMA_VERSIONS:
+        raise BadInputError(
+            f"{where}: schema version {version!r} is not supported by this toolkit "
+            f"(supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2"
+        )
+
     def field(key: str) -> Any:
         if key not in meta:
             if key in required:

@@ -210,11 +210,6 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
                 f"{path}: Flax layout version {meta.get(LAYOUT_VERSION_KEY)!r} is not supported "
                 f"(supports {LAYOUT_VERSION}); upgrade convnextv2"
             )
-        if meta.get("schema_version") not in schema.SUPPORTED_SCHEMA_VERSIONS:
-            raise BadInputError(
-                f"{path}: canonical schema version {meta.get('schema_version')!r} is not supported "
-                f"(supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2"
-            )
         # The toolkit's one metadata parser; the source stays the origin of the weights, as a canonical
         # file keeps it (the Flax file is only a carrier).
         ckpt = checkpoint_from_metadata(meta, {}, where)

@@ -137,10 +137,6 @@ def restore_embedded(meta: Mapping[str, str], where: str) -> dict[str, Any] | No
     """Our canonical metadata embedded by ``embedded_metadata``, parsed; None when absent or not ours."""
     if meta.get(EMBEDDED_PREFIX + "schema") != schema.SCHEMA_NAME:
         return None
-    if meta.get(EMBEDDED_PREFIX + "schema_version") not in schema.SUPPORTED_SCHEMA_VERSIONS:
-        warnings.warn(f"{where}: embedded toolkit metadata has an unknown schema version; ignoring it",
-                      RuntimeWarning, stacklevel=3)
-        return None
     fields = {key[len(EMBEDDED_PREFIX):]: value for key, value in meta.items() if key.startswith(EMBEDDED_PREFIX)}
     try:
         ckpt = checkpoint_from_metadata(fields, {}, f"{where}: embedded toolkit metadata")

@@ -261,9 +261,6 @@ def _parse_metadata(raw: Any, where: str) -> Checkpoint:
     meta = parse_json_text(raw, f"{where}: the convnextv2 metadata")
     if not isinstance(meta, dict) or meta.get("schema") != schema.SCHEMA_NAME:
         raise BadInputError(f"{where}: the convnextv2 metadata does not describe a {schema.SCHEMA_NAME} model")
-    if meta.get("schema_version") not in schema.SUPPORTED_SCHEMA_VERSIONS:
-        raise BadInputError(f"{where}: schema version {meta.get('schema_version')!r} is not supported by this "
-                            f"toolkit (supports {', '.join(schema.SUPPORTED_SCHEMA_VERSIONS)}); upgrade convnextv2")
     return checkpoint_from_metadata(meta, {}, where)
 
 

@@ -558,8 +558,6 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     preprocessing = Preprocessing()
     ckpt_info: dict[str, Any] = {}
     if meta.get("schema") == schema.SCHEMA_NAME:
-        if meta.get("schema_version") not in schema.SUPPORTED_SCHEMA_VERSIONS:
-            raise BadInputError(f"{path}: metadata schema version {meta.get('schema_version')!r} is not supported")
         embedded = checkpoint_from_metadata(meta, {}, f"{where}: metadata_props")
         declared, preprocessing = embedded.config, embedded.preprocessing
         ckpt_info = dict(embedded.info)
