@@ -144,6 +144,14 @@ def _tensor_array(tensor: Any, base: Path, where: str) -> np.ndarray:
     return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
+def _int_list(value: Any) -> list[int] | None:
+    """An attribute as a list of ints; None when a hostile or broken graph stores something else there."""
+    try:
+        return [int(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _attrs(node: Any) -> dict[str, Any]:
     onnx = _import_onnx()
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -366,8 +374,11 @@ class _Parser:
             if e.kind != "conv" or e.weight.ndim != 4:
                 return False
             w = e.weight
-            group = int(e.attrs.get("group", 1))
-            shape_ok = list(e.attrs["kernel_shape"]) == [kernel, kernel] and list(e.attrs["strides"]) == [stride, stride]
+            group = e.attrs.get("group", 1)
+            if not isinstance(group, int):
+                return False
+            shape_ok = (_int_list(e.attrs.get("kernel_shape")) == [kernel, kernel]
+                        and _int_list(e.attrs.get("strides")) == [stride, stride])
             if groups_equal_width:
                 return shape_ok and group == w.shape[0] and w.shape[1] == 1 and (width_in is None or group == width_in)
             return shape_ok and group == 1 and (width_in is None or w.shape[1] == width_in)
@@ -380,7 +391,7 @@ class _Parser:
         return weight, self.bias_after(event, weight.shape[0], label)
 
     def check_pads(self, event: _Event, label: str, kernel: int) -> None:
-        pads = list(event.attrs.get("pads", [0, 0, 0, 0]))
+        pads = _int_list(event.attrs.get("pads", [0, 0, 0, 0]))
         auto = event.attrs.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else str(auto)
         want = [kernel // 2] * 4 if kernel == 7 else [0, 0, 0, 0]

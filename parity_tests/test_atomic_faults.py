@@ -173,7 +173,7 @@ def test_killed_conversion_leaves_absent_old_or_complete(tmp_path, sources, fmt,
     reference = _destination(reference_dir, fmt)
     assert _convert(src, reference, fmt, None, False).returncode == 0
     new_digest = _digest(reference)
-    new_weights = _digest(reference, weights_only=True)
+    new_weights = _digest(reference, weights_only=True) if fmt in SIDECAR_FORMATS else None
     tensors = _tensor_count(src, fmt, tmp_path)
     for kill_at in KILL_POINTS:
         kill_at = kill_at.replace("last", str(tensors - 1))
@@ -183,7 +183,7 @@ def test_killed_conversion_leaves_absent_old_or_complete(tmp_path, sources, fmt,
         if overwrite:
             assert _convert(old_src, dst, fmt, None, False).returncode == 0
         before = _digest(dst)
-        before_weights = _digest(dst, weights_only=True)
+        before_weights = _digest(dst, weights_only=True) if fmt in SIDECAR_FORMATS else None
         keep = {p.name for p in work.iterdir()} | {dst.name, dst.with_suffix(".json").name}
         done = _convert(src, dst, fmt, kill_at, overwrite)
         assert done.returncode == -signal.SIGKILL, f"{kill_at}: the kill point was not reached: {done.stderr[-2000:]}"

@@ -120,7 +120,9 @@ def test_float64_runs_use_the_scaled_rule_and_explicit_override():
     report = run_parity(ckpt, ["torch"], dtypes=["float32", "float64"], image_size=64, batch=1)
     assert report.result("torch", "float64").status == "pass"
     f64 = report.result("torch", "float64").feature("logits")
-    assert f64.scale_aware_error == 0.0  # the referee itself
+    # The same float64 code as the referee; oneDNN may pick another kernel (summation order) between two
+    # model instances, so a few float64 ulps are possible, never more.
+    assert f64.scale_aware_error < 1e-14
     assert f64.tolerance_scale_aware < 1e-12
     strict = run_parity(ckpt, ["torch"], dtypes=["float32"], image_size=64, batch=1,
                         atol={"float32": 1e-12}, rtol={"float32": 0.0})

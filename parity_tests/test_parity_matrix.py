@@ -73,6 +73,15 @@ def _case_id(variant: str, size: int) -> str:
     return f"{'custom-tiny' if variant == CUSTOM_TINY else variant}-{size}"
 
 
+# Independent implementations that miss our bar at a size, as measured (nox -s parity, 2026-11-24). They are
+# kept as strict expected failures rather than loosened: a fixed peer then turns the case red, and our own
+# runtimes never get this allowance.
+PEER_FINDINGS = {
+    ("huge", 512, "transformers-tf"): "transformers 4.57.6 TensorFlow ConvNextV2: logits error 3.79e-6 at huge@512, "
+                                      "2.7x the torch float32 error (bar 2x); its own pt-to-tf tolerance is 5e-5",
+}
+
+
 def pytest_generate_tests(metafunc: Any) -> None:
     full = metafunc.config.getoption("--full-matrix", default=False)
     sizes = FULL_SIZES if full else QUICK_SIZES
@@ -87,6 +96,8 @@ def pytest_generate_tests(metafunc: Any) -> None:
                     marks.append(pytest.mark.slow)
                 if variant == "huge":
                     marks.append(pytest.mark.xdist_group("huge"))  # one huge model in memory at a time
+                if (variant, size, runtime) in PEER_FINDINGS:
+                    marks.append(pytest.mark.xfail(strict=True, reason=PEER_FINDINGS[(variant, size, runtime)]))
                 params.append(pytest.param((variant, size, runtime), marks=marks,
                                            id=f"{_case_id(variant, size)}-{runtime}"))
         metafunc.parametrize("size_case", params)
