@@ -311,7 +311,7 @@ def _check_config(hf_config: Mapping[str, Any], config: ModelConfig, where: str)
 
 def preprocessing_from_hf(data: Mapping[str, Any], where: str) -> Preprocessing:
     size = data.get("size", {})
-    edge = size.get("shortest_edge") if isinstance(size, Mapping) else size
+    edge: Any = size.get("shortest_edge") if isinstance(size, Mapping) else size
     try:
         edge = int(edge)
         resample = int(data.get("resample", PIL_RESAMPLE["bicubic"]))

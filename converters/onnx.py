@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 
@@ -173,7 +173,7 @@ def _fold(node: Any, inputs: list[np.ndarray]) -> np.ndarray:
         shape = [x.shape[i] if s == 0 and not attrs.get("allowzero", 0) else s for i, s in enumerate(shape)]
         return x.reshape(shape)
     if op in ("Unsqueeze", "Squeeze"):
-        axes = attrs.get("axes", list(inputs[1]) if len(inputs) > 1 else None)
+        axes: Any = attrs.get("axes", list(inputs[1]) if len(inputs) > 1 else None)
         if op == "Squeeze":
             return np.squeeze(x, axis=tuple(int(a) for a in axes)) if axes is not None else np.squeeze(x)
         out = x
@@ -197,11 +197,16 @@ class _Event:
     bias: np.ndarray | None = None
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def w(self) -> np.ndarray:
+        """``weight``, typed for the kinds that always carry one (conv, linear, ln, scale, shift, scalar_add)."""
+        return cast(np.ndarray, self.weight)
+
     def describe(self) -> str:
         node = f"{self.node.op_type} node {self.node.name or self.node.output[0]!r}"
         if self.kind == "conv":
             k = self.attrs.get("kernel_shape")
-            return (f"{node} (weight {list(self.weight.shape)}, kernel {k}, stride {self.attrs.get('strides')}, "
+            return (f"{node} (weight {list(self.w.shape)}, kernel {k}, stride {self.attrs.get('strides')}, "
                     f"groups {self.attrs.get('group', 1)})")
         if self.weight is not None:
             return f"{node} ({self.kind} with a constant of shape {list(self.weight.shape)})"
@@ -252,7 +257,7 @@ def _const_arg(node: Any, const: dict[str, np.ndarray]) -> tuple[int | None, np.
     return None, None
 
 
-def _is_float(array: np.ndarray | None) -> bool:
+def _is_float(array: np.ndarray | None) -> TypeGuard[np.ndarray]:
     return array is not None and np.issubdtype(array.dtype, np.floating)
 
 
@@ -367,13 +372,13 @@ class _Parser:
             return event.bias.reshape(-1)
         shift = self.expect(f"the bias of {label}: an Add of a ({width},) constant",
                             lambda e: e.kind == "shift" and e.weight.size == width)
-        return shift.weight
+        return shift.w
 
     def conv(self, label: str, width_in: int | None, kernel: int, stride: int, groups_equal_width: bool) -> tuple[np.ndarray, np.ndarray]:
         def ok(e: _Event) -> bool:
-            if e.kind != "conv" or e.weight.ndim != 4:
+            if e.kind != "conv" or e.w.ndim != 4:
                 return False
-            w = e.weight
+            w = e.w
             group = e.attrs.get("group", 1)
             if not isinstance(group, int):
                 return False
@@ -387,7 +392,7 @@ class _Parser:
         source = f"{width_in} input channels" if width_in else "any width"
         event = self.expect(f"{label}: Conv with kernel {kernel}x{kernel}, stride {stride}, {groups}, {source}", ok)
         self.check_pads(event, label, kernel)
-        weight = event.weight
+        weight = event.w
         return weight, self.bias_after(event, weight.shape[0], label)
 
     def check_pads(self, event: _Event, label: str, kernel: int) -> None:
@@ -403,12 +408,12 @@ class _Parser:
     def layer_norm(self, width: int, label: str) -> tuple[np.ndarray, np.ndarray, float]:
         event = self.peek()
         if event is not None and event.kind == "ln":
-            if event.weight.size != width or event.bias is None or event.bias.size != width:
+            if event.w.size != width or event.bias is None or event.bias.size != width:
                 raise self.fail(f"{label}: LayerNormalization over {width} channels with scale and bias", event)
             self.take()
             self.forms.add("LayerNormalization")
             self.take_markers()
-            return event.weight.reshape(-1), event.bias.reshape(-1), float(event.attrs.get("epsilon", 1e-5))
+            return event.w.reshape(-1), event.bias.reshape(-1), float(event.attrs.get("epsilon", 1e-5))
         scale = shift = None
         for _ in range(2):
             e = self.expect(f"{label}: LayerNorm over {width} channels (LayerNormalization, or mean/variance "
@@ -420,26 +425,26 @@ class _Parser:
                 ops = {m.node.op_type for m in self.markers}
                 if "ReduceMean" not in ops:
                     raise self.fail(f"{label}: a mean over channels before the LayerNorm scale", e)
-                eps = float(eps_markers[-1].weight) if eps_markers else float("nan")
+                eps = float(eps_markers[-1].w) if eps_markers else float("nan")
                 self.take_markers()
             elif e.kind == "shift" and shift is None:
                 shift = e.weight
             else:
                 raise self.fail(f"{label}: one scale and one shift", e)
         self.forms.add("decomposed LayerNorm")
-        return scale, shift, eps
+        return cast(np.ndarray, scale), cast(np.ndarray, shift), eps
 
     def linear(self, width_in: int, width_out: int, label: str) -> tuple[np.ndarray, np.ndarray]:
         def ok(e: _Event) -> bool:
             if e.kind == "linear":
-                return e.weight.shape == (width_out, width_in)
+                return e.w.shape == (width_out, width_in)
             if e.kind == "conv":
-                return (e.weight.shape == (width_out, width_in, 1, 1) and int(e.attrs.get("group", 1)) == 1
+                return (e.w.shape == (width_out, width_in, 1, 1) and int(e.attrs.get("group", 1)) == 1
                         and list(e.attrs.get("strides", [1, 1])) == [1, 1])
             return False
 
         event = self.expect(f"{label}: a linear {width_in} -> {width_out} (MatMul, Gemm or 1x1 Conv)", ok)
-        weight = event.weight.reshape(width_out, width_in)
+        weight = event.w.reshape(width_out, width_in)
         return weight, self.bias_after(event, width_out, label)
 
     def grn(self, width: int, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -465,7 +470,7 @@ class _Parser:
             else:
                 raise self.fail(f"{label}: GRN gamma (a scale) and beta (a shift)", e)
         self.take_markers()
-        return gamma, beta
+        return cast(np.ndarray, gamma), cast(np.ndarray, beta)
 
     def check_eps(self, eps: float, expected: float, label: str) -> None:
         if not np.isfinite(eps) or abs(eps - expected) > 1e-3 * expected:
@@ -508,7 +513,7 @@ class _Parser:
             t["head.norm.weight"], t["head.norm.bias"], head_eps = self.layer_norm(width, "the head LayerNorm")
             head_norm = True
             if self.peek() is not None:
-                event = self.peek()
+                event = cast(_Event, self.peek())
                 classes = event.weight.shape[0] if event.kind in ("linear", "conv") and event.weight is not None else 0
                 if classes < 1:
                     raise self.fail(f"the classifier: a linear {width} -> classes", event)

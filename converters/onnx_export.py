@@ -145,7 +145,7 @@ def _torch_proto(ckpt: Checkpoint, opset: int, dynamic_hw: bool, features: bool,
             module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=names,
             dynamic_shapes={"pixel_values": dims}, optimize=True, verbose=False,
         )
-    proto = program.model_proto
+    proto = program.model_proto  # type: ignore[union-attr]  # torch stubs: None only when dynamo=False
     # Readable symbolic names for users of the file.
     for value in list(proto.graph.input) + list(proto.graph.output):
         shape = value.type.tensor_type.shape

@@ -444,7 +444,7 @@ class TensorStreamer:
                 self._writeback()
                 continue
             chunk = self._bounce(count)
-            got = os.preadv(source, [chunk], offset)
+            got = os.preadv(source, [chunk], offset)  # type: ignore[list-item]  # numpy stubs: ndarray is a Buffer
             if got <= 0:
                 raise BadInputError(f"source file ended {end - offset} bytes early while copying a tensor")
             self.write(chunk[:got])

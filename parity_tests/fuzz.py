@@ -262,7 +262,7 @@ def make_seeds(root: Path = SEED_ROOT) -> list[Path]:
     try:
         import torch
     except ImportError:
-        torch = None
+        torch = None  # type: ignore[assignment]
     if torch is not None:
         # torch's own pickles use memo opcodes, serialization ids and shared storages our writer never emits.
         base = torch.arange(12, dtype=torch.float32).reshape(3, 4)

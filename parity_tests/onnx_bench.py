@@ -86,14 +86,14 @@ def latency(work: Path, repeats: int, threads: int, log: Any) -> list[dict[str, 
         model.load_state_dict(checkpoint_filter_fn(state, model))
         files["timm_legacy"] = work / f"{variant}_timm_legacy.onnx"
         torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(files["timm_legacy"]), dynamo=False)
-        timings = {}
+        timings: dict[str, list[float]] = {}
         # Interleave the files, several rounds, so background load hits them alike.
         sessions = {k: onnx_export.ort_session(p, threads=threads) for k, p in files.items()}
         for _ in range(3):
             for key, session in sessions.items():
                 timings.setdefault(key, []).append(_latency(session, images, repeats))
-        row = {"variant": variant, "batch": 1, "threads": threads,
-               **{f"{k}_ms": round(min(v), 2) for k, v in timings.items()}}
+        row: dict[str, Any] = {"variant": variant, "batch": 1, "threads": threads,
+                               **{f"{k}_ms": round(min(v), 2) for k, v in timings.items()}}
         row["ratio_ours18_vs_timm_legacy"] = round(row["ours_opset18_ms"] / row["timm_legacy_ms"], 3)
         row["ratio_ours20_vs_ours18"] = round(row["ours_opset20_ms"] / row["ours_opset18_ms"], 3)
         log(json.dumps(row))

@@ -91,6 +91,7 @@ def _hostile_checkpoint(tmp_path, where: str):
     marker = tmp_path / f"pwned-{where}"
     payload = _RunsShell(f"touch {marker}")
     state = {"stem": torch.zeros(2)}
+    obj: dict[str, object]
     if where == "model":
         obj = {"model": payload}
     elif where == "args":

@@ -45,6 +45,7 @@ def _peak_rss_of(args: list[str]) -> int:
             raise AssertionError(f"conversion did not finish: {args}")
         time.sleep(0.01)
     err = process.stderr.read().decode() if process.stderr else ""
+    assert process.stdout is not None and process.stderr is not None  # both are PIPEs
     process.stdout.close()
     process.stderr.close()
     assert os.waitstatus_to_exitcode(status) == 0, f"{args} failed: {err[-2000:]}"

@@ -115,13 +115,13 @@ class BlockedLinear(nnx.Linear):
 
     blocks = 16
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
         kernel = self.kernel[...]
         width = kernel.shape[0]
         blocks = next(b for b in (self.blocks, 8, 4, 2, 1) if width % b == 0)
         partial = jnp.einsum("...nk,nko->...no", x.reshape(*x.shape[:-1], blocks, width // blocks),
                              kernel.reshape(blocks, width // blocks, -1), precision=self.precision)
-        return jnp.sum(partial, axis=-2) + self.bias[...]
+        return jnp.sum(partial, axis=-2) + self.bias[...]  # type: ignore[index]  # nnx.Linear: use_bias=True here
 
 
 class Head(nnx.Module):
@@ -151,7 +151,7 @@ class ConvNeXtV2(nnx.Module):
             raise ValueError(f"expected NHWC input with {IN_CHANNELS} channels, got shape {tuple(x.shape)}")
         if x.shape[1] % 32 or x.shape[2] % 32:
             raise ValueError(f"input height and width must be divisible by 32, got {tuple(x.shape[1:3])}")
-        if self.dtype_name == "float64" and not jax.config.jax_enable_x64:
+        if self.dtype_name == "float64" and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]
             raise RuntimeError("a float64 Flax model must run under `with jax.enable_x64(True):` "
                                "(or through run_features), or JAX computes in float32")
 

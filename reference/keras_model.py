@@ -222,7 +222,7 @@ def load_canonical(model: keras.Model, config: ModelConfig, tensors: Mapping[str
 
 def export_canonical(model: keras.Model) -> dict[str, np.ndarray]:
     """Canonical name -> numpy array in canonical layout (the model's dtype), in forward order."""
-    out: dict[str, tuple[str, np.ndarray]] = {}
+    out: dict[str, np.ndarray] = {}
     for variable in model.weights:
         found = KERAS_KEYS.to_canonical(variable.path)
         if found is None:

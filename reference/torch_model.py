@@ -207,7 +207,7 @@ def build_torch(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: s
     load_canonical(model, tensors)
     if torch_dtype == torch.float32 and FAST_FLOAT32:
         # Convolution weights in the activations' memory format: oneDNN then runs them without reorders.
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch stubs
     return model.eval()
 
 
