@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -201,18 +202,48 @@ def _log_range(series: list[tuple[str, list[float | None], bool]]) -> tuple[floa
     return float(min(low, -8)), float(max(high, low + 2, -4))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Chart:
+    """The per-stage error chart's data and geometry, shared by the SVG and PNG renderers."""
+
+    features: list[str]
+    series: list[tuple[str, list[float | None], bool]]
+    low: float
+    high: float
+    width: int
+    height: int
+    left: int = 70
+    right: int = 190
+    top: int = 20
+    bottom: int = 40
+
+    @classmethod
+    def of(cls, report: ParityReport, width: int, height: int) -> _Chart:
+        features, series = _chart_series(report)
+        low, high = _log_range(series)
+        return cls(features, series, low, high, width, height)
+
+    @property
+    def plot_w(self) -> int:
+        return self.width - self.left - self.right
+
+    @property
+    def plot_h(self) -> int:
+        return self.height - self.top - self.bottom
+
+    def x(self, i: int) -> float:
+        return self.left + (self.plot_w * i / max(len(self.features) - 1, 1))
+
+    def y(self, value: float) -> float:
+        v = math.log10(max(value, 10 ** self.low))
+        return self.top + self.plot_h * (self.high - v) / (self.high - self.low)
+
+
 def to_svg(report: ParityReport, width: int = 760, height: int = 360) -> str:
-    features, series = _chart_series(report)
-    low, high = _log_range(series)
-    left, right, top, bottom = 70, 190, 20, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def x(i: int) -> float:
-        return left + (plot_w * i / max(len(features) - 1, 1))
-
-    def y(value: float) -> float:
-        v = math.log10(max(value, 10 ** low))
-        return top + plot_h * (high - v) / (high - low)
+    chart = _Chart.of(report, width, height)
+    features, series, low, high, x, y = chart.features, chart.series, chart.low, chart.high, chart.x, chart.y
+    left, right, top, bottom = chart.left, chart.right, chart.top, chart.bottom
+    plot_w, plot_h = chart.plot_w, chart.plot_h
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="11" role="img" aria-label="per-stage scale-aware error">',
@@ -281,17 +312,10 @@ def to_png(report: ParityReport, path: Path, width: int = 760, height: int = 360
     except ImportError:
         raise BadInputError("a .png report needs Pillow (pip install 'convnextv2-toolkit[images]'); "
                             "a .html report has the same chart without it") from None
-    features, series = _chart_series(report)
-    low, high = _log_range(series)
-    left, right, top, bottom = 70, 190, 20, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def x(i: int) -> float:
-        return left + (plot_w * i / max(len(features) - 1, 1))
-
-    def y(value: float) -> float:
-        v = math.log10(max(value, 10 ** low))
-        return top + plot_h * (high - v) / (high - low)
+    chart = _Chart.of(report, width, height)
+    features, series, low, high, x, y = chart.features, chart.series, chart.low, chart.high, chart.x, chart.y
+    left, right, top, bottom = chart.left, chart.right, chart.top, chart.bottom
+    plot_w, plot_h = chart.plot_w, chart.plot_h
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
