@@ -9,7 +9,7 @@ from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, checkpoint_from_metadata, deferred_digests
 from convnextv2.converters.errors import BadInputError
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.safetensors_io import is_safetensors, read_header, read_safetensors, write_safetensors
+from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors
 from convnextv2.reference import schema
 from convnextv2.reference.variants import check_variant
 
@@ -18,14 +18,8 @@ SUFFIXES = (".safetensors",)
 
 
 def sniff(path: Path) -> bool:
-    if not path.is_file() or not is_safetensors(path):
-        return False
-    try:
-        header, _, _ = read_header(path)
-    except BadInputError:
-        return False
-    meta = header.get("__metadata__") or {}
-    return isinstance(meta, dict) and meta.get("schema") == schema.SCHEMA_NAME
+    found = sniff_header(path)
+    return found is not None and found[1].get("schema") == schema.SCHEMA_NAME
 
 
 def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:

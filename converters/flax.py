@@ -25,7 +25,7 @@ from convnextv2.converters.checkpoint import Checkpoint, Source, checkpoint_from
 from convnextv2.converters.errors import BadInputError, SchemaError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.safetensors_io import is_safetensors, read_header, read_safetensors, write_safetensors
+from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors
 from convnextv2.reference import schema
 from convnextv2.reference.variants import ModelConfig, check_variant
 
@@ -182,14 +182,11 @@ def _is_ours(meta: Mapping[str, Any]) -> bool:
 
 
 def sniff(path: Path) -> bool:
-    if not path.is_file() or not is_safetensors(path):
+    found = sniff_header(path)
+    if found is None:
         return False
-    try:
-        header, _, _ = read_header(path)
-    except BadInputError:
-        return False
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or meta.get("schema") == schema.SCHEMA_NAME:
+    header, meta = found
+    if meta.get("schema") == schema.SCHEMA_NAME:
         return False
     if _is_ours(meta):
         return True

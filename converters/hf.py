@@ -44,8 +44,8 @@ from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import (
     is_safetensors,
     parse_json_text,
-    read_header,
     read_safetensors,
+    sniff_header,
     write_safetensors,
 )
 from convnextv2.converters.torchzip import is_torch_zip, read_torch_zip
@@ -174,10 +174,10 @@ def read_state_file(path: Path, where: str) -> tuple[dict[str, np.ndarray], dict
 def peek_keys(path: Path) -> list[str]:
     """Tensor names of a safetensors file or torch zip without touching tensor data; [] when unreadable."""
     try:
-        if is_safetensors(path):
-            header, _, _ = read_header(path)
-            meta = header.get("__metadata__") or {}
-            if isinstance(meta, dict) and meta.get("schema") == schema.SCHEMA_NAME:
+        found = sniff_header(path)
+        if found is not None:
+            header, meta = found
+            if meta.get("schema") == schema.SCHEMA_NAME:
                 return []  # a canonical file
             return [k for k in header if k != "__metadata__"]
         if is_torch_zip(path):

@@ -116,6 +116,19 @@ def read_header(path: Path) -> tuple[dict[str, Any], int, int]:
     return header, 8 + length, size
 
 
+def sniff_header(path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(header, ``__metadata__``) of a well-formed safetensors file, or None: what every safetensors-based
+    sniffer decides on, without touching tensor data and without raising."""
+    if not path.is_file() or not is_safetensors(path):
+        return None
+    try:
+        header, _, _ = read_header(path)
+    except BadInputError:
+        return None
+    meta = header.get("__metadata__") or {}
+    return (header, meta) if isinstance(meta, dict) else None
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
