@@ -137,9 +137,10 @@ def sniff(path: Path) -> bool:
         return False
     if head == HDF5_SIGNATURE:
         return _sniff_h5(path)
-    if not zipfile.is_zipfile(path):
-        return False
     try:
+        # is_zipfile itself raises BadZipFile on some damaged end records (multi-disk claims), so it sits in here.
+        if not zipfile.is_zipfile(path):
+            return False
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
             if not {CONFIG_ENTRY, WEIGHTS_ENTRY} <= names:

@@ -94,6 +94,15 @@ def test_property_onnx_mutations(data):
     READERS["onnx"](data)
 
 
+@pytest.mark.onnx
+@pytest.mark.parametrize("target", sorted(READERS))
+def test_every_committed_seed_replays_cleanly(target):
+    """Seeds include inputs that once crashed a reader or a sniffer (``*-crash-*``): replayed every run, so
+    a fixed crash cannot come back unnoticed between the random fuzz runs."""
+    for data in _seeds(target):
+        READERS[target](data)
+
+
 # ------------------------------------------------------------------ structure-aware safetensors headers
 
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "U64", "F8_E4M3", "f32", "", "C64"]
