@@ -55,11 +55,37 @@ class GRN(nnx.Module):
         return self.gamma[...] * (x * nx) + self.beta[...] + x
 
 
+class DepthwiseConv(nnx.Conv):
+    """The blocks' 7x7 depthwise convolution as 49 shifted multiply-adds that XLA fuses into one loop.
+
+    XLA's CPU convolution with ``feature_group_count == channels`` runs 25-30x slower than this (measured:
+    tiny's first stage, 56x56x96, batch 1: 18.6 ms vs 0.6 ms), which made it most of the Flax reference's
+    time. Each kernel row is summed first and the seven row sums added after: against a float64 referee that
+    order measured 2.5-3x less error than both a 49-term running sum (what PyTorch's CPU kernel gives, bit
+    for bit) and XLA's convolution. Parameters and NNX paths stay those of ``nnx.Conv`` (kernel (7, 7, 1, C)).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
+        kernel = self.kernel[...]
+        size_h, size_w = kernel.shape[:2]
+        pad_h, pad_w = size_h // 2, size_w // 2
+        height, width = x.shape[1], x.shape[2]
+        padded = jnp.pad(x, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
+        total = None
+        for row in range(size_h):
+            rows = padded[:, row:row + height]
+            row_sum = rows[:, :, 0:width] * kernel[row, 0, 0]
+            for col in range(1, size_w):
+                row_sum = row_sum + rows[:, :, col:col + width] * kernel[row, col, 0]
+            total = row_sum if total is None else total + row_sum
+        return total + self.bias[...]  # type: ignore[index]  # the blocks' dwconv has a bias
+
+
 class Block(nnx.Module):
     def __init__(self, width: int, dtype: Any, rngs: nnx.Rngs):
         hidden = MLP_RATIO * width
-        self.dwconv = nnx.Conv(width, width, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=width,
-                               dtype=dtype, param_dtype=dtype, precision=HIGHEST, rngs=rngs)
+        self.dwconv = DepthwiseConv(width, width, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=width,
+                                    dtype=dtype, param_dtype=dtype, precision=HIGHEST, rngs=rngs)
         self.norm = _layer_norm(width, dtype)
         self.pwconv1 = nnx.Linear(width, hidden, dtype=dtype, param_dtype=dtype, precision=HIGHEST, rngs=rngs)
         self.grn = GRN(hidden, dtype)
