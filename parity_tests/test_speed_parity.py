@@ -67,6 +67,16 @@ def test_fast_path_is_float32_only():
     assert not torch_model._fast_path(torch.zeros(1, dtype=torch.float64))
 
 
+def test_fused_linears_run_in_inference_only():
+    """The oneDNN fused linears (no autograd formula) are taken under inference mode on a CPU build with oneDNN,
+    and never with gradients on, so the parity checks above measure them and training still differentiates."""
+    x = torch.zeros(1, dtype=torch.float32)
+    assert not torch_model._fused_linears(x)
+    with torch.inference_mode():
+        assert torch_model._fused_linears(x) == torch.backends.mkldnn.is_available()
+        assert not torch_model._fused_linears(x.double())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fast_float32_path_keeps_parity_every_size(variant):

