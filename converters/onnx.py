@@ -7,7 +7,8 @@ linear, LayerNormalization, scale, shift) and parses the event stream with ConvN
 
     stem:       Conv 4x4/4 (3 -> C0), LayerNorm(C0)
     block:      depthwise Conv 7x7 (groups C), LayerNorm(C), linear C->4C, exact GELU (Erf or Gelu),
-                GRN (L2 over H,W; scale gamma and shift beta), linear 4C->C, residual
+                GRN (L2 over H,W, as ReduceL2 or the square root of a sum of squares, possibly summed by a
+                MatMul with a row of ones; scale gamma and shift beta), linear 4C->C, residual
     downsample: LayerNorm(C), Conv 2x2/2
     head:       global mean, LayerNorm(C3), linear C3->K      (either part may be absent in encoders)
 
@@ -276,6 +277,9 @@ def _event(node: Any, const: dict[str, np.ndarray]) -> _Event | None:
     if op == "MatMul":
         index, weight = _const_arg(node, const)
         if weight is None:
+            return _Event("op", node)
+        if index == 0 and weight.ndim == 2 and weight.shape[0] == 1 and bool(np.all(weight == 1)):
+            # A row of ones times the activation is a sum over its rows (our GRN's sum of squares).
             return _Event("op", node)
         if index != 1 or weight.ndim != 2:
             return _Event("unsupported", node, weight)

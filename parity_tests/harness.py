@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from convnextv2.converters import onnx_export
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.errors import BadInputError, MissingDependencyError
 from convnextv2.parity_tests import runtimes as runtime_registry
@@ -36,10 +37,11 @@ from convnextv2.parity_tests.runtimes import Runtime
 
 FEATURES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits")
 DTYPES = ("float32", "float64")
-FP32_FACTOR = 2.0
+# One float32 rule for the harness and the export gate.
+FP32_FACTOR = onnx_export.FP32_FACTOR
 # float64 runtimes are held to the float32 rule scaled by the ratio of machine epsilons.
 EPS_RATIO = {"float32": 1.0, "float64": float(np.finfo(np.float64).eps / np.finfo(np.float32).eps)}
-FLOOR = {"float32": 2.0 ** -20, "float64": 2.0 ** -49}
+FLOOR = {"float32": onnx_export.FP32_FLOOR, "float64": 2.0 ** -49}
 REPORT_SCHEMA = "convnextv2-parity-report"
 REPORT_SCHEMA_VERSION = "1"
 
