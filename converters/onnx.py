@@ -414,10 +414,15 @@ class _Parser:
         if event is not None and event.kind == "ln":
             if event.w.size != width or event.bias is None or event.bias.size != width:
                 raise self.fail(f"{label}: LayerNormalization over {width} channels with scale and bias", event)
+            epsilon = event.attrs.get("epsilon", 1e-5)
+            # A hostile graph can give the attribute another type (get_attribute_value then returns None, a
+            # graph, a list...): refuse it by name instead of failing inside float().
+            if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+                raise self.fail(f"{label}: LayerNormalization with a number as its epsilon attribute", event)
             self.take()
             self.forms.add("LayerNormalization")
             self.take_markers()
-            return event.w.reshape(-1), event.bias.reshape(-1), float(event.attrs.get("epsilon", 1e-5))
+            return event.w.reshape(-1), event.bias.reshape(-1), float(epsilon)
         scale = shift = None
         for _ in range(2):
             e = self.expect(f"{label}: LayerNorm over {width} channels (LayerNormalization, or mean/variance "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -258,3 +259,26 @@ def test_cli_end_to_end(tmp_path):
     assert over.returncode == 0, over.stderr
     table = run_cli("variants", "--json")
     assert [row["name"] for row in json.loads(table.stdout)] == list(VARIANTS)
+
+
+def test_no_source_digest_skips_only_the_pending_hash(tmp_path):
+    """--no-source-digest leaves the sha256 of the file being read out (no extra read of it); the tensors are the
+    same, and a digest the source carries from an earlier conversion is kept."""
+    src = tmp_path / "src.pt"
+    fixtures.write_fixture(src, "atto", "original", seed=5)
+    with_digest, without = tmp_path / "with.safetensors", tmp_path / "without.safetensors"
+    for dst, extra in ((with_digest, []), (without, ["--no-source-digest"])):
+        result = run_cli("convert", str(src), "-o", str(dst), "--to", "canonical", *extra)
+        assert result.returncode == 0, result.stderr
+
+    def source_of(path):
+        with safetensors.safe_open(path, "np") as handle:
+            return json.loads(handle.metadata()["source"])
+
+    assert source_of(with_digest)["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert source_of(without)["sha256"] == ""
+    assert_same_tensors(safetensors.numpy.load_file(without), safetensors.numpy.load_file(with_digest))
+    again = tmp_path / "again.safetensors"
+    result = run_cli("convert", str(with_digest), "-o", str(again), "--to", "canonical", "--no-source-digest")
+    assert result.returncode == 0, result.stderr
+    assert source_of(again)["sha256"] == source_of(with_digest)["sha256"]
