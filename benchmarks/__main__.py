@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma list of %(default)s")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--convert-variant", default="huge", help="checkpoint size for the conversion section")
-    parser.add_argument("--convert-runs", type=int, default=3, help="runs per contender (median reported)")
+    parser.add_argument("--convert-runs", type=int, default=5, help="runs per contender (median reported)")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds to wait after a sync before each conversion contender")
     parser.add_argument("--page-cache", choices=["warm", "cold"], default="warm",
                         help="warm: the source is read once before every run; cold: evicted before every run")
     parser.add_argument("--keep-source", action="store_true", help="keep the (2.6 GB) source checkpoint afterwards")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import conversion
 
         log(f"conversion: {args.convert_variant} original -> canonical / hf")
-        results["conversion"] = conversion.run(cache, args.convert_variant, args.convert_runs, args.page_cache, log)
+        results["conversion"] = conversion.run(cache, args.convert_variant, args.convert_runs, args.page_cache, log,
+                                               settle=args.settle)
         if not args.keep_source:
             Path(results["conversion"]["file"]).unlink(missing_ok=True)
         shutil.rmtree(cache / "conversion-work", ignore_errors=True)

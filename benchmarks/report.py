@@ -35,10 +35,11 @@ def markdown(results: dict[str, Any]) -> str:
             if "not_available" in r:
                 rows.append([r["contender"], "not available", "", "", "", "", r["not_available"]])
                 continue
-            rows.append([r["contender"], f"{r['wall_s']:.2f}", f"{r['wall_vs_cp']:.2f}×", _mib(r["peak_rss_mib"]),
-                         f"{r['peak_rss_vs_file']:.3f}", f"{r['cpu_s']:.2f}", " / ".join(map(str, r["wall_all_s"]))])
-        out += _table(["contender", "wall s (median)", "wall vs cp", "peak RSS MiB", "RSS / file size", "CPU s",
-                       "all runs s"], rows) + [""]
+            rows.append([r["contender"], f"{r['wall_s']:.2f}", f"{r['wall_vs_cp']:.2f}×",
+                         f"{r['wall_vs_cp_fsync']:.2f}×", _mib(r["peak_rss_mib"]), f"{r['peak_rss_vs_file']:.3f}",
+                         f"{r['cpu_s']:.2f}", " / ".join(map(str, r["wall_all_s"]))])
+        out += _table(["contender", "wall s (median)", "wall vs cp", "wall vs cp + fsync", "peak RSS MiB",
+                       "RSS / file size", "CPU s", "all runs s"], rows) + [""]
     export = results.get("export")
     if export:
         out += ["## ONNX export time per path", "",
@@ -75,4 +76,42 @@ def markdown(results: dict[str, Any]) -> str:
             rows.append([r["variant"], r["batch"], r["label"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}",
                          f"{r['gflops']:.1f}", "; ".join(ratios) + (f" ({r['note']})" if r.get("note") else "")])
         out += _table(["variant", "batch", "runtime", "median ms", "min ms", "GFLOP/s", "speed-up"], rows) + [""]
+    out += acceptance(results)
     return "\n".join(out) + "\n"
+
+
+# Issue 7's bars, read off the tables above: (section, check, bar, how a row's figure is taken).
+CONVERSION_RSS_BAR = 0.15
+CONVERSION_WALL_BAR = 1.5
+PEER_BAR = 1.0
+OTHER_FRAMEWORK_BAR = 1 / 1.3  # "within 1.3x of the PyTorch reference, or faster", as a speed-up
+
+
+def acceptance(results: dict[str, Any]) -> list[str]:
+    """One line per bar and measured row: the figure, the bar, pass or FAIL. Nothing here is re-measured."""
+    rows: list[list[Any]] = []
+
+    def verdict(ok: bool) -> str:
+        return "pass" if ok else "**FAIL**"
+
+    for r in (results.get("conversion") or {}).get("rows", []):
+        if "not_available" in r or not r["contender"].startswith("ours"):
+            continue
+        rows.append([r["contender"], "peak RSS / file size", f"≤ {CONVERSION_RSS_BAR}", f"{r['peak_rss_vs_file']:.3f}",
+                     verdict(r["peak_rss_vs_file"] <= CONVERSION_RSS_BAR)])
+        rows.append([r["contender"], "wall time vs cp", f"≤ {CONVERSION_WALL_BAR}×", f"{r['wall_vs_cp']:.2f}×",
+                     verdict(r["wall_vs_cp"] <= CONVERSION_WALL_BAR)])
+    checks = (("speedup_vs_faster_torch_peer", "torch", "vs the faster of timm and transformers", PEER_BAR),
+              ("speedup_vs_timm_onnx", "onnxruntime", "vs timm's export in onnxruntime", PEER_BAR),
+              ("speedup_vs_torch_reference", None, "vs our PyTorch reference", OTHER_FRAMEWORK_BAR))
+    for r in (results.get("inference") or {}).get("rows", []):
+        for key, runtime, what, bar in checks:
+            if key in r and (runtime is None or r["runtime"] == runtime):
+                rows.append([f"{r['label']}, {r['variant']} b{r['batch']}", f"speed-up {what}", f"≥ {bar:.2f}×",
+                             f"{r[key]:.2f}×", verdict(r[key] >= bar)])
+    if not rows:
+        return []
+    failed = sum(1 for row in rows if row[-1] != "pass")
+    return (["## Acceptance (issue 7)", "",
+             f"{len(rows) - failed} of {len(rows)} bars met in this run" + (f"; {failed} not met." if failed else "."),
+             ""] + _table(["what", "figure", "bar", "measured", "verdict"], rows) + [""])
