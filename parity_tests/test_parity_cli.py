@@ -4,6 +4,8 @@ back with an independent parser (jsonschema, xml.etree, Pillow)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import jsonschema
@@ -148,3 +150,15 @@ def test_images_directory(checkpoint, tmp_path):
     data = json.loads(report.read_text())
     assert data["inputs"]["kind"] == "files" and data["inputs"]["files"] == ["0.png", "1.png", "2.npy"]
     assert data["inputs"]["batch"] == 3 and data["runtimes"][0]["features"][0]["shape"][0] == 3
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_2():
+    """The GPU parity check is run by hand on a GPU machine; on one without CUDA (CI) it refuses plainly."""
+    import torch
+
+    done = subprocess.run([sys.executable, "-m", "convnextv2.parity_tests.gpu_check", "--variants", "atto"],
+                          capture_output=True, text=True, timeout=600)
+    if torch.cuda.is_available():
+        assert done.returncode == 0, done.stdout + done.stderr
+    else:
+        assert done.returncode == 2 and "needs a GPU" in done.stderr

@@ -1,0 +1,119 @@
+"""Parity on an accelerator: the PyTorch and Flax references on the GPU against the float64 CPU referee.
+
+    python -m convnextv2.parity_tests.gpu_check [--variants atto,tiny,base] [--size 224] [--batch 4] [--json F]
+
+Same rule as the parity harness (docs/parity.md): a runtime passes when its scale-aware logits error is within
+2x that of the PyTorch float32 reference on the CPU (same weights, same images), floor 2**-20, and top-1 is
+identical. PyTorch runs with TF32 off (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``,
+``set_float32_matmul_precision("highest")``); the same model with TF32 on is reported beside it as the trap it is
+(facts §5), expected to fail. The Flax reference asks for ``Precision.HIGHEST`` itself. Exit 0 when every
+TF32-off runtime passes, 1 when one fails, 2 when there is no GPU. Not part of CI: CI machines have no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2 import reference
+from convnextv2.converters.onnx_export import FP32_FACTOR, FP32_FLOOR
+from convnextv2.fixtures import make_checkpoint
+from convnextv2.parity_tests.quick import seeded_images
+
+
+def _torch_logits(model: Any, images: np.ndarray, device: str) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        out = model.to(device)(torch.from_numpy(images).to(device))
+    return out.float().cpu().numpy()
+
+
+def _torch_gpu(ckpt: Any, images: np.ndarray, tf32: bool) -> np.ndarray:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        return _torch_logits(reference.build(ckpt, "torch"), images, "cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+
+
+def _flax_gpu(ckpt: Any, images: np.ndarray) -> np.ndarray:
+    import jax
+
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(f"JAX runs on {jax.default_backend()}, not a GPU")
+    return reference.run_features(reference.build(ckpt, "flax"), "flax", images)["logits"]
+
+
+def check(variant: str, size: int, batch: int) -> list[dict[str, Any]]:
+    ckpt = make_checkpoint(variant, seed=0, fmt="canonical")
+    images = seeded_images(batch, size)
+    referee = reference.run_features(reference.build(ckpt, "torch", dtype="float64"), "torch", images)["logits"]
+    scale = float(np.abs(referee).max()) or 1.0
+    cpu = reference.run_features(reference.build(ckpt, "torch"), "torch", images)["logits"]
+    baseline = float(np.abs(cpu.astype(np.float64) - referee).max()) / scale
+    tolerance = max(FP32_FACTOR * baseline, FP32_FLOOR)
+    runtimes = {"torch cuda, TF32 off": lambda: _torch_gpu(ckpt, images, tf32=False),
+                "torch cuda, TF32 on (trap)": lambda: _torch_gpu(ckpt, images, tf32=True),
+                "flax gpu": lambda: _flax_gpu(ckpt, images)}
+    rows = []
+    for name, run in runtimes.items():
+        row: dict[str, Any] = {"variant": variant, "size": size, "batch": batch, "runtime": name,
+                               "cpu_fp32_scale_aware": baseline, "tolerance": tolerance}
+        try:
+            logits = run()
+        except Exception as exc:  # noqa: BLE001 - a runtime that cannot run here is reported, not fatal
+            row["unavailable"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            continue
+        error = float(np.abs(logits.astype(np.float64) - referee).max()) / scale
+        row.update({"scale_aware": error, "ratio_to_cpu_fp32": error / baseline if baseline else None,
+                    "top1_same": bool(np.array_equal(logits.argmax(1), referee.argmax(1)))})
+        row["passed"] = error <= tolerance and row["top1_same"]
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convnextv2.parity_tests.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="atto,tiny,base")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None, help="also write every row here")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: this check needs a GPU", file=sys.stderr)
+        return 2
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows = [row for variant in args.variants.split(",") for row in check(variant.strip(), args.size, args.batch)]
+    print("| variant | runtime | scale-aware error | x CPU fp32 | tolerance | top-1 | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "unavailable" in r:
+            print(f"| {r['variant']} | {r['runtime']} | unavailable: {r['unavailable']} | | | | |")
+            continue
+        ratio = f"{r['ratio_to_cpu_fp32']:.2f}" if r["ratio_to_cpu_fp32"] is not None else "-"
+        print(f"| {r['variant']} | {r['runtime']} | {r['scale_aware']:.2e} | {ratio} | {r['tolerance']:.2e} | "
+              f"{'same' if r['top1_same'] else 'DIFFERENT'} | {'pass' if r['passed'] else 'FAIL'} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    guarded = [r for r in rows if "trap" not in r["runtime"] and "unavailable" not in r]
+    return 0 if guarded and all(r["passed"] for r in guarded) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
