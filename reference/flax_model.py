@@ -67,21 +67,24 @@ class DepthwiseConv(nnx.Conv):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]
         kernel = self.kernel[...]
-        bias = self.bias[...]
+        bias = self.bias[...]  # type: ignore[index]  # the blocks' dwconv has a bias
 
         def one_image(image: jax.Array) -> jax.Array:
             size_h, size_w = kernel.shape[:2]
-            pad_h, pad_w = size_h // 2, size_w // 2
             height, width = image.shape[0], image.shape[1]
-            padded = jnp.pad(image, ((pad_h, pad_h), (pad_w, pad_w), (0, 0)))
-            total = None
-            for row in range(size_h):
+            padded = jnp.pad(image, ((size_h // 2, size_h // 2), (size_w // 2, size_w // 2), (0, 0)))
+
+            def row_sum(row: int) -> jax.Array:
                 rows = padded[row:row + height]
-                row_sum = rows[:, 0:width] * kernel[row, 0, 0]
+                total = rows[:, 0:width] * kernel[row, 0, 0]
                 for col in range(1, size_w):
-                    row_sum = row_sum + rows[:, col:col + width] * kernel[row, col, 0]
-                total = row_sum if total is None else total + row_sum
-            return total + bias  # type: ignore[operator]  # the blocks' dwconv has a bias
+                    total = total + rows[:, col:col + width] * kernel[row, col, 0]
+                return total
+
+            total = row_sum(0)
+            for row in range(1, size_h):
+                total = total + row_sum(row)
+            return total + bias
 
         # One image per loop step: over a whole batch XLA splits the 49 terms into separate fusions that each
         # materialise a full-size broadcast of the kernel (batch 8 of tiny: 300 ms of 800 in such fusions).
