@@ -7,9 +7,10 @@ Runs in float64 too; that instance is the referee every runtime is compared agai
 Two paths, one set of weights. float64 (the referee) runs the plain definition: NCHW tensors, GRN written
 term by term. float32 runs the same math arranged for speed (docs/benchmarks.md): channels-last activations
 end to end, so the NHWC blocks see contiguous memory and the permutes around them cost nothing; GRN's
-``gamma * (x * N) + beta + x`` as one multiply-add ``x * (gamma * N + 1) + beta``; the average pool as a
-reduction over the contiguous spatial axis. parity_tests/test_speed_parity.py holds the float32 path to
-within 2x of the plain path's float32 error against the referee.
+``gamma * (x * N) + beta + x`` as one multiply-add ``x * (gamma * N + 1) + beta``; in CPU inference the two
+linears as oneDNN GEMMs with bias + GELU and bias + residual fused in. parity_tests/test_speed_parity.py holds
+the float32 path to within 2x of the plain path's float32 error against the referee. Exported graphs trace
+the plain path, except GRN, which exports in a form onnxruntime runs faster (``GRN._graph_form``).
 """
 
 from __future__ import annotations
