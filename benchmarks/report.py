@@ -80,7 +80,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-# Issue 7's bars, read off the tables above: (section, check, bar, how a row's figure is taken).
+# Issue 7's bars, checked against the figures of the tables above.
 CONVERSION_RSS_BAR = 0.15
 CONVERSION_WALL_BAR = 1.5
 PEER_BAR = 1.0
