@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
-from convnextv2.converters.errors import (
+from convnextv2.reference.errors import (
     BadInputError,
     CheckFailedError,
     ConvNeXtV2Error,

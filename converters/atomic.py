@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 
 
 def check_destination(path: str | os.PathLike[str], overwrite: bool) -> Path:

@@ -7,7 +7,7 @@ from typing import Any
 
 from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, checkpoint_from_metadata, deferred_digests
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors
 from convnextv2.reference import schema

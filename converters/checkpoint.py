@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.reference import schema
 from convnextv2.reference.variants import ModelConfig
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from convnextv2.converters.errors import ConvNeXtV2Error
+from convnextv2.reference.errors import ConvNeXtV2Error
 from convnextv2.fixtures.make import FIXTURE_FORMATS
 
 WRITABLE = ["canonical", "original", "hf", "timm", "keras", "flax", "savedmodel", "onnx"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, Source, checkpoint_from_metadata, deferred_digests, lazy_sha256
-from convnextv2.converters.errors import BadInputError, SchemaError
+from convnextv2.reference.errors import BadInputError, SchemaError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors

@@ -38,7 +38,7 @@ from convnextv2.converters.checkpoint import (
     lazy_sha256,
     sha256_of,
 )
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import (

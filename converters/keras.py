@@ -33,7 +33,7 @@ import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata, lazy_sha256
-from convnextv2.converters.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.safetensors_io import parse_json_text, read_safetensors, write_safetensors
 from convnextv2.reference import schema

@@ -29,7 +29,7 @@ from typing import Any, TypeGuard, cast
 import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata, sha256_of
-from convnextv2.converters.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.reference import schema
 from convnextv2.reference.variants import (
     GRN_EPS,

@@ -38,7 +38,7 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
     from convnextv2 import converters
     from convnextv2.converters import onnx_export
     from convnextv2.converters.atomic import check_destination
-    from convnextv2.converters.errors import MissingDependencyError
+    from convnextv2.reference.errors import MissingDependencyError
 
     check_destination(dst, overwrite)
     reason = onnx_export.why_unavailable(via)

@@ -22,7 +22,7 @@ import numpy as np
 
 from convnextv2.converters.atomic import _fsync_dir, _umask, check_destination
 from convnextv2.converters.checkpoint import Checkpoint, sha256_of
-from convnextv2.converters.errors import BadInputError, CheckFailedError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 VIAS = ("torch", "tensorflow", "flax")
 # Measured (docs/onnx.md): at opset 20 GELU is the Gelu op, which onnxruntime 1.32 fuses with the preceding

@@ -19,7 +19,7 @@ import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, lazy_sha256
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.keymap import KeyTable, Rule
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.torchzip import (

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 
 # A header larger than this is not a model header; refuse before reading it (no allocation by declared size).
 MAX_HEADER_BYTES = 100 * 1024 * 1024

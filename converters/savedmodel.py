@@ -14,7 +14,7 @@ from typing import Any
 
 from convnextv2.converters.atomic import atomic_directory
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 
 NAME = "savedmodel"
 SIGNATURE = "serving_default"

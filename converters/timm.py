@@ -29,7 +29,7 @@ import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory, atomic_file, check_destination
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.hf import (
     embedded_metadata,
     flat_vector,

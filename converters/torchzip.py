@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.errors import BadInputError, UnsafeCheckpointError
+from convnextv2.reference.errors import BadInputError, UnsafeCheckpointError
 from convnextv2.converters.safetensors_io import TensorStreamer, write_array_bytes
 
 # data.pkl of a real checkpoint (with optimizer state) is a few MB; bound it before reading it.

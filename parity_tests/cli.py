@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from convnextv2.converters.errors import BadInputError, CheckFailedError
+from convnextv2.reference.errors import BadInputError, CheckFailedError
 
 RUNTIME_ALIASES = {"tf": "tensorflow", "keras": "tensorflow", "jax": "flax", "onnx": "onnxruntime",
                    "ort": "onnxruntime", "pytorch": "torch", "hf": "transformers-pt", "transformers": "transformers-pt",

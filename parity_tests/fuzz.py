@@ -95,7 +95,7 @@ def make_reader(target: str, workdir: Path, crashes: CrashLog | None = None) -> 
     hypothesis); with one it records the failure and carries on.
     """
     from convnextv2 import converters
-    from convnextv2.converters.errors import ConvNeXtV2Error
+    from convnextv2.reference.errors import ConvNeXtV2Error
 
     path = workdir / FILE_NAMES[target]
     modules = [converters.format_module(name) for name in converters.available_formats()]

@@ -30,7 +30,7 @@ import numpy as np
 
 from convnextv2.converters import onnx_export
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.converters.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.parity_tests import runtimes as runtime_registry
 from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images, seeded_images
 from convnextv2.parity_tests.runtimes import Runtime

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from convnextv2.converters.checkpoint import Preprocessing
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
 ARRAY_SUFFIXES = (".npy",)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.parity_tests.harness import FEATURES, ParityReport, RuntimeResult
 
 REPORT_SUFFIXES = (".json", ".md", ".xml", ".html", ".png")

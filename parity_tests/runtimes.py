@@ -63,7 +63,7 @@ def register(runtime: Runtime) -> Runtime:
 
 
 def get(name: str) -> Runtime:
-    from convnextv2.converters.errors import BadInputError
+    from convnextv2.reference.errors import BadInputError
 
     if name not in RUNTIMES:
         raise BadInputError(f"unknown runtime {name!r}; expected one of {', '.join(RUNTIMES)}")

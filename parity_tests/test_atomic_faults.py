@@ -262,7 +262,7 @@ def test_failure_during_write_leaves_nothing(tmp_path, sources, monkeypatch):
 def test_file_appearing_mid_write_is_not_replaced(tmp_path, sources, monkeypatch):
     """Without --overwrite a destination created while we wrote is kept (link() refuses it atomically)."""
     from convnextv2.converters import safetensors_io
-    from convnextv2.converters.errors import BadInputError
+    from convnextv2.reference.errors import BadInputError
 
     _, src, _ = sources
     dst = tmp_path / "out.safetensors"

@@ -21,7 +21,7 @@ import pytest
 from convnextv2 import converters, fixtures, reference
 from convnextv2.converters import flax as flax_format
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.converters.errors import BadInputError, SchemaError
+from convnextv2.reference.errors import BadInputError, SchemaError
 from convnextv2.fixtures.make import random_tensors
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors, run_cli
 from convnextv2.parity_tests.quick import seeded_images

@@ -11,7 +11,7 @@ import pytest
 import safetensors.numpy
 
 from convnextv2 import converters, fixtures, reference
-from convnextv2.converters.errors import BadInputError, SchemaError
+from convnextv2.reference.errors import BadInputError, SchemaError
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors, original_state, run_cli
 from convnextv2.reference import schema
 from convnextv2.reference.variants import VARIANTS, ModelConfig, config_for, parameter_count, parse_variant

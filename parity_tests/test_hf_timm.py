@@ -28,7 +28,7 @@ import torch
 from convnextv2 import converters, fixtures, reference
 from convnextv2.converters import hf as hf_format
 from convnextv2.converters import timm as timm_format
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.safetensors_io import write_safetensors
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors
 from convnextv2.parity_tests.peers import import_timm, import_transformers

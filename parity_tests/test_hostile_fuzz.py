@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from convnextv2 import converters
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
 from convnextv2.converters.torchzip import read_torch_zip, write_torch_zip
 from convnextv2.fixtures import hostile

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from convnextv2 import converters, reference
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.fixtures import make_checkpoint, write_fixture
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors, run_cli
 from convnextv2.parity_tests.inputs import seeded_images

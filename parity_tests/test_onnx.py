@@ -17,7 +17,7 @@ import pytest
 
 from convnextv2 import converters, reference
 from convnextv2.converters import onnx_export
-from convnextv2.converters.errors import BadInputError, CheckFailedError
+from convnextv2.reference.errors import BadInputError, CheckFailedError
 from convnextv2.fixtures import make_checkpoint, write_fixture
 from convnextv2.parity_tests.conftest_helpers import run_cli
 from convnextv2.parity_tests.quick import seeded_images

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from convnextv2.converters.checkpoint import Preprocessing
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.fixtures import make_checkpoint
 from convnextv2.parity_tests.harness import (
     FEATURES,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from convnextv2.converters.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.reference.variants import VARIANTS, ModelConfig, config_for, parse_variant
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.keras import KERAS_KEYS, PACKAGE, keras_paths, to_canonical_layout, to_keras_layout
 from convnextv2.reference import schema
 from convnextv2.reference.variants import GRN_EPS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from convnextv2.converters.errors import BadInputError, SchemaError
+from convnextv2.reference.errors import BadInputError, SchemaError
 from convnextv2.reference.variants import IN_CHANNELS, MLP_RATIO, NUM_STAGES, ModelConfig
 
 SCHEMA_NAME = "convnextv2-canonical"

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from convnextv2.converters.errors import BadInputError
+from convnextv2.reference.errors import BadInputError
 
 # name -> (depths, dims); the eight released sizes (facts §2).
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {

@@ -1,4 +1,5 @@
-"""The toolkit's own error types. The CLI maps them to exit codes (docs/cli.md)."""
+"""The toolkit's own error types, at the bottom layer so every layer can raise them. The CLI maps them to
+exit codes (README, "Exit codes")."""
 
 from __future__ import annotations
 
