@@ -73,7 +73,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def typecheck(session: nox.Session) -> None:
     python = _install_if_isolated(session)
-    session.run(python, "-m", "mypy", "reference", "converters", "fixtures", "parity_tests")
+    session.run(python, "-m", "mypy", "reference", "converters", "fixtures", "parity_tests", "tools")
 
 
 @nox.session(venv_backend="none")
@@ -87,4 +87,4 @@ def bench(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """Coverage-guided and property-based fuzzing of the readers, bounded in time (FUZZ_SECONDS per target)."""
     python = _install_if_isolated(session)
-    _timed(session, python, "-m", "convnextv2.parity_tests.fuzz", *session.posargs)
+    _timed(session, python, "-m", "tools.fuzz", *session.posargs)

@@ -36,7 +36,7 @@ with torch.serialization.safe_globals([argparse.Namespace]):
 tensors = {}
 for key, value in state.items():
     name, rule = DENSE.to_canonical(key)
-    tensors[name] = value.reshape(-1).contiguous() if rule.transform == "grn" else value.contiguous()
+    tensors[name] = value.reshape(-1).contiguous() if rule.transform.name == "grn" else value.contiguous()
 save_file(tensors, dst, metadata={"format": "pt"})
 """
 

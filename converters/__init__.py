@@ -1,15 +1,17 @@
 """Checkpoint formats and the mapping of each to and from the canonical schema.
 
 ``load(path)`` returns a :class:`Checkpoint`; ``save(ckpt, path, format=...)`` writes one. Each format
-lives in its own module exposing ``NAME``, ``sniff(path)``, ``read(path, **options)`` and
-``write(ckpt, path, **options)``; modules import their framework only inside those functions.
+lives in its own module exposing ``NAME``, ``sniff(path)``, ``read(path, *, options...)`` and
+``write(ckpt, path, *, options...)``, each declaring its options as keyword-only parameters; ``load`` and
+``save`` refuse any other option by name. Modules import their framework only inside those functions.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import inspect
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -41,21 +43,26 @@ FORMAT_MODULES: dict[str, str] = {
 def format_module(name: str) -> ModuleType:
     if name not in FORMAT_MODULES:
         raise BadInputError(f"unknown format {name!r}; expected one of {', '.join(available_formats())}")
-    try:
-        return importlib.import_module(FORMAT_MODULES[name])
-    except ModuleNotFoundError as exc:
-        if exc.name == FORMAT_MODULES[name]:
-            raise BadInputError(f"format {name!r} is not implemented in this version") from None
-        raise
+    return importlib.import_module(FORMAT_MODULES[name])
 
 
 def available_formats() -> list[str]:
-    """Formats whose converter module exists in this install (importing none of their frameworks)."""
-    names = []
-    for name, module in FORMAT_MODULES.items():
-        if importlib.util.find_spec(module) is not None:
-            names.append(name)
-    return names
+    """Every format, in auto-detection order (their modules import no framework until they read or write)."""
+    return list(FORMAT_MODULES)
+
+
+def declared_options(function: Callable[..., Any]) -> list[str]:
+    """The keyword-only options a format's ``read`` or ``write`` declares, in declaration order."""
+    return [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def _check_options(function: Callable[..., Any], options: Mapping[str, Any], doing: str, name: str) -> None:
+    # A misspelt option (emma=True) must not be silently ignored: every reader and writer declares its own.
+    allowed = declared_options(function)
+    for key in options:
+        if key not in allowed:
+            raise BadInputError(f"unknown option {key!r} for {doing} format {name!r}; expected one of: "
+                                f"{', '.join(sorted(allowed)) or '(none)'}")
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -79,16 +86,14 @@ def load(path: str | os.PathLike[str], format: str = "auto", **options: Any) -> 
         raise BadInputError(f"{path} does not exist")
     name = detect_format(path) if format == "auto" else format
     module = format_module(name)
-    if not hasattr(module, "read"):
-        raise BadInputError(f"format {name!r} can only be written, not read")
+    _check_options(module.read, options, "reading", name)
     return module.read(path, **options)
 
 
 def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonical", **options: Any) -> None:
     """Write ``ckpt`` atomically in ``format``; an existing destination needs ``overwrite=True``."""
     module = format_module(format)
-    if not hasattr(module, "write"):
-        raise BadInputError(f"format {format!r} can only be read, not written")
+    _check_options(module.write, options, "writing", format)
     module.write(ckpt, Path(path), **options)
 
 
@@ -104,6 +109,7 @@ __all__ = [
     "Source",
     "UnsafeCheckpointError",
     "available_formats",
+    "declared_options",
     "detect_format",
     "load",
     "save",

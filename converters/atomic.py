@@ -147,3 +147,43 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file_with_companions(path: str | os.PathLike[str], companions: tuple[str, ...] = (),
+                                overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory in the destination's directory for a file that may come with companion
+    files beside it (an ONNX model and its ``.data`` file): write ``<dir>/<name of path>`` and any of the
+    ``companions`` (bare file names) there, under their final names, so relative references between them hold.
+
+    On success the companions are published first and the main file last, each by rename: a main file in
+    place always finds its complete companions. With ``overwrite``, a companion the new file did not write
+    is removed from beside the destination afterwards (it belonged to the file just replaced). On failure
+    nothing is published and the temporary directory is removed.
+    """
+    dest = check_destination(path, overwrite)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        yield work
+        main = work / dest.name
+        if not main.is_file():
+            raise FileNotFoundError(f"{main}: the main file was not written")
+        written = [name for name in companions if (work / name).is_file()]
+        for file in [work / name for name in written] + [main]:
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+            # mkdtemp's files get the creator's mode; give the outputs the permissions a plain open() would have.
+            os.chmod(file, 0o666 & ~_umask())
+        if dest.is_dir():
+            raise BadInputError(f"{dest} is a directory; refusing to replace it with a file")
+        for name in written:
+            os.replace(work / name, dest.with_name(name))
+        _publish_file(main, dest, overwrite)
+        if overwrite:
+            for name in companions:
+                if name not in written:
+                    with contextlib.suppress(FileNotFoundError):
+                        dest.with_name(name).unlink()
+        _fsync_dir(dest.parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, checkpoint_from_metadata, deferred_digests
-from convnextv2.reference.errors import BadInputError
+from convnextv2.converters.checkpoint import Checkpoint, checkpoint_from_metadata
+from convnextv2.converters.digests import deferred_digests
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors
 from convnextv2.reference import schema
+from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.variants import check_variant
 
 NAME = "canonical"
@@ -22,7 +22,7 @@ def sniff(path: Path) -> bool:
     return found is not None and found[1].get("schema") == schema.SCHEMA_NAME
 
 
-def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     tensors, meta = read_safetensors(path)
     if meta.get("schema") != schema.SCHEMA_NAME:
         raise BadInputError(f"{path}: not a canonical ConvNeXt V2 file (metadata schema={meta.get('schema')!r})")
@@ -32,7 +32,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
     return ckpt
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, **_: Any) -> None:
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     ckpt.validate(f"writing {path}")
     items = ckpt.ordered_tensors()
     total = sum(int(a.size) * a.dtype.itemsize for _, a in items)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
-import os
-import threading
-import weakref
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from convnextv2.reference.errors import BadInputError
+from convnextv2.converters.digests import LazySha256, deferring
+from convnextv2.converters.strict_json import parse_json_text
 from convnextv2.reference import schema
+from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.variants import ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,7 +33,8 @@ class Preprocessing:
 
     @classmethod
     def for_resolution(cls, input_size: int) -> Preprocessing:
-        # The released 384/512 checkpoints were fine-tuned without a crop (facts §4.5).
+        # The released 384/512 checkpoints were fine-tuned without a crop: timm's pretrained configs
+        # for them use crop_pct 1.0 and squash resizing.
         if input_size >= 384:
             return cls(input_size=input_size, crop_pct=1.0, crop_mode="squash")
         return cls(input_size=input_size)
@@ -65,22 +62,49 @@ class Preprocessing:
             raise BadInputError(f"preprocessing metadata is invalid: {exc!r}") from None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Source:
-    """Where a checkpoint came from; carried through every conversion."""
+    """Where a checkpoint came from; carried through every conversion.
+
+    ``digest`` is the source's sha256: a hex string, or a :class:`LazySha256` a reader recorded, which
+    ``sha256`` resolves when first asked for (see ``converters.digests``).
+    """
 
     format: str
     file_name: str = ""
-    sha256: str = ""
+    digest: str | LazySha256 = ""
     # Format-specific facts needed to write the same layout back bit for bit (e.g. GRN's stored shape).
     layout: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 hex digest ("" when unknown). A pending digest is computed here, except inside
+        ``deferred_digests()``, where it reads as its placeholder for ``write_safetensors`` to fill in."""
+        value = self.digest
+        if isinstance(value, LazySha256):
+            if deferring() and not value.done:
+                return value.placeholder
+            value = self.digest = value.result()
+        return value
+
+    @sha256.setter
+    def sha256(self, value: str) -> None:
+        self.digest = value
+
+    def pending_digest(self) -> LazySha256 | None:
+        value = self.digest
+        return value if isinstance(value, LazySha256) and not value.done else None
 
     def to_json_dict(self) -> dict[str, Any]:
         return {"format": self.format, "file_name": self.file_name, "sha256": self.sha256, "layout": self.layout}
 
-    def pending_digest(self) -> LazySha256 | None:
-        value = self.__dict__.get("_sha256")
-        return value if isinstance(value, LazySha256) and not value.done else None
+    def __eq__(self, other: object) -> bool:
+        # Two sources are equal when they record the same facts, whether or not a digest is still pending.
+        if not isinstance(other, Source):
+            return NotImplemented
+        return self.to_json_dict() == other.to_json_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like any eq dataclass
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> Source:
@@ -92,28 +116,9 @@ class Source:
         return cls(
             format=str(data.get("format", "unknown")),
             file_name=str(data.get("file_name", "")),
-            sha256=str(data.get("sha256", "")),
+            digest=str(data.get("sha256", "")),
             layout=dict(layout),
         )
-
-
-def _source_sha256(self: Source) -> str:
-    value = self.__dict__.get("_sha256", "")
-    if isinstance(value, LazySha256):
-        if _DEFERRAL.active and not value.done:
-            return value.placeholder
-        value = self.__dict__["_sha256"] = value.result()
-    return value
-
-
-def _set_source_sha256(self: Source, value: str | LazySha256) -> None:
-    self.__dict__["_sha256"] = value
-
-
-# The digest of a multi-GB source costs a full read of it: a reader records a LazySha256, which is computed
-# when first asked for, or by a writer while it streams the tensors (the two reads then share one pass through
-# the page cache and run on two cores).
-Source.sha256 = property(_source_sha256, _set_source_sha256)  # type: ignore[assignment,method-assign]
 
 
 @dataclasses.dataclass
@@ -187,126 +192,11 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def sha256_of(path: str | os.PathLike[str], chunk: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-class LazySha256:
-    """sha256 of a file, computed on first use or in the background while a writer streams the tensors.
-
-    The file's identity (device, inode, size, mtime) is recorded when the checkpoint is read; a file replaced
-    or modified before the digest is computed is refused rather than hashed.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        stat = self.path.stat()
-        self.identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        self.placeholder = f"sha256-pending-{id(self):x}".ljust(64, "0")[:64]
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._value: str | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._value is not None
-
-    def _compute(self) -> None:
-        try:
-            digest = hashlib.sha256()
-            with open(self.path, "rb", buffering=0) as handle:
-                stat = os.fstat(handle.fileno())
-                if (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.identity:
-                    raise BadInputError(f"{self.path} changed while it was being converted")
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                buffer = bytearray(HASH_CHUNK)
-                view = memoryview(buffer)
-                while count := handle.readinto(buffer):
-                    digest.update(view[:count])
-            self._value = digest.hexdigest()
-        except BaseException as exc:  # handed to whoever asks for the value
-            self._error = exc
-
-    def start(self) -> None:
-        """Begin hashing on a background thread (hashlib and file reads release the GIL)."""
-        with self._lock:
-            if self._thread is None and self._value is None:
-                self._thread = threading.Thread(target=self._compute, name=f"sha256 {self.path.name}", daemon=True)
-                self._thread.start()
-
-    def result(self) -> str:
-        with self._lock:
-            thread = self._thread
-            if thread is None and self._value is None and self._error is None:
-                self._compute()
-        if thread is not None:
-            thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
-
-
-HASH_CHUNK = 8 * 1024 * 1024
-# Weak: a checkpoint that is dropped takes its pending digest with it.
-_PLACEHOLDERS: weakref.WeakValueDictionary[str, LazySha256] = weakref.WeakValueDictionary()
-_PLACEHOLDERS_LOCK = threading.Lock()
-
-
-class _Deferral(threading.local):
-    active = False
-
-
-_DEFERRAL = _Deferral()
-
-
-@contextlib.contextmanager
-def deferred_digests() -> Iterator[None]:
-    """Inside, a source digest not computed yet reads as a 64-character placeholder (the length of the real
-    one) instead of blocking; ``write_safetensors`` starts those digests, streams the tensors meanwhile and
-    writes the real values into its header last. Use it only around metadata handed to that writer."""
-    previous = _DEFERRAL.active
-    _DEFERRAL.active = True
-    try:
-        yield
-    finally:
-        _DEFERRAL.active = previous
-
-
-def register_placeholder(digest: LazySha256) -> None:
-    with _PLACEHOLDERS_LOCK:
-        _PLACEHOLDERS[digest.placeholder] = digest
-
-
-def pending_placeholders(text: bytes) -> list[LazySha256]:
-    """The lazy digests whose placeholders appear in ``text`` (a header about to be written)."""
-    with _PLACEHOLDERS_LOCK:
-        candidates = list(_PLACEHOLDERS.values())
-    return [d for d in candidates if d.placeholder.encode() in text]
-
-
-def lazy_sha256(path: str | os.PathLike[str]) -> LazySha256:
-    digest = LazySha256(path)
-    register_placeholder(digest)
-    return digest
-
-
 def checkpoint_from_metadata(meta: Mapping[str, Any], tensors: dict[str, np.ndarray], where: str,
                              required: tuple[str, ...] = ("config", "preprocessing", "source")) -> Checkpoint:
     """Rebuild a Checkpoint from the canonical metadata fields (``Checkpoint.metadata()``), which every
     format that can carry them embeds; the one parser of those fields, so every reader refuses the same
     malformed values the same way. Values may be JSON text (safetensors, ONNX) or already-parsed JSON."""
-    from convnextv2.converters.safetensors_io import parse_json_text
-
     version = meta.get("schema_version")
     if version not in schema.SUPPORTED_SCHEMA_VERSIONS:
         raise BadInputError(

@@ -1,4 +1,4 @@
-"""Hugging Face transformers ConvNeXt V2 (facts §4.4), in and out.
+"""Hugging Face transformers ConvNeXt V2, in and out.
 
 Written: a directory ``transformers.ConvNextV2ForImageClassification.from_pretrained`` (``ConvNextV2Model``
 when headless) loads with no missing or unexpected keys: ``config.json``, ``model.safetensors`` (metadata
@@ -11,9 +11,8 @@ HF's final pooled LayerNorm takes ``layer_norm_eps`` from config.json (default 1
 fixed at 1e-6. That eps is carried as ``ModelConfig.head_norm_eps`` so every reference computes what HF
 computes; a warning says the original uses 1e-6.
 
-Our canonical metadata rides along in the safetensors metadata under ``EMBEDDED_PREFIX`` (not as the
-canonical ``schema`` key, so the file is never mistaken for a canonical one): reading it back restores the
-exact preprocessing, source and info, which makes hf -> canonical -> hf byte-identical.
+Our canonical metadata rides along in the safetensors metadata (``converters.toolkit_metadata``): reading
+it back restores the exact preprocessing, source and info, which makes hf -> canonical -> hf byte-identical.
 """
 
 from __future__ import annotations
@@ -29,27 +28,17 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory
-from convnextv2.converters.checkpoint import (
-    Checkpoint,
-    Preprocessing,
-    Source,
-    checkpoint_from_metadata,
-    deferred_digests,
-    lazy_sha256,
-    sha256_of,
-)
-from convnextv2.reference.errors import BadInputError
-from convnextv2.converters.keymap import KeyTable, Rule
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
+from convnextv2.converters.digests import source_digest
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.safetensors_io import (
-    is_safetensors,
-    parse_json_text,
-    read_safetensors,
-    sniff_header,
-    write_safetensors,
-)
-from convnextv2.converters.torchzip import is_torch_zip, read_torch_zip
+from convnextv2.converters.safetensors_io import write_safetensors
+from convnextv2.converters.state_files import peek_keys, read_state_file
+from convnextv2.converters.strict_json import load_json
+from convnextv2.converters.toolkit_metadata import embedded_metadata, restore_embedded
 from convnextv2.reference import schema
+from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.keymap import KeyTable, Rule
+from convnextv2.reference.layouts import HF_GRN
 from convnextv2.reference.variants import (
     IN_CHANNELS,
     LAYER_NORM_EPS,
@@ -71,18 +60,13 @@ HEADLESS_ARCH = "ConvNextV2Model"
 # transformers' default for layer_norm_eps when a config omits it.
 HF_DEFAULT_LAYER_NORM_EPS = 1e-12
 PATCH_SIZE = 4
-# safetensors metadata keys under which our canonical metadata is embedded in foreign-layout files.
-EMBEDDED_PREFIX = "convnextv2-toolkit."
-
-# A config.json with 1000 labels is ~60 KB; refuse absurd ones before reading them.
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-
 # PIL resampling codes, which ConvNextImageProcessor stores as ``resample``.
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-# HF's processor warps (no crop) at 384 px and above, and resizes-then-centre-crops below (facts §4.4).
+# HF's processor warps (no crop) at 384 px and above, and resizes-then-centre-crops below.
 HF_SQUASH_FROM = 384
 
-# The classification model's base-model keys carry MODEL_PREFIX; the classifier never does.
+# The classification model's base-model keys carry MODEL_PREFIX; the classifier (this rule) never does.
+CLASSIFIER = Rule("classifier.{p}", "head.fc.{p}")
 KEYS = KeyTable([
     Rule("embeddings.patch_embeddings.{p}", "stem.conv.{p}"),
     Rule("embeddings.layernorm.{p}", "stem.norm.{p}"),
@@ -91,19 +75,19 @@ KEYS = KeyTable([
     Rule("encoder.stages.{s}.layers.{b}.dwconv.{p}", "stages.{s}.blocks.{b}.dwconv.{p}"),
     Rule("encoder.stages.{s}.layers.{b}.layernorm.{p}", "stages.{s}.blocks.{b}.norm.{p}"),
     Rule("encoder.stages.{s}.layers.{b}.pwconv1.{p}", "stages.{s}.blocks.{b}.pwconv1.{p}"),
-    Rule("encoder.stages.{s}.layers.{b}.grn.weight", "stages.{s}.blocks.{b}.grn.gamma", transform="grn"),
-    Rule("encoder.stages.{s}.layers.{b}.grn.bias", "stages.{s}.blocks.{b}.grn.beta", transform="grn"),
+    Rule("encoder.stages.{s}.layers.{b}.grn.weight", "stages.{s}.blocks.{b}.grn.gamma", HF_GRN),
+    Rule("encoder.stages.{s}.layers.{b}.grn.bias", "stages.{s}.blocks.{b}.grn.beta", HF_GRN),
     Rule("encoder.stages.{s}.layers.{b}.pwconv2.{p}", "stages.{s}.blocks.{b}.pwconv2.{p}"),
     Rule("layernorm.{p}", "head.norm.{p}"),
-    Rule("classifier.{p}", "head.fc.{p}", transform="unprefixed"),
+    CLASSIFIER,
 ])
-HF_GRN_SHAPE = (1, 1, 1, -1)
 
 
-# ------------------------------------------------------------ shared with the timm converter
+# ------------------------------------------------------------ transformers specifics
 
 def check_transformers_version(version: str | None = None) -> None:
-    """transformers 4.51.x computes GRN with a spectral (matrix) norm; its outputs are wrong (facts §4.4)."""
+    """transformers 4.51.x computes GRN with a spectral (matrix) norm; its outputs are wrong
+    (4.50 and older, 4.52 and newer are right)."""
     if version is None:
         import importlib.metadata
 
@@ -119,84 +103,13 @@ def check_transformers_version(version: str | None = None) -> None:
         )
 
 
-def embedded_metadata(ckpt: Checkpoint) -> dict[str, str]:
-    """Our canonical metadata under EMBEDDED_PREFIX; a source digest still pending stays a placeholder that
-    ``write_safetensors`` fills in while it streams the tensors (see ``deferred_digests``)."""
-    with deferred_digests():
-        meta = ckpt.metadata()
-    meta.pop("format", None)
-    return {EMBEDDED_PREFIX + key: value for key, value in meta.items()}
-
-
-def source_digest(path: Path) -> Any:
-    # A file's digest is a full read: computed lazily (or while a writer streams); a directory's at once.
-    return sha256_of(path) if path.is_dir() else lazy_sha256(path)
-
-
-def restore_embedded(meta: Mapping[str, str], where: str) -> dict[str, Any] | None:
-    """Our canonical metadata embedded by ``embedded_metadata``, parsed; None when absent or not ours."""
-    if meta.get(EMBEDDED_PREFIX + "schema") != schema.SCHEMA_NAME:
-        return None
-    fields = {key[len(EMBEDDED_PREFIX):]: value for key, value in meta.items() if key.startswith(EMBEDDED_PREFIX)}
-    try:
-        ckpt = checkpoint_from_metadata(fields, {}, f"{where}: embedded toolkit metadata")
-        return {"config": ckpt.config, "preprocessing": ckpt.preprocessing, "source": ckpt.source, "info": ckpt.info}
-    except BadInputError as exc:
-        warnings.warn(f"{where}: embedded toolkit metadata is unreadable ({exc}); ignoring it",
-                      RuntimeWarning, stacklevel=3)
-        return None
-
-
-def flat_vector(array: np.ndarray, where: str) -> np.ndarray:
-    """GRN parameters are stored (1,1,1,n), (1,n) or (n,) depending on the library: keep the element order."""
-    if array.ndim == 0 or any(s != 1 for s in array.shape[:-1]):
-        raise BadInputError(f"{where}: expected a vector with leading 1s, found shape {list(array.shape)}")
-    return array.reshape(array.shape[-1])
-
-
-def read_state_file(path: Path, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, safetensors metadata) of a safetensors file or a bare torch-zip state dict (safe reader)."""
-    if is_safetensors(path):
-        return read_safetensors(path)
-    if is_torch_zip(path):
-        obj = read_torch_zip(path)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping) or not obj:
-            raise BadInputError(f"{where}: expected a state dict, found {type(obj).__name__}")
-        bad = [str(k) for k, v in obj.items() if not isinstance(v, np.ndarray)]
-        if bad:
-            raise BadInputError(f"{where}: the state dict holds non-tensor entries {bad[:5]}")
-        return {str(k): v for k, v in obj.items()}, {}
-    raise BadInputError(f"{where}: not a safetensors file or a torch zip state dict")
-
-
-def peek_keys(path: Path) -> list[str]:
-    """Tensor names of a safetensors file or torch zip without touching tensor data; [] when unreadable."""
-    try:
-        found = sniff_header(path)
-        if found is not None:
-            header, meta = found
-            if meta.get("schema") == schema.SCHEMA_NAME:
-                return []  # a canonical file
-            return [k for k in header if k != "__metadata__"]
-        if is_torch_zip(path):
-            obj = read_torch_zip(path)
-            if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-                obj = obj["state_dict"]
-            return [str(k) for k in obj] if isinstance(obj, Mapping) else []
-    except Exception:  # a sniffer must answer, never raise
-        return []
-    return []
-
-
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=1)
 def imagenet1k_labels() -> dict[str, list[str]]:
-    """ImageNet-1k synsets and class descriptions, bundled (generated from timm by data/make_imagenet1k_labels.py)."""
+    """ImageNet-1k synsets and class descriptions, bundled (generated from timm by tools/make_imagenet1k_labels.py)."""
     data = json.loads((Path(__file__).with_name("data") / "imagenet1k_labels.json").read_text(encoding="utf-8"))
     return {"synsets": list(data["synsets"]), "descriptions": list(data["descriptions"])}
 
@@ -265,29 +178,14 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
             base = key[len(MODEL_PREFIX):]
         mapped = KEYS.to_canonical(base)
         # With the prefix every base-model key must carry it; the classifier never does.
-        if mapped is None or (prefixed and (base == key) != (mapped[1].transform == "unprefixed")):
+        if mapped is None or (prefixed and (base == key) != (mapped[1] is CLASSIFIER)):
             unknown.append(f"{key} {list(array.shape)}")
             continue
         name, rule = mapped
-        tensors[name] = flat_vector(array, f"{where}: {key}") if rule.transform == "grn" else array
+        tensors[name] = rule.transform.to_canonical(array, f"{where}: {key}")
     if unknown:
         raise BadInputError(f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 transformers keys: {', '.join(unknown[:10])}")
     return tensors, prefixed
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    """A small JSON object file (config.json and friends), size-bounded, duplicate keys refused."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise BadInputError(f"{path}: {size} bytes is too large for a config file (limit {MAX_CONFIG_BYTES})")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read ({exc})") from None
-    data = parse_json_text(raw, str(path))
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path}: expected a JSON object")
-    return data
 
 
 def _check_config(hf_config: Mapping[str, Any], config: ModelConfig, where: str) -> None:
@@ -368,7 +266,7 @@ def _warn_eps(eps: float, where: str) -> None:
         )
 
 
-def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     check_transformers_version()
     where = str(path)
     hf_config: dict[str, Any] | None = None
@@ -427,7 +325,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
         layout: dict[str, Any] = {"prefixed": prefixed, "weights_file": weights.name}
         if hf_config is not None:
             layout["hf_config"] = hf_config
-        source = Source(format=NAME, file_name=path.name, sha256=source_digest(path), layout=layout)
+        source = Source(format=NAME, file_name=path.name, digest=source_digest(path), layout=layout)
         info = {}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
     ckpt.validate(where)
@@ -497,13 +395,11 @@ def canonical_to_state_dict(ckpt: Checkpoint) -> collections.OrderedDict[str, np
         if mapped is None:
             raise BadInputError(f"tensor {name} has no place in the transformers layout")
         key, rule = mapped
-        if rule.transform == "grn":
-            array = array.reshape([s if s != -1 else array.size for s in HF_GRN_SHAPE])
-        entries[key if rule.transform == "unprefixed" else prefix + key] = array
+        entries[key if rule is CLASSIFIER else prefix + key] = rule.transform.to_foreign(array)
     return entries
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, **_: Any) -> None:
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     check_transformers_version()
     ckpt.validate(f"writing {path}")
     if ckpt.extras():

@@ -7,8 +7,8 @@ from the HDF5 file with h5py, so no deserialised code or config can execute, and
 
 The canonical metadata (config, preprocessing, source, info) rides in the archive as ``convnextv2.json``
 (and as attributes of the ``convnextv2`` group of a ``.weights.h5``); tensors outside the model (``extras.*``)
-ride beside it. Keras ignores both. The naming table and the layout transposes below are shared with the
-Keras reference; they live here, free of TensorFlow, so reading a file needs only h5py.
+ride beside it. Keras ignores both. The naming table and the layouts are the Keras reference's own
+(``reference/keras_layout.py``), free of TensorFlow, so reading a file needs only h5py.
 
 Deterministic: Keras stamps the weights entry with the current time and ``metadata.json`` with the save
 date, so the archive is rewritten with fixed zip timestamps and without ``date_saved``; the HDF5 file Keras
@@ -32,17 +32,17 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata, lazy_sha256
-from convnextv2.reference.errors import BadInputError, MissingDependencyError
-from convnextv2.converters.keymap import KeyTable, Rule
-from convnextv2.converters.safetensors_io import parse_json_text, read_safetensors, write_safetensors
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
+from convnextv2.converters.digests import lazy_sha256
+from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
+from convnextv2.converters.strict_json import parse_json_text
 from convnextv2.reference import schema
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.keras_layout import KERAS_KEYS, PACKAGE
 from convnextv2.reference.variants import ModelConfig, check_variant
 
 NAME = "keras"
 SUFFIXES = (".keras", ".weights.h5")
-PACKAGE = "convnextv2"  # Keras registration package: config.json names our layers "convnextv2>GRN" etc.
-
 CONFIG_ENTRY = "config.json"
 METADATA_ENTRY = "metadata.json"
 WEIGHTS_ENTRY = "model.weights.h5"
@@ -55,25 +55,6 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_ENTRY_BYTES = 64 * 1024**3
 MAX_COMPRESSION_RATIO = 200
 
-# Keras weight path (layer name / variable name) <-> canonical name; ``transform`` names the layout change.
-KERAS_KEYS = KeyTable([
-    Rule("stem.conv/kernel", "stem.conv.weight", transform="conv"),
-    Rule("stem.conv/bias", "stem.conv.bias"),
-    Rule("stem.norm/{p}", "stem.norm.{p}"),
-    Rule("stages.{i}.downsample.norm/{p}", "stages.{i}.downsample.norm.{p}"),
-    Rule("stages.{i}.downsample.conv/kernel", "stages.{i}.downsample.conv.weight", transform="conv"),
-    Rule("stages.{i}.downsample.conv/bias", "stages.{i}.downsample.conv.bias"),
-    Rule("stages.{s}.blocks.{b}.dwconv/kernel", "stages.{s}.blocks.{b}.dwconv.weight", transform="dwconv"),
-    Rule("stages.{s}.blocks.{b}.pwconv1/kernel", "stages.{s}.blocks.{b}.pwconv1.weight", transform="linear"),
-    Rule("stages.{s}.blocks.{b}.pwconv2/kernel", "stages.{s}.blocks.{b}.pwconv2.weight", transform="linear"),
-    Rule("stages.{s}.blocks.{b}.{p}/bias", "stages.{s}.blocks.{b}.{p}.bias"),
-    Rule("stages.{s}.blocks.{b}.norm/weight", "stages.{s}.blocks.{b}.norm.weight"),
-    Rule("stages.{s}.blocks.{b}.grn/{p}", "stages.{s}.blocks.{b}.grn.{p}"),
-    Rule("head.norm/{p}", "head.norm.{p}"),
-    Rule("head.fc/kernel", "head.fc.weight", transform="linear"),
-    Rule("head.fc/bias", "head.fc.bias"),
-])
-
 # Keras stores a layer's variables by index (``vars/0``, ``vars/1``) under a group named after the snake-cased
 # class; these are the variable names of each of the layer classes the reference uses, in creation order.
 VARIABLE_ORDER: dict[str, tuple[str, ...]] = {
@@ -84,45 +65,6 @@ VARIABLE_ORDER: dict[str, tuple[str, ...]] = {
     "layer_norm": ("weight", "bias"),
     "grn": ("gamma", "beta"),
 }
-_RANK = {"conv": 4, "dwconv": 4, "linear": 2, None: 1}
-
-
-# ------------------------------------------------------------ layout transposes (the one place)
-
-def to_keras_layout(array: np.ndarray, transform: str | None) -> np.ndarray:
-    """Canonical -> Keras: conv OIHW -> HWIO, depthwise (C,1,7,7) -> (7,7,C,1), linear (out,in) -> (in,out)."""
-    if transform == "conv":
-        return np.transpose(array, (2, 3, 1, 0))
-    if transform == "dwconv":
-        return np.transpose(array, (2, 3, 0, 1))
-    if transform == "linear":
-        return np.transpose(array, (1, 0))
-    return array
-
-
-def to_canonical_layout(array: np.ndarray, transform: str | None) -> np.ndarray:
-    if transform == "conv":
-        return np.transpose(array, (3, 2, 0, 1))
-    if transform == "dwconv":
-        return np.transpose(array, (2, 3, 0, 1))
-    if transform == "linear":
-        return np.transpose(array, (1, 0))
-    return array
-
-
-def keras_shape(canonical_shape: tuple[int, ...], transform: str | None) -> tuple[int, ...]:
-    return tuple(to_keras_layout(np.empty(canonical_shape, dtype=np.uint8), transform).shape)
-
-
-def keras_paths(config: ModelConfig) -> dict[str, tuple[str, str | None]]:
-    """Keras weight path -> (canonical name, transform), in canonical forward order."""
-    paths = {}
-    for name in schema.expected_shapes(config):
-        found = KERAS_KEYS.to_foreign(name)
-        if found is None:  # pragma: no cover - the table covers the schema (tested)
-            raise AssertionError(f"no Keras path for canonical tensor {name}")
-        paths[found[0]] = (name, found[1].transform)
-    return paths
 
 
 # ------------------------------------------------------------ sniffing
@@ -215,14 +157,14 @@ def _read_weights(handle: Any, where: str, config: ModelConfig | None) -> dict[s
                 if name not in expected:
                     raise BadInputError(f"{where}: unexpected tensor {name} (Keras {keras_path}, shape "
                                         f"{list(found_shape)}) for a {config.variant} model")  # type: ignore[union-attr]
-                want = keras_shape(expected[name], rule.transform)
+                want = rule.transform.foreign_shape(expected[name])
                 if found_shape != want:
                     raise BadInputError(
                         f"{where}: tensor {name} (Keras {keras_path}): expected shape {list(want)}, found "
                         f"{list(found_shape)} (canonical {list(expected[name])})")
-            elif len(found_shape) != _RANK[rule.transform]:
+            elif len(found_shape) != rule.transform.rank:
                 raise BadInputError(f"{where}: tensor {name} (Keras {keras_path}): expected rank "
-                                    f"{_RANK[rule.transform]}, found shape {list(found_shape)}")
+                                    f"{rule.transform.rank}, found shape {list(found_shape)}")
             if name in tensors:
                 raise BadInputError(f"{where}: two layers are named {layer!r}")
             value = dataset[()]
@@ -230,7 +172,7 @@ def _read_weights(handle: Any, where: str, config: ModelConfig | None) -> dict[s
                 import ml_dtypes
 
                 value = value.view(ml_dtypes.bfloat16)
-            tensors[name] = np.ascontiguousarray(to_canonical_layout(value, rule.transform))
+            tensors[name] = np.ascontiguousarray(rule.transform.to_canonical(value, f"{where}: {keras_path}"))
     return tensors
 
 
@@ -282,7 +224,7 @@ def _build_checkpoint(path: Path, tensors: dict[str, np.ndarray], meta: Checkpoi
     else:
         config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
         ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=Preprocessing(),
-                          source=Source(format=NAME, file_name=path.name, sha256=lazy_sha256(path),  # type: ignore[arg-type]
+                          source=Source(format=NAME, file_name=path.name, digest=lazy_sha256(path),
                                         layout={"container": container, "metadata": "none"}))
     ckpt.tensors = _ordered(ckpt.tensors, config)
     ckpt.validate(where)
@@ -294,7 +236,7 @@ def _build_checkpoint(path: Path, tensors: dict[str, np.ndarray], meta: Checkpoi
 _DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError)
 
 
-def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     try:
         return _read(path, variant)
     except _DAMAGED as exc:
@@ -454,7 +396,7 @@ def _annotate_weights_h5(weights_file: Path, ckpt: Checkpoint) -> None:
                     dataset.attrs["dtype"] = code_from_dtype(array.dtype)
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, **_: Any) -> None:
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     where = f"writing {path}"
     ckpt.validate(where)
     dtype = _model_dtype(ckpt, where)

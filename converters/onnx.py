@@ -1,6 +1,6 @@
 """ONNX files: written by exporting a reference (converters/onnx_export.py), read back by graph structure.
 
-Reading never trusts initializer names (exporters fold, pre-transpose and rename them, facts §6). It walks the
+Reading never trusts initializer names (exporters fold, pre-transpose and rename them). It walks the
 graph from its input in topological order, folds constant subgraphs (initializers, ``Constant`` nodes and
 Transpose/Reshape/Cast/... of them), turns every node that touches a weight into an event (convolution,
 linear, LayerNormalization, scale, shift) and parses the event stream with ConvNeXt V2's grammar:
@@ -28,9 +28,10 @@ from typing import Any, TypeGuard, cast
 
 import numpy as np
 
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata, sha256_of
-from convnextv2.reference.errors import BadInputError, MissingDependencyError
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
+from convnextv2.converters.digests import sha256_of
 from convnextv2.reference import schema
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.reference.variants import (
     GRN_EPS,
     LAYER_NORM_EPS,
@@ -564,7 +565,7 @@ def _clean_eps(eps: float) -> float:
 # ------------------------------------------------------------------------------------------ read/write
 
 
-def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     onnx = _import_onnx()
     where = str(path)
     try:
@@ -605,29 +606,23 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
                    "input_layout": layout, "layer_norm": sorted(parser.forms),
                    "external_data": any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=preprocessing,
-                      source=Source(format=NAME, file_name=path.name, sha256=sha256_of(path), layout=layout_info),
+                      source=Source(format=NAME, file_name=path.name, digest=sha256_of(path), layout=layout_info),
                       info=ckpt_info)
     ckpt.validate(where)
     check_variant(config, variant, where)
     return ckpt
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, **options: Any) -> None:
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "torch", opset: int | None = None,
+          dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
+          check_size: int | None = None, check_batch: int = 4, source_path: str | os.PathLike[str] | None = None,
+          log: Any = None) -> None:
+    """Export through ``onnx_export.export`` (checked against the float64 referee before it is published)."""
     from convnextv2.converters import onnx_export
 
-    allowed = {"via", "opset", "dynamic_hw", "features", "fp16", "external_data", "check_size", "source_path", "log"}
-    onnx_export.export(ckpt, path, overwrite=overwrite, **{k: v for k, v in options.items() if k in allowed})
+    onnx_export.export(ckpt, path, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
+                       external_data=external_data, overwrite=overwrite, check_size=check_size,
+                       check_batch=check_batch, source_path=source_path, log=log)
 
 
-def graph_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Which operators a file uses, for reports."""
-    onnx = _import_onnx()
-    model = onnx.load(str(path), load_external_data=False)
-    ops: dict[str, int] = {}
-    for node in model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"nodes": len(model.graph.node), "ops": dict(sorted(ops.items())),
-            "initializers": len(model.graph.initializer), "producer": model.producer_name}
-
-
-__all__ = ["NAME", "SUFFIXES", "GRN_EPS", "read", "sniff", "write", "graph_summary"]
+__all__ = ["NAME", "SUFFIXES", "GRN_EPS", "read", "sniff", "write"]

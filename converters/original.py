@@ -1,4 +1,4 @@
-"""facebookresearch/ConvNeXt-V2 checkpoints (facts §4.1-4.3), in and out.
+"""facebookresearch/ConvNeXt-V2 checkpoints, in and out.
 
 Three layouts share the ``.pt`` zip format:
 - ``finetuned``: ``{"model": state_dict}`` (or ``model_ema``, or a bare state dict), GRN (1,1,1,4C);
@@ -10,17 +10,17 @@ Three layouts share the ``.pt`` zip format:
 from __future__ import annotations
 
 import collections
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, lazy_sha256
-from convnextv2.reference.errors import BadInputError
-from convnextv2.converters.keymap import KeyTable, Rule
+from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
+from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.torchzip import (
     PickledNamespace,
@@ -29,7 +29,9 @@ from convnextv2.converters.torchzip import (
     read_torch_zip,
     write_torch_zip,
 )
-from convnextv2.reference import schema
+from convnextv2.reference import layouts, schema
+from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.keymap import KeyTable, Rule
 from convnextv2.reference.variants import check_variant
 
 NAME = "original"
@@ -37,99 +39,52 @@ SUFFIXES = (".pt", ".pth", ".bin")
 LAYOUTS = ("finetuned", "fcmae", "fcmae-sparse")
 EXTRAS_NAMESPACE = "extras.fcmae."
 
-DENSE = KeyTable([
-    Rule("downsample_layers.0.0.{p}", "stem.conv.{p}"),
-    Rule("downsample_layers.0.1.{p}", "stem.norm.{p}"),
-    Rule("downsample_layers.{i}.0.{p}", "stages.{i}.downsample.norm.{p}"),
-    Rule("downsample_layers.{i}.1.{p}", "stages.{i}.downsample.conv.{p}"),
-    Rule("stages.{s}.{b}.grn.{p}", "stages.{s}.blocks.{b}.grn.{p}", transform="grn"),
-    Rule("stages.{s}.{b}.{p}.weight", "stages.{s}.blocks.{b}.{p}.weight"),
-    Rule("stages.{s}.{b}.{p}.bias", "stages.{s}.blocks.{b}.{p}.bias"),
-    Rule("norm.{p}", "head.norm.{p}"),
-    Rule("head.{p}", "head.fc.{p}"),
-])
-
-SPARSE = KeyTable([
-    Rule("encoder.downsample_layers.0.0.{p}", "stem.conv.{p}"),
-    Rule("encoder.downsample_layers.0.1.{p}", "stem.norm.{p}"),
-    Rule("encoder.downsample_layers.{i}.0.ln.{p}", "stages.{i}.downsample.norm.{p}"),
-    Rule("encoder.downsample_layers.{i}.1.kernel", "stages.{i}.downsample.conv.weight", transform="sparse_conv"),
-    Rule("encoder.downsample_layers.{i}.1.bias", "stages.{i}.downsample.conv.bias", transform="row"),
-    Rule("encoder.stages.{s}.{b}.dwconv.kernel", "stages.{s}.blocks.{b}.dwconv.weight", transform="sparse_dw"),
-    Rule("encoder.stages.{s}.{b}.dwconv.bias", "stages.{s}.blocks.{b}.dwconv.bias", transform="row"),
-    Rule("encoder.stages.{s}.{b}.norm.ln.{p}", "stages.{s}.blocks.{b}.norm.{p}"),
-    Rule("encoder.stages.{s}.{b}.pwconv1.linear.{p}", "stages.{s}.blocks.{b}.pwconv1.{p}"),
-    Rule("encoder.stages.{s}.{b}.pwconv2.linear.{p}", "stages.{s}.blocks.{b}.pwconv2.{p}"),
-    Rule("encoder.stages.{s}.{b}.grn.{p}", "stages.{s}.blocks.{b}.grn.{p}", transform="grn"),
-])
-
 # GRN's stored shape per layout when the source does not tell us (a canonical file from elsewhere).
 DEFAULT_GRN_SHAPE = {"finetuned": [1, 1, 1, -1], "fcmae": [1, -1], "fcmae-sparse": [1, -1]}
 
 _RESOLUTION_IN_NAME = re.compile(r"_(224|256|288|384|512)(?:_|\.|$)")
 
 
-# ------------------------------------------------------------ layout transforms (the one place)
+# ------------------------------------------------------------ key tables
 
-def _sparse_conv_to_dense(kernel: np.ndarray, name: str) -> np.ndarray:
-    # MinkowskiEngine kernel (k*k, in, out), first spatial coordinate fastest: W[o,i,h,w] = K[w*k+h, i, o].
-    volume, c_in, c_out = kernel.shape
-    k = int(round(volume ** 0.5))
-    if k * k != volume:
-        raise BadInputError(f"sparse kernel {name} has {volume} taps, not a square kernel")
-    return kernel.reshape(k, k, c_in, c_out).transpose(3, 2, 1, 0)
-
-
-def _dense_conv_to_sparse(weight: np.ndarray) -> np.ndarray:
-    c_out, c_in, k, _ = weight.shape
-    return weight.transpose(3, 2, 1, 0).reshape(k * k, c_in, c_out)
-
-
-def _sparse_dw_to_dense(kernel: np.ndarray, name: str) -> np.ndarray:
-    volume, channels = kernel.shape
-    k = int(round(volume ** 0.5))
-    if k * k != volume:
-        raise BadInputError(f"sparse depthwise kernel {name} has {volume} taps, not a square kernel")
-    return kernel.reshape(k, k, channels).transpose(2, 1, 0)[:, None, :, :]
-
-
-def _dense_dw_to_sparse(weight: np.ndarray) -> np.ndarray:
-    channels, _, k, _ = weight.shape
-    return weight[:, 0].transpose(2, 1, 0).reshape(k * k, channels)
-
-
-def _flatten_vector(array: np.ndarray, name: str, kind: str) -> np.ndarray:
-    if array.ndim == 0 or any(s != 1 for s in array.shape[:-1]):
-        raise BadInputError(f"{kind} tensor {name} should be a vector with leading 1s, found shape {list(array.shape)}")
-    return array.reshape(array.shape[-1])
+@functools.lru_cache(maxsize=16)
+def _key_table(layout: str, grn_shape: tuple[int, ...]) -> KeyTable:
+    grn = layouts.grn(grn_shape)
+    if layout != "fcmae-sparse":
+        return KeyTable([
+            Rule("downsample_layers.0.0.{p}", "stem.conv.{p}"),
+            Rule("downsample_layers.0.1.{p}", "stem.norm.{p}"),
+            Rule("downsample_layers.{i}.0.{p}", "stages.{i}.downsample.norm.{p}"),
+            Rule("downsample_layers.{i}.1.{p}", "stages.{i}.downsample.conv.{p}"),
+            Rule("stages.{s}.{b}.grn.{p}", "stages.{s}.blocks.{b}.grn.{p}", grn),
+            Rule("stages.{s}.{b}.{p}.weight", "stages.{s}.blocks.{b}.{p}.weight"),
+            Rule("stages.{s}.{b}.{p}.bias", "stages.{s}.blocks.{b}.{p}.bias"),
+            Rule("norm.{p}", "head.norm.{p}"),
+            Rule("head.{p}", "head.fc.{p}"),
+        ])
+    return KeyTable([
+        Rule("encoder.downsample_layers.0.0.{p}", "stem.conv.{p}"),
+        Rule("encoder.downsample_layers.0.1.{p}", "stem.norm.{p}"),
+        Rule("encoder.downsample_layers.{i}.0.ln.{p}", "stages.{i}.downsample.norm.{p}"),
+        Rule("encoder.downsample_layers.{i}.1.kernel", "stages.{i}.downsample.conv.weight", layouts.SPARSE_CONV),
+        Rule("encoder.downsample_layers.{i}.1.bias", "stages.{i}.downsample.conv.bias", layouts.SPARSE_BIAS),
+        Rule("encoder.stages.{s}.{b}.dwconv.kernel", "stages.{s}.blocks.{b}.dwconv.weight", layouts.SPARSE_DEPTHWISE),
+        Rule("encoder.stages.{s}.{b}.dwconv.bias", "stages.{s}.blocks.{b}.dwconv.bias", layouts.SPARSE_BIAS),
+        Rule("encoder.stages.{s}.{b}.norm.ln.{p}", "stages.{s}.blocks.{b}.norm.{p}"),
+        Rule("encoder.stages.{s}.{b}.pwconv1.linear.{p}", "stages.{s}.blocks.{b}.pwconv1.{p}"),
+        Rule("encoder.stages.{s}.{b}.pwconv2.linear.{p}", "stages.{s}.blocks.{b}.pwconv2.{p}"),
+        Rule("encoder.stages.{s}.{b}.grn.{p}", "stages.{s}.blocks.{b}.grn.{p}", grn),
+    ])
 
 
-def _to_canonical_tensor(array: np.ndarray, rule: Rule, name: str) -> np.ndarray:
-    if rule.transform == "grn":
-        return _flatten_vector(array, name, "GRN")
-    if rule.transform == "row":
-        return _flatten_vector(array, name, "sparse bias")
-    if rule.transform == "sparse_conv":
-        if array.ndim != 3:
-            raise BadInputError(f"sparse kernel {name} should be (k*k, in, out), found shape {list(array.shape)}")
-        return _sparse_conv_to_dense(array, name)
-    if rule.transform == "sparse_dw":
-        if array.ndim != 2:
-            raise BadInputError(f"sparse depthwise kernel {name} should be (k*k, channels), found {list(array.shape)}")
-        return _sparse_dw_to_dense(array, name)
-    return array
+def key_table(layout: str, grn_shape: Sequence[int] | None = None) -> KeyTable:
+    """The key table of one original layout, GRN written in ``grn_shape`` (default: the layout's usual one).
+    Reading does not depend on ``grn_shape``: GRN is read from any shape of leading 1s."""
+    return _key_table(layout, tuple(int(s) for s in grn_shape or DEFAULT_GRN_SHAPE[layout]))
 
 
-def _to_original_tensor(array: np.ndarray, rule: Rule, grn_shape: list[int]) -> np.ndarray:
-    if rule.transform == "grn":
-        return array.reshape([s if s != -1 else array.size for s in grn_shape])
-    if rule.transform == "row":
-        return array.reshape(1, -1)
-    if rule.transform == "sparse_conv":
-        return _dense_conv_to_sparse(array)
-    if rule.transform == "sparse_dw":
-        return _dense_dw_to_sparse(array)
-    return array
+DENSE = key_table("finetuned")
+SPARSE = key_table("fcmae-sparse")
 
 
 # ------------------------------------------------------------ reading
@@ -201,7 +156,7 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
     """Rename/reshape an original state dict; returns (canonical tensors, layout, stored GRN shape)."""
     state = _strip_module_prefix(state)
     layout = detect_layout(state)
-    table = SPARSE if layout == "fcmae-sparse" else DENSE
+    table = key_table(layout)
     tensors: dict[str, np.ndarray] = {}
     unknown: list[str] = []
     grn_shape: list[int] | None = None
@@ -214,9 +169,9 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
                 unknown.append(f"{key} {list(array.shape)}")
             continue
         name, rule = mapped
-        if rule.transform == "grn" and grn_shape is None:
+        if rule.transform.name == layouts.GRN and grn_shape is None:
             grn_shape = [1] * (array.ndim - 1) + [-1]
-        tensors[name] = _to_canonical_tensor(array, rule, f"{where}: {key}")
+        tensors[name] = rule.transform.to_canonical(array, f"{where}: {key}")
     if unknown:
         raise BadInputError(f"{where}: {len(unknown)} key(s) not in the {layout} layout: {', '.join(unknown[:10])}")
     return tensors, layout, grn_shape
@@ -227,7 +182,7 @@ def preprocessing_from_name(file_name: str) -> Preprocessing:
     return Preprocessing.for_resolution(int(match.group(1))) if match else Preprocessing()
 
 
-def read(path: Path, *, variant: str | None = None, ema: bool = False, **_: Any) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None, ema: bool = False) -> Checkpoint:
     where = str(path)
     obj = read_torch_zip(path)
     state, info = select_state_dict(obj, ema, where)
@@ -240,7 +195,7 @@ def read(path: Path, *, variant: str | None = None, ema: bool = False, **_: Any)
         source=Source(
             format=NAME,
             file_name=path.name,
-            sha256=lazy_sha256(path),  # type: ignore[arg-type]  # a full read: done when needed
+            digest=lazy_sha256(path),  # a full read: done when needed
             layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema},
         ),
         info=info,
@@ -273,15 +228,14 @@ def canonical_to_state_dict(ckpt: Checkpoint, layout: str) -> collections.Ordere
         raise BadInputError(f"the {layout} layout is an encoder only; this checkpoint has a {ckpt.config.num_classes}-class head")
     source_layout = ckpt.source.layout if ckpt.source.format == NAME else {}
     grn_shape = source_layout.get("grn_shape") if source_layout.get("layout") == layout else None
-    grn_shape = list(grn_shape or DEFAULT_GRN_SHAPE[layout])
-    table = SPARSE if layout == "fcmae-sparse" else DENSE
+    table = key_table(layout, grn_shape)
     entries: list[tuple[str, np.ndarray]] = []
     for name, array in ckpt.model_tensors().items():
         mapped = table.to_foreign(name)
         if mapped is None:
             raise BadInputError(f"tensor {name} has no place in the {layout} layout")
         key, rule = mapped
-        entries.append((key, _to_original_tensor(array, rule, grn_shape)))
+        entries.append((key, rule.transform.to_foreign(array)))
     entries.sort(key=lambda item: _original_order(item[0]))
     if layout == "fcmae-sparse":
         entries += [(k[len(EXTRAS_NAMESPACE):], v) for k, v in sorted(ckpt.extras().items())
@@ -295,7 +249,7 @@ def default_layout(ckpt: Checkpoint) -> str:
     return "finetuned" if ckpt.config.num_classes > 0 else "fcmae"
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str | None = None, **_: Any) -> None:
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str | None = None) -> None:
     ckpt.validate(f"writing {path}")
     layout = layout or default_layout(ckpt)
     state = canonical_to_state_dict(ckpt, layout)

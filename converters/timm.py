@@ -1,4 +1,4 @@
-"""timm's ConvNeXt V2 (``convnextv2_<size>``, facts §4.5), in and out.
+"""timm's ConvNeXt V2 (``convnextv2_<size>``), in and out.
 
 Written: one safetensors state dict in timm's names, loadable with
 ``timm.create_model("convnextv2_<size>", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``, and a
@@ -29,20 +29,16 @@ import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory, atomic_file, check_destination
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
-from convnextv2.reference.errors import BadInputError
-from convnextv2.converters.hf import (
-    embedded_metadata,
-    flat_vector,
-    load_json,
-    peek_keys,
-    read_state_file,
-    restore_embedded,
-    source_digest,
-)
-from convnextv2.converters.keymap import KeyTable, Rule
+from convnextv2.converters.digests import source_digest
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import write_safetensors
+from convnextv2.converters.state_files import peek_keys, read_state_file
+from convnextv2.converters.strict_json import load_json
+from convnextv2.converters.toolkit_metadata import embedded_metadata, restore_embedded
 from convnextv2.reference import schema
+from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.keymap import KeyTable, Rule
+from convnextv2.reference.layouts import CONV_MLP, IDENTITY, TIMM_GRN, Layout
 from convnextv2.reference.variants import LAYER_NORM_EPS, ModelConfig, check_variant
 
 NAME = "timm"
@@ -52,22 +48,28 @@ WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 # Sizes timm registers with 1x1-conv MLPs (timm/models/convnext.py: convnextv2_{atto,femto,pico,nano}).
 CONV_MLP_VARIANTS = ("atto", "femto", "pico", "nano")
 
-KEYS = KeyTable([
-    Rule("stem.0.{p}", "stem.conv.{p}"),
-    Rule("stem.1.{p}", "stem.norm.{p}"),
-    Rule("stages.{i}.downsample.0.{p}", "stages.{i}.downsample.norm.{p}"),
-    Rule("stages.{i}.downsample.1.{p}", "stages.{i}.downsample.conv.{p}"),
-    Rule("stages.{s}.blocks.{b}.conv_dw.{p}", "stages.{s}.blocks.{b}.dwconv.{p}"),
-    Rule("stages.{s}.blocks.{b}.norm.{p}", "stages.{s}.blocks.{b}.norm.{p}"),
-    Rule("stages.{s}.blocks.{b}.mlp.fc1.weight", "stages.{s}.blocks.{b}.pwconv1.weight", transform="mlp"),
-    Rule("stages.{s}.blocks.{b}.mlp.fc1.bias", "stages.{s}.blocks.{b}.pwconv1.bias"),
-    Rule("stages.{s}.blocks.{b}.mlp.grn.weight", "stages.{s}.blocks.{b}.grn.gamma", transform="grn"),
-    Rule("stages.{s}.blocks.{b}.mlp.grn.bias", "stages.{s}.blocks.{b}.grn.beta", transform="grn"),
-    Rule("stages.{s}.blocks.{b}.mlp.fc2.weight", "stages.{s}.blocks.{b}.pwconv2.weight", transform="mlp"),
-    Rule("stages.{s}.blocks.{b}.mlp.fc2.bias", "stages.{s}.blocks.{b}.pwconv2.bias"),
-    Rule("head.norm.{p}", "head.norm.{p}"),
-    Rule("head.fc.{p}", "head.fc.{p}"),
-])
+def _keys(mlp: Layout) -> KeyTable:
+    return KeyTable([
+        Rule("stem.0.{p}", "stem.conv.{p}"),
+        Rule("stem.1.{p}", "stem.norm.{p}"),
+        Rule("stages.{i}.downsample.0.{p}", "stages.{i}.downsample.norm.{p}"),
+        Rule("stages.{i}.downsample.1.{p}", "stages.{i}.downsample.conv.{p}"),
+        Rule("stages.{s}.blocks.{b}.conv_dw.{p}", "stages.{s}.blocks.{b}.dwconv.{p}"),
+        Rule("stages.{s}.blocks.{b}.norm.{p}", "stages.{s}.blocks.{b}.norm.{p}"),
+        Rule("stages.{s}.blocks.{b}.mlp.fc1.weight", "stages.{s}.blocks.{b}.pwconv1.weight", mlp),
+        Rule("stages.{s}.blocks.{b}.mlp.fc1.bias", "stages.{s}.blocks.{b}.pwconv1.bias"),
+        Rule("stages.{s}.blocks.{b}.mlp.grn.weight", "stages.{s}.blocks.{b}.grn.gamma", TIMM_GRN),
+        Rule("stages.{s}.blocks.{b}.mlp.grn.bias", "stages.{s}.blocks.{b}.grn.beta", TIMM_GRN),
+        Rule("stages.{s}.blocks.{b}.mlp.fc2.weight", "stages.{s}.blocks.{b}.pwconv2.weight", mlp),
+        Rule("stages.{s}.blocks.{b}.mlp.fc2.bias", "stages.{s}.blocks.{b}.pwconv2.bias"),
+        Rule("head.norm.{p}", "head.norm.{p}"),
+        Rule("head.fc.{p}", "head.fc.{p}"),
+    ])
+
+
+# The MLP weights are linears (out, in) in KEYS and 1x1 convolutions (out, in, 1, 1) in CONV_MLP_KEYS.
+KEYS = _keys(IDENTITY)
+CONV_MLP_KEYS = _keys(CONV_MLP)
 
 
 def _strip_module_prefix(keys_or_state: Any) -> Any:
@@ -115,22 +117,21 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
     unknown: list[str] = []
     conv_mlp: set[bool] = set()
     for key, array in state.items():
-        mapped = KEYS.to_canonical(key)
+        mapped = CONV_MLP_KEYS.to_canonical(key)
         if mapped is None:
             unknown.append(f"{key} {list(array.shape)}")
             continue
         name, rule = mapped
-        if rule.transform == "grn":
-            array = flat_vector(array, f"{where}: {key}")
-        elif rule.transform == "mlp":
-            if array.ndim == 4 and array.shape[2:] == (1, 1):
-                conv_mlp.add(True)
-                array = array.reshape(array.shape[:2])
-            elif array.ndim == 2:
-                conv_mlp.add(False)
-            else:
-                raise BadInputError(f"{where}: {key} should be (out, in) or (out, in, 1, 1), found {list(array.shape)}")
-        tensors[name] = array
+        layout = rule.transform
+        if layout is CONV_MLP:
+            # The shape tells which MLP layout the file has; every MLP weight must agree (checked below).
+            if not CONV_MLP.holds(array.shape):
+                if array.ndim != 2:
+                    raise BadInputError(
+                        f"{where}: {key} should be (out, in) or (out, in, 1, 1), found {list(array.shape)}")
+                layout = IDENTITY
+            conv_mlp.add(layout is CONV_MLP)
+        tensors[name] = layout.to_canonical(array, f"{where}: {key}")
     if unknown:
         raise BadInputError(f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 timm keys: {', '.join(unknown[:10])}")
     if len(conv_mlp) > 1:
@@ -165,7 +166,7 @@ def _config_beside(weights: Path) -> Path | None:
     return None
 
 
-def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     where = str(path)
     if path.is_dir():
         weights = _hub_weights(path)
@@ -198,7 +199,7 @@ def read(path: Path, *, variant: str | None = None, **_: Any) -> Checkpoint:
                 pre = from_file  # the user edited the JSON: it is what timm will use
     else:
         pre = preprocessing_from_timm(timm_config, str(config_path)) if timm_config else Preprocessing()
-        source = Source(format=NAME, file_name=path.name, sha256=source_digest(path),
+        source = Source(format=NAME, file_name=path.name, digest=source_digest(path),
                         layout={"conv_mlp": conv_mlp, "weights_file": weights.name})
         info = {}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
@@ -218,13 +219,11 @@ def default_conv_mlp(ckpt: Checkpoint) -> bool:
 def canonical_to_state_dict(ckpt: Checkpoint, conv_mlp: bool) -> collections.OrderedDict[str, np.ndarray]:
     entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     for name, array in ckpt.model_tensors().items():
-        mapped = KEYS.to_foreign(name)
+        mapped = (CONV_MLP_KEYS if conv_mlp else KEYS).to_foreign(name)
         if mapped is None:
             raise BadInputError(f"tensor {name} has no place in the timm layout")
         key, rule = mapped
-        if rule.transform == "mlp" and conv_mlp:
-            array = array.reshape(*array.shape, 1, 1)
-        entries[key] = array
+        entries[key] = rule.transform.to_foreign(array)
     return entries
 
 
@@ -264,7 +263,7 @@ def timm_config_json(ckpt: Checkpoint, conv_mlp: bool) -> dict[str, Any]:
     return data
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bool | None = None, **_: Any) -> None:
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bool | None = None) -> None:
     """``X.safetensors`` gets ``X.json`` beside it; any other path becomes a timm hub-style folder
     (``model.safetensors`` + ``config.json``) for ``timm.create_model("local-dir:PATH", pretrained=True)``."""
     ckpt.validate(f"writing {path}")

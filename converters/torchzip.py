@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from convnextv2.converters.streaming import TensorStreamer, write_array_bytes
 from convnextv2.reference.errors import BadInputError, UnsafeCheckpointError
-from convnextv2.converters.safetensors_io import TensorStreamer, write_array_bytes
 
 # data.pkl of a real checkpoint (with optimizer state) is a few MB; bound it before reading it.
 MAX_PICKLE_BYTES = 256 * 1024 * 1024

@@ -1,20 +1,11 @@
 """The parity harness: run one checkpoint on several runtimes, on the same inputs, and compare every runtime,
 stage by stage, with a float64 PyTorch referee.
 
-Tolerance rule (documented in docs/parity.md). For each feature f (stem, stage1..4, pooled, logits):
-
-    scale-aware error  e_f = max|runtime - referee| / max|referee|
-    baseline           b_f = e_f of the PyTorch float32 reference, measured in the same run, same inputs
-    tolerance          t_f = max(FP32_FACTOR * b_f, FLOOR[dtype])      (FP32_FACTOR = 2)
-
-A feature passes when e_f <= t_f; logits also need the same top-1 class on every image except where the
-referee's two best logits are closer than the tolerance (a tie at that precision). ``atol``/``rtol`` replace
-the rule: pass when max|runtime - referee| <= atol + rtol * max|referee|. The first failing feature in
-forward order is where the runtime diverges.
-
-The floor only matters where the baseline is nearly exact (a single convolution can round almost
-identically in two runtimes): 2**-20 is about eight float32 ulps at the feature's scale, and every injected
-trap (parity_tests/traps.py) lands orders of magnitude above it.
+The inputs, the metric, the referee, the baseline, the tolerance and the verdict are the one parity rule,
+``convnextv2.reference.parity_rule`` (stated, with the measurements behind its numbers, in docs/parity.md
+"Tolerance"). This module runs it over several runtimes and reports. ``atol``/``rtol`` replace the derived
+tolerance: pass when max|runtime - referee| <= atol + rtol * max|referee|. The first failing feature in forward
+order is where the runtime diverges.
 """
 
 from __future__ import annotations
@@ -28,20 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters import onnx_export
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.parity_tests import runtimes as runtime_registry
-from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images, seeded_images
+from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images
 from convnextv2.parity_tests.runtimes import Runtime
+from convnextv2.reference import parity_rule as rule
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
-FEATURES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits")
-DTYPES = ("float32", "float64")
-# One float32 rule for the harness and the export gate.
-FP32_FACTOR = onnx_export.FP32_FACTOR
-# float64 runtimes are held to the float32 rule scaled by the ratio of machine epsilons.
-EPS_RATIO = {"float32": 1.0, "float64": float(np.finfo(np.float64).eps / np.finfo(np.float32).eps)}
-FLOOR = {"float32": onnx_export.FP32_FLOOR, "float64": 2.0 ** -49}
+FEATURES = rule.FEATURES
+# The precisions the harness runs runtimes at (the rule also covers bfloat16/float16 candidates).
+DTYPES = rule.FULL_PRECISIONS
 REPORT_SCHEMA = "convnextv2-parity-report"
 REPORT_SCHEMA_VERSION = "1"
 
@@ -62,15 +49,12 @@ class Tolerance:
         """The largest allowed max-abs error for a feature whose referee's largest |value| is ``scale``."""
         if self.explicit:
             return (self.atol or 0.0) + (self.rtol or 0.0) * scale
-        derived = max(FP32_FACTOR * baseline_scale_aware * EPS_RATIO[self.dtype], FLOOR[self.dtype])
-        return derived * scale
+        return rule.tolerance(baseline_scale_aware, self.dtype) * scale
 
     def describe(self) -> str:
         if self.explicit:
             return f"atol {self.atol or 0.0:g} + rtol {self.rtol or 0.0:g} x max|referee|"
-        return (f"{FP32_FACTOR:g} x torch-float32 scale-aware error"
-                + (f" x {EPS_RATIO[self.dtype]:.3g} (eps ratio)" if self.dtype != "float32" else "")
-                + f", floor {FLOOR[self.dtype]:.3g}")
+        return rule.describe(self.dtype)
 
 
 def parse_tolerances(values: Sequence[str], option: str) -> dict[str, float]:
@@ -203,37 +187,25 @@ def compare_feature(name: str, value: np.ndarray | None, referee: np.ndarray, ba
     actual = value.astype(np.float64)
     if not np.all(np.isfinite(actual)):
         return FeatureResult(name, "fail", shape=list(value.shape), message="non-finite values")
-    diff = float(np.max(np.abs(actual - referee))) if referee.size else 0.0
-    scale = float(np.max(np.abs(referee))) if referee.size else 0.0
-    scale_aware = diff / scale if scale > 0 else diff
-    threshold = tolerance.threshold(baseline_scale_aware, scale)
+    threshold = tolerance.threshold(baseline_scale_aware, rule.feature_scale(referee))
+    judged = rule.verdict(name, actual, referee, threshold)
+    scale = judged.referee_max_abs
     result = FeatureResult(
-        name, "pass", shape=list(value.shape), max_abs_error=diff, referee_max_abs=scale,
-        scale_aware_error=scale_aware, cosine_similarity=_cosine(actual, referee), tolerance_abs=threshold,
-        tolerance_scale_aware=threshold / scale if scale > 0 else threshold)
-    problems = []
-    if diff > threshold:
-        problems.append(f"max abs error {diff:.3g} > tolerance {threshold:.3g}")
-    if name == "logits" and referee.ndim == 2 and referee.shape[1] > 0:
+        name, "pass" if judged.passed else "fail", shape=list(value.shape), max_abs_error=judged.max_abs_error,
+        referee_max_abs=scale, scale_aware_error=judged.scale_aware_error, cosine_similarity=_cosine(actual, referee),
+        tolerance_abs=threshold, tolerance_scale_aware=threshold / scale if scale > 0 else threshold,
+        message=judged.message)
+    if judged.top1_same is not None:
         ours, theirs = _top_k(actual, 5), _top_k(referee, 5)
-        same_top1 = ours[:, 0] == theirs[:, 0]
-        result.top1_agreement = float(same_top1.mean())
+        result.top1_agreement = float(judged.top1_same.mean())
         result.top5_overlap = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ours, theirs, strict=True)]))
-        ordered = np.sort(referee, axis=1)
-        margins = ordered[:, -1] - ordered[:, -2] if referee.shape[1] > 1 else np.full(len(referee), np.inf)
-        # A flip between two classes the referee itself cannot separate at this tolerance is not a bug.
-        real_flips = int(np.sum(~same_top1 & (margins > threshold)))
-        if real_flips:
-            problems.append(f"top-1 differs on {real_flips} of {len(referee)} images")
-    if problems:
-        result.status = "fail"
-        result.message = "; ".join(problems)
     return result
 
 
 # ------------------------------------------------------------------ inputs and the run
 
-def make_inputs(ckpt: Checkpoint, *, image_size: int | None = None, batch: int = 2, seed: int = 0,
+def make_inputs(ckpt: Checkpoint, *, image_size: int | None = None, batch: int = rule.DEFAULT_BATCH,
+                seed: int = rule.DEFAULT_SEED,
                 images_dir: Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     size = image_size or ckpt.preprocessing.input_size
     check_image_size(size)
@@ -244,26 +216,16 @@ def make_inputs(ckpt: Checkpoint, *, image_size: int | None = None, batch: int =
                 "batch": len(files), "image_size": size, "seed": None,
                 "preprocessing": ckpt.preprocessing.to_json_dict()}
         return images, info
-    images = seeded_images(batch, size, seed)
+    images = rule.seeded_images(batch, size, seed)
     return images, {"kind": "random", "directory": None, "files": [], "batch": batch, "image_size": size,
                     "seed": seed, "preprocessing": None}
 
 
 def torch_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
-    """The PyTorch reference's features: the float64 referee or the float32 baseline."""
-    from convnextv2 import reference
-
-    try:
-        if dtype == "float64" and all(np.dtype(v.dtype).itemsize <= 4 for v in ckpt.model_tensors().values()):
-            # Weights stored in 32 bits or fewer are exact in float32, so a float32 model cast to float64
-            # holds exactly the weights a float64 build would; it needs half the peak memory (huge: 5 GB
-            # instead of 13), the difference between fitting a CI runner or not.
-            model = reference.build(ckpt, "torch", dtype="float32").double()
-        else:
-            model = reference.build(ckpt, "torch", dtype=dtype)
-    except MissingDependencyError as exc:
-        raise MissingDependencyError(f"the float64 PyTorch referee needs torch: {exc}") from exc
-    return reference.run_features(model, "torch", images.astype(dtype))
+    """The PyTorch reference's features: the float64 referee or the float32 baseline (the rule's)."""
+    if dtype == "float64":
+        return rule.referee_features(ckpt, images)
+    return rule.baseline_features(ckpt, images, dtype)
 
 
 def resolve_runtimes(names: Iterable[str | Runtime]) -> list[Runtime]:
@@ -289,8 +251,8 @@ def run_parity(
     images: np.ndarray | None = None,
     inputs_info: Mapping[str, Any] | None = None,
     image_size: int | None = None,
-    batch: int = 2,
-    seed: int = 0,
+    batch: int = rule.DEFAULT_BATCH,
+    seed: int = rule.DEFAULT_SEED,
     images_dir: Path | None = None,
     atol: Mapping[str, float] | None = None,
     rtol: Mapping[str, float] | None = None,
@@ -327,11 +289,7 @@ def run_parity(
         baseline_features = torch_features(source, images, "float32")
     referee = {k: np.asarray(v, dtype=np.float64) for k, v in referee_features.items()}
     features = [name for name in FEATURES if name in referee]
-    baseline: dict[str, float] = {}
-    for name in features:
-        scale = float(np.max(np.abs(referee[name]))) if referee[name].size else 0.0
-        err = float(np.max(np.abs(np.asarray(baseline_features[name], dtype=np.float64) - referee[name])))
-        baseline[name] = err / scale if scale > 0 else err
+    baseline = {name: rule.scale_aware_error(baseline_features[name], referee[name]) for name in features}
     tolerances = {d: Tolerance(d, (atol or {}).get(d), (rtol or {}).get(d)) for d in DTYPES}
 
     results: list[RuntimeResult] = []
@@ -347,7 +305,7 @@ def run_parity(
                                                   else "the checkpoint under test")},
         baseline={"runtime": "torch", "dtype": "float32", "scale_aware_error": baseline},
         tolerance={d: {"rule": "explicit" if t.explicit else "derived", "description": t.describe(),
-                       "atol": t.atol, "rtol": t.rtol, "factor": FP32_FACTOR, "floor": FLOOR[d]}
+                       "atol": t.atol, "rtol": t.rtol, "factor": rule.FACTOR, "floor": rule.FLOOR[d]}
                    for d, t in tolerances.items() if d in dtypes},
         runtimes=results,
     )

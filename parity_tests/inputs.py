@@ -18,6 +18,7 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Preprocessing
 from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.parity_rule import check_image_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
 ARRAY_SUFFIXES = (".npy",)
@@ -25,21 +26,6 @@ ARRAY_SUFFIXES = (".npy",)
 
 def have_pillow() -> bool:
     return importlib.util.find_spec("PIL") is not None
-
-
-def seeded_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
-    """Standard-normal NCHW float32 images, i.e. already in normalised space: identical on every machine
-    (numpy's PCG64), and as wide-ranged as real normalised pixels."""
-    if batch < 1:
-        raise BadInputError(f"--batch must be at least 1, got {batch}")
-    check_image_size(size)
-    return np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
-
-
-def check_image_size(size: int) -> None:
-    # Stem /4 and three /2 downsamplings: anything not divisible by 32 loses pixels differently per runtime.
-    if size < 32 or size % 32:
-        raise BadInputError(f"image size must be a positive multiple of 32, got {size}")
 
 
 # ------------------------------------------------------------------ numpy resampling (Pillow's filters)

@@ -1,6 +1,6 @@
 """Import peer libraries (timm, transformers) as independent oracles, working around this machine's
 torchvision: the only torchvision for torch 2.13 is a CUDA build whose import fails beside CPU torch on
-one unguarded fake-kernel registration (facts §8). ConvNeXt V2 uses none of torchvision's compiled ops,
+one unguarded fake-kernel registration ("operator torchvision::nms does not exist"). ConvNeXt V2 uses none of torchvision's compiled ops,
 so skipping that registration while torchvision imports is harmless."""
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ cheap and import no deep-learning framework.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,6 +58,25 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def shard_of(nodeid: str, count: int) -> int:
     """1-based shard of a test: a hash of its id, so every machine and every xdist worker agrees."""
     return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:8], "big") % count + 1
+
+
+# The module holding the user-checkpoint cases; with --checkpoint, the only test module collected from this
+# package unless others are named on the command line.
+CHECKPOINT_TESTS = "test_parity_checkpoint.py"
+
+
+def pytest_ignore_collect(collection_path: Path, config: Any) -> bool | None:
+    """With ``--checkpoint``, collecting this package (``--pyargs convnextv2.parity_tests``, or the repository's
+    ``parity_tests/``) collects only the user-checkpoint cases: the rest of the suite needs the repository
+    (its docs, every framework) and is not what was asked for. pytest never asks about a file named on the
+    command line, so ``nox -s parity -- --checkpoint PATH`` still runs the matrix files it names."""
+    if not config.getoption("--checkpoint"):
+        return None
+    if collection_path.parent != Path(__file__).resolve().parent or collection_path.suffix != ".py":
+        return None
+    if collection_path.name.startswith("test_") and collection_path.name != CHECKPOINT_TESTS:
+        return True
+    return None
 
 
 def pytest_configure(config: Any) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.reference.errors import BadInputError
 from convnextv2.parity_tests.harness import FEATURES, ParityReport, RuntimeResult
+from convnextv2.reference.errors import BadInputError
 
 REPORT_SUFFIXES = (".json", ".md", ".xml", ".html", ".png")
 SCHEMA_FILE = Path(__file__).with_name("schemas") / "parity-report.schema.json"

@@ -38,8 +38,6 @@ class Runtime:
     requires: tuple[str, ...] = ()
     extra: str = ""
     dtypes: tuple[str, ...] = ("float32",)
-    # Extra, runtime-specific check returning a reason, e.g. "converters/hf.py is not there yet".
-    probe: Callable[[], str | None] | None = None
 
     def availability(self) -> str | None:
         """None when the runtime can run here, else the reason it cannot."""
@@ -51,7 +49,7 @@ class Runtime:
             if not found:
                 hint = f"; install it with: pip install 'convnextv2-toolkit[{self.extra}]'" if self.extra else ""
                 return f"{module} is not installed{hint}"
-        return self.probe() if self.probe is not None else None
+        return None
 
 
 RUNTIMES: dict[str, Runtime] = {}
@@ -72,16 +70,6 @@ def get(name: str) -> Runtime:
 
 def runtime_names(kind: str) -> list[str]:
     return [name for name, runtime in RUNTIMES.items() if runtime.kind == kind]
-
-
-def _module_present(module: str, what: str) -> Callable[[], str | None]:
-    def probe() -> str | None:
-        try:
-            present = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            present = False
-        return None if present else f"{what} is not part of this version of the toolkit"
-    return probe
 
 
 _CHILD_FLAG = "CONVNEXTV2_PARITY_CHILD"
@@ -130,16 +118,17 @@ def _reference_features(framework: str) -> FeatureFn:
 
 def _onnx_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
     """A fresh ONNX export of the checkpoint with every stage as an output, run by onnxruntime at the full
-    optimisation level (where fusions such as BiasGelu have broken ConvNeXt V2 before, facts §6)."""
-    from convnextv2.converters import onnx_export
+    optimisation level (where onnxruntime's BiasGelu fusion has broken ConvNeXt V2 exports before,
+    facebookresearch/ConvNeXt-V2 issue #68)."""
+    from convnextv2.converters import onnx_check, onnx_export
 
     with tempfile.TemporaryDirectory(prefix="convnextv2-parity-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
         # The exporter refuses to write a graph that fails its own one-image check; that surfaces here as an
         # error of this runtime, with the exporter's message.
         onnx_export.export(ckpt, path, features=True, check_size=int(images.shape[-1]), check_batch=1)
-        session = onnx_export.ort_session(path, threads=2)
-        outputs = onnx_export.run_ort(session, images)
+        session = onnx_check.ort_session(path, threads=2)
+        outputs = onnx_check.run_ort(session, images)
     return _onnx_outputs_to_features(outputs)
 
 
@@ -153,14 +142,11 @@ register(Runtime("torch", "runtime", "PyTorch reference (reference/torch_model.p
                  requires=("torch",), extra="torch", dtypes=("float32", "float64")))
 register(Runtime("tensorflow", "runtime", "Keras 3 / TensorFlow reference (reference/keras_model.py)",
                  _reference_features("tensorflow"), requires=("tensorflow", "keras"), extra="tf",
-                 dtypes=("float32", "float64"),
-                 probe=_module_present("convnextv2.reference.keras_model", "reference/keras_model.py")))
+                 dtypes=("float32", "float64")))
 register(Runtime("flax", "runtime", "Flax NNX reference (reference/flax_model.py)", _reference_features("flax"),
-                 requires=("jax", "flax"), extra="flax", dtypes=("float32", "float64"),
-                 probe=_module_present("convnextv2.reference.flax_model", "reference/flax_model.py")))
+                 requires=("jax", "flax"), extra="flax", dtypes=("float32", "float64")))
 register(Runtime("onnxruntime", "runtime", "onnxruntime on a fresh ONNX export (converters/onnx_export.py)",
-                 _onnx_features, requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx",
-                 probe=_module_present("convnextv2.converters.onnx_export", "converters/onnx_export.py")))
+                 _onnx_features, requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx"))
 
 
 # ------------------------------------------------------------------ peers (independent implementations)
@@ -181,22 +167,11 @@ def _timm_model(ckpt: Checkpoint) -> Any:
 def _timm_state_dict(ckpt: Checkpoint, model: Any) -> dict[str, Any]:
     import torch
 
-    if importlib.util.find_spec("convnextv2.converters.timm") is not None:
-        timm_format = importlib.import_module("convnextv2.converters.timm")
-        to_state = getattr(timm_format, "canonical_to_state_dict", None)
-        if to_state is not None:
-            # timm builds atto..nano with 1x1-conv MLPs; ask our writer for whichever layout this model has.
-            conv_mlp = isinstance(model.stages[0].blocks[0].mlp.fc1, torch.nn.Conv2d)
-            return {k: torch.from_numpy(np.array(v)) for k, v in to_state(ckpt, conv_mlp).items()}
-    # No timm converter of ours: go through the original layout and timm's own remapping of it, which
-    # makes timm an independent check of our original-layout writer as well.
-    from timm.models.convnext import checkpoint_filter_fn
+    from convnextv2.converters.timm import canonical_to_state_dict
 
-    from convnextv2.converters.original import canonical_to_state_dict
-
-    layout = "finetuned" if ckpt.config.num_classes > 0 else "fcmae"
-    original = {k: torch.from_numpy(np.array(v)) for k, v in canonical_to_state_dict(ckpt, layout).items()}
-    return checkpoint_filter_fn(original, model)
+    # timm builds atto..nano with 1x1-conv MLPs; ask our writer for whichever layout this model has.
+    conv_mlp = isinstance(model.stages[0].blocks[0].mlp.fc1, torch.nn.Conv2d)
+    return {k: torch.from_numpy(np.array(v)) for k, v in canonical_to_state_dict(ckpt, conv_mlp).items()}
 
 
 def _timm_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
@@ -283,11 +258,9 @@ def _hf_tf_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[st
                        training=False)
 
 
-register(Runtime("timm", "peer", "timm ConvNeXt (weights through our timm converter or timm's own remapping)",
+register(Runtime("timm", "peer", "timm ConvNeXt (weights through our timm converter)",
                  _timm_features, requires=("torch", "timm"), extra="peers", dtypes=("float32", "float64")))
 register(Runtime("transformers-pt", "peer", "Hugging Face transformers ConvNextV2, PyTorch",
-                 _hf_pt_features, requires=("torch", "transformers"), extra="peers", dtypes=("float32", "float64"),
-                 probe=_module_present("convnextv2.converters.hf", "converters/hf.py (the HF writer)")))
+                 _hf_pt_features, requires=("torch", "transformers"), extra="peers", dtypes=("float32", "float64")))
 register(Runtime("transformers-tf", "peer", "Hugging Face transformers ConvNextV2, TensorFlow (tf-keras)",
-                 _hf_tf_features, requires=("tensorflow", "tf_keras", "transformers"), extra="peers",
-                 probe=_module_present("convnextv2.converters.hf", "converters/hf.py (the HF writer)")))
+                 _hf_tf_features, requires=("tensorflow", "tf_keras", "transformers"), extra="peers"))

@@ -1,4 +1,4 @@
-"""Atomic outputs under faults (issue 8): a conversion killed with SIGKILL at chosen moments leaves the
+"""Atomic outputs under faults: a conversion killed with SIGKILL at chosen moments leaves the
 destination absent, the complete old file, or the complete new file; never a half-written one.
 
 Each conversion runs in a subprocess through the CLI. A small driver wraps the writer's tensor loop, fsync

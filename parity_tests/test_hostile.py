@@ -1,9 +1,11 @@
-"""Hostile, broken and absurd inputs (issue 8): every reader refuses each with the toolkit's own error and exit
+"""Hostile, broken and absurd inputs: every reader refuses each with the toolkit's own error and exit
 code 2, runs nothing, opens nothing outside the input's directory, and stays inside a memory limit far below
 what the files declare.
 
 The corpus is ``convnextv2.fixtures.hostile``; its probe runs every case of a format in one subprocess (an
 audit hook watches opens and process starts, ``RLIMIT_AS`` caps memory) and reports one JSON line per case.
+The probe converts each case through the command line too, which this test hands it (``fixtures/`` sits below
+the command line and does not import it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from convnextv2 import converters
 from convnextv2.fixtures import hostile
+from convnextv2.fixtures.hostile import probe
 from convnextv2.parity_tests.conftest_helpers import run_cli
 
 # Headroom above the probe's footprint once its readers are imported: a file declaring 1 TB (or 200 MB of
@@ -31,6 +34,22 @@ CASE_SECONDS = 20
 # Readers whose probe runs under RLIMIT_AS (all that do not import TensorFlow, which reserves address space
 # at import time in amounts that make an address-space limit meaningless).
 UNFENCED = {"savedmodel"}
+# The probe process: the hostile probe, with the toolkit's command line run in-process (click's runner) under
+# the same audit hook and memory limit as the readers. The runner is made before the probe fences memory.
+_PROBE_WITH_CLI = """
+import sys
+from click.testing import CliRunner
+from convnextv2.converters.cli import main as cli
+from convnextv2.fixtures.hostile.probe import main
+
+runner = CliRunner()
+
+def run_cli(args):
+    result = runner.invoke(cli, args)
+    return result.exit_code, result.output, result.exception
+
+sys.exit(main(sys.argv[1:], run_cli))
+"""
 
 
 def _probed_formats() -> list[str]:
@@ -44,7 +63,7 @@ def probe_results(fmt: str, tmp_root: str) -> dict[str, dict]:
     results: dict[str, dict] = {}
     start_after = None
     for attempt in range(len(order)):
-        args = [sys.executable, "-m", "convnextv2.fixtures.hostile", "probe", fmt, "--case-seconds",
+        args = [sys.executable, "-c", _PROBE_WITH_CLI, "probe", fmt, "--case-seconds",
                 str(CASE_SECONDS), "--root", f"{tmp_root}/run{attempt}"]
         if fmt not in UNFENCED:
             args += ["--memory-limit-mb", str(MEMORY_LIMIT_MB)]
@@ -109,8 +128,8 @@ def test_memory_limit_is_in_force(fmt, probe_root):
     results = probe_results(fmt, str(fmt_root))
     limits = {r["memory_limit"] for r in results.values() if "memory_limit" in r}
     assert limits and all(0 < limit < hostile.ONE_TB for limit in limits)
-    code = ("import resource, sys; from convnextv2.fixtures.hostile import _limit_memory; "
-            f"_limit_memory({MEMORY_LIMIT_MB} << 20)\n"
+    code = ("import resource, sys; from convnextv2.fixtures.hostile.probe import limit_memory; "
+            f"limit_memory({MEMORY_LIMIT_MB} << 20)\n"
             "try:\n    bytearray(200 << 20)\nexcept MemoryError:\n    print('fenced')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "fenced" in done.stdout, done.stderr
@@ -118,7 +137,7 @@ def test_memory_limit_is_in_force(fmt, probe_root):
 
 def test_watch_sees_what_it_must(tmp_path):
     """The probe's audit hook is not blind: it reports an open outside the input directory and a process start."""
-    watch = hostile._Watch()
+    watch = probe.Watch()
     inside, outside = tmp_path / "input", tmp_path / hostile.SECRET
     inside.mkdir()
     outside.write_text("x")

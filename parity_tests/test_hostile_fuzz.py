@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the readers (issue 8), plus a brief coverage-guided (atheris) run.
+"""Property-based fuzzing of the readers, plus a brief coverage-guided (atheris) run.
 
 Any exception other than the toolkit's own errors is a failure. The default profile is small and
 derandomized so the suite is quick and repeatable; ``nox -s fuzz`` runs the same properties with the
@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from convnextv2 import converters
-from convnextv2.reference.errors import BadInputError
 from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
 from convnextv2.converters.torchzip import read_torch_zip, write_torch_zip
 from convnextv2.fixtures import hostile
-from convnextv2.parity_tests.fuzz import SEED_ROOT, make_reader
+from convnextv2.fixtures.hostile.fuzz_targets import SEED_ROOT, make_reader
+from convnextv2.reference.errors import BadInputError
 
 settings.register_profile("ci", max_examples=25, derandomize=True, deadline=None, database=None,
                           suppress_health_check=list(HealthCheck))
@@ -36,6 +36,8 @@ settings.register_profile("fuzz", max_examples=int(os.environ.get("CONVNEXTV2_FU
                           deadline=None, database=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("CONVNEXTV2_HYPOTHESIS_PROFILE", "ci"))
 
+# The checkout this file sits in: the atheris driver is tools/fuzz.py, outside the installed package.
+REPOSITORY = Path(__file__).resolve().parents[1]
 WORKDIR = Path(tempfile.mkdtemp(prefix="hypothesis-readers-"))
 READERS = {target: make_reader(target, WORKDIR / target) for target in ("safetensors", "torchzip", "onnx")}
 for _target in READERS:
@@ -232,10 +234,11 @@ def test_brief_atheris_run(tmp_path):
     """Each target fuzzed with atheris for a few seconds from the committed seeds; no crash, inputs were tried."""
     seconds = int(os.environ.get("CONVNEXTV2_BRIEF_FUZZ_SECONDS", "5"))
     report_file = tmp_path / "fuzz.json"
-    done = subprocess.run([sys.executable, "-m", "convnextv2.parity_tests.fuzz", "--seconds", str(seconds),
+    # The driver is a tool of the repository (tools/fuzz.py), run from its root.
+    done = subprocess.run([sys.executable, "-m", "tools.fuzz", "--seconds", str(seconds),
                            "--no-hypothesis", "--seed", "1", "--artifacts", str(tmp_path / "artifacts"),
                            "--json", str(report_file)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CONVNEXTV2_PROGRESS": "0"})
+                          cwd=REPOSITORY, env={**os.environ, "CONVNEXTV2_PROGRESS": "0"})
     assert report_file.exists(), done.stderr[-3000:]
     reports = json.loads(report_file.read_text())
     assert {r["target"] for r in reports} >= {"safetensors", "torchzip"}

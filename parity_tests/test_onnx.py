@@ -1,8 +1,9 @@
 """ONNX out (every export path) and ONNX in (files from this toolkit, timm, transformers, tf2onnx).
 
 Oracles: onnxruntime runs the files (at ORT_ENABLE_ALL); the float64 PyTorch reference is the referee and the
-float32 one the yardstick (2x its error, same inputs); timm's own ``checkpoint_filter_fn`` and transformers'
-module names place the source weights in the peers, so the importer is checked against what the peers hold.
+float32 one the yardstick (the parity rule, convnextv2.reference.parity_rule, same inputs); timm's own
+``checkpoint_filter_fn`` and transformers' module names place the source weights in the peers, so the importer
+is checked against what the peers hold.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from convnextv2 import converters, reference
-from convnextv2.converters import onnx_export
-from convnextv2.reference.errors import BadInputError, CheckFailedError
+from convnextv2.converters import onnx_check, onnx_export
 from convnextv2.fixtures import make_checkpoint, write_fixture
 from convnextv2.parity_tests.conftest_helpers import run_cli
-from convnextv2.parity_tests.quick import seeded_images
+from convnextv2.reference import parity_rule
+from convnextv2.reference.errors import BadInputError, CheckFailedError
+from convnextv2.reference.parity_rule import seeded_images
 from convnextv2.reference.variants import VARIANTS
 
 pytestmark = pytest.mark.onnx
@@ -31,26 +34,24 @@ SIZE = 64
 
 
 def _ort(path: Path) -> object:
-    return onnx_export.ort_session(path)
+    return onnx_check.ort_session(path)
 
 
 def _run(session: object, images: np.ndarray) -> dict[str, np.ndarray]:
-    return onnx_export.run_ort(session, images)
+    return onnx_check.run_ort(session, images)
 
 
 def _assert_parity(ckpt, got: np.ndarray, images: np.ndarray, output: str = "logits") -> dict:
-    """got vs the float64 referee within 2x the PyTorch float32 error on the same images (scale-aware, with the
-    harness's floor of 2**-20); top-1 identical."""
-    referee = reference.run_features(reference.build(ckpt, "torch", dtype="float64"), "torch", images)[output]
-    fp32 = reference.run_features(reference.build(ckpt, "torch"), "torch", images)[output]
-    err = float(np.abs(got.astype(np.float64) - referee).max())
-    floor = float(np.abs(fp32.astype(np.float64) - referee).max())
-    scale = float(np.abs(referee).max())
-    allowed = max(onnx_export.FP32_FACTOR * floor, onnx_export.FP32_FLOOR * scale)
-    assert err <= allowed, f"{output}: max|d| {err:.3e} > max(2 x PyTorch float32 {floor:.3e}, 2^-20 x {scale:.3g})"
+    """got vs the float64 referee by the parity rule's float32 verdict (the PyTorch float32 error on the same
+    images as the yardstick); top-1 identical."""
+    referee = parity_rule.referee_features(ckpt, images)[output]
+    fp32 = parity_rule.baseline_features(ckpt, images)[output]
+    verdict = onnx_check.parity(got, fp32, referee, "float32", output)
+    assert verdict["passed"], (f"{output}: max|d| {verdict['max_abs']:.3e} > the rule's tolerance "
+                               f"({parity_rule.describe('float32')}; PyTorch float32 {verdict['torch_baseline_max_abs']:.3e})")
     if output == "logits":
         assert np.array_equal(got.argmax(1), referee.argmax(1))
-    return {"max_abs": err, "torch_fp32": floor}
+    return {"max_abs": verdict["max_abs"], "torch_fp32": verdict["torch_baseline_max_abs"]}
 
 
 def _assert_same(source: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
@@ -129,6 +130,24 @@ def test_export_is_deterministic_and_external_data_is_atomic(tmp_path):
 
 
 @pytest.mark.torch
+def test_overwriting_an_external_data_export_publishes_both_files_and_drops_a_stale_data_file(tmp_path):
+    ckpt = make_checkpoint(SMALL, seed=1, fmt="canonical", num_classes=10)
+    out = tmp_path / "m.onnx"
+    mask = os.umask(0o027)
+    try:
+        onnx_export.export(ckpt, out, check_size=SIZE, external_data=True)
+    finally:
+        os.umask(mask)
+    data = tmp_path / "m.onnx.data"
+    # Published with the permissions a plain open() under that umask gives, not the temporary files' 0600.
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"m.onnx": 0o640, "m.onnx.data": 0o640}
+    onnx_export.export(ckpt, out, check_size=SIZE, external_data=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "the replaced model's .data file was kept"
+    assert not data.exists()
+    _assert_same(ckpt.model_tensors(), converters.load(out).model_tensors())
+
+
+@pytest.mark.torch
 def test_features_dynamic_hw_and_opset_18(tmp_path):
     ckpt = make_checkpoint(SMALL, seed=2, fmt="canonical", num_classes=10)
     out = tmp_path / "features.onnx"
@@ -173,9 +192,11 @@ def test_fp16_export_keeps_norms_in_fp32(tmp_path):
     assert all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
     images = seeded_images(4, SIZE, seed=9)
     got = _run(_ort(out), images)["logits"]
-    referee = reference.run_features(reference.build(ckpt, "torch", dtype="float64"), "torch", images)["logits"]
-    scale_aware = float(np.abs(got - referee).max() / np.abs(referee).max())
-    assert scale_aware < onnx_export.FP16_TOLERANCE, scale_aware
+    referee = parity_rule.referee_features(ckpt, images)["logits"]
+    # The float16 rule: the yardstick is the PyTorch reference in float16 with float32 norms, same images.
+    fp16 = parity_rule.baseline_features(ckpt, images, "float16")["logits"]
+    verdict = onnx_check.parity(got, fp16, referee, "float16")
+    assert verdict["passed"], verdict
     assert np.array_equal(got.argmax(1), referee.argmax(1))
     assert result.check["ok"]
     # Back in: fp16 weights come back as float32 values that round-trip through fp16 exactly.
@@ -190,7 +211,9 @@ def test_failed_parity_writes_nothing_and_exits_1(tmp_path, monkeypatch):
     import torch
 
     ckpt = make_checkpoint(SMALL, seed=5, fmt="canonical", num_classes=10)
-    original = onnx_export._torch_module
+    from convnextv2.converters import onnx_via_torch
+
+    original = onnx_via_torch.torch_module
 
     def broken(*args, **kwargs):
         module = original(*args, **kwargs)
@@ -198,7 +221,7 @@ def test_failed_parity_writes_nothing_and_exits_1(tmp_path, monkeypatch):
             module.model.stages[2].blocks[1].grn.gamma.mul_(1.01)  # a 1% slip in one GRN
         return module
 
-    monkeypatch.setattr(onnx_export, "_torch_module", broken)
+    monkeypatch.setattr(onnx_via_torch, "torch_module", broken)
     with pytest.raises(CheckFailedError, match="fails parity") as info:
         onnx_export.export(ckpt, tmp_path / "bad.onnx", check_size=SIZE)
     assert info.value.exit_code == 1
@@ -345,7 +368,7 @@ def _hf_model(ckpt, head_eps: float):
     stages = {"downsample.norm": "downsampling_layer.0", "downsample.conv": "downsampling_layer.1"}
     leaf = {"norm": "layernorm", "grn.gamma": "grn.weight", "grn.beta": "grn.bias"}
 
-    def hf_name(name: str) -> str:  # transformers' module names (facts §4.4)
+    def hf_name(name: str) -> str:  # transformers' module names
         fixed = {"stem.conv": "convnextv2.embeddings.patch_embeddings", "stem.norm": "convnextv2.embeddings.layernorm",
                  "head.norm": "convnextv2.layernorm", "head.fc": "classifier"}
         for ours, theirs in fixed.items():

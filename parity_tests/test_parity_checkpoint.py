@@ -41,7 +41,7 @@ def _checkpoint(path: str) -> Any:
 @functools.lru_cache(maxsize=2)
 def _torch(path: str, dtype: str) -> Any:
     from convnextv2 import reference
-    from convnextv2.parity_tests.inputs import seeded_images
+    from convnextv2.reference.parity_rule import seeded_images
 
     ckpt = _checkpoint(path)
     images = seeded_images(2, ckpt.preprocessing.input_size, 0)
@@ -50,10 +50,16 @@ def _torch(path: str, dtype: str) -> Any:
 
 def test_user_checkpoint(user_case: tuple[str, str], request: pytest.FixtureRequest) -> None:
     from convnextv2.parity_tests.harness import run_parity
-    from convnextv2.parity_tests.inputs import seeded_images
     from convnextv2.parity_tests.report import write_report
+    from convnextv2.parity_tests.runtimes import RUNTIMES
+    from convnextv2.reference.parity_rule import seeded_images
 
     path, runtime = user_case
+    # A runtime whose framework is not installed here is reported, not failed: a user's environment need not
+    # hold every framework (the repository's own matrix fails on it instead).
+    missing = RUNTIMES[runtime].availability()
+    if missing is not None:
+        pytest.skip(f"{runtime} not available: {missing}")
     ckpt = _checkpoint(path)
     images = seeded_images(2, ckpt.preprocessing.input_size, 0)
     report = run_parity(ckpt, [runtime], images=images, checkpoint_path=path,
@@ -71,3 +77,27 @@ def test_user_checkpoint(user_case: tuple[str, str], request: pytest.FixtureRequ
     assert result.status == "pass", (
         f"{runtime}: {result.status} {result.reason} first diverges at {result.first_divergence}: "
         + "; ".join(f"{f.name} {f.message}" for f in result.features if f.status == "fail"))
+
+
+def test_with_checkpoint_the_package_collects_only_the_checkpoint_cases():
+    """The plugin's collection rule, in process: with --checkpoint every other test module of this package is
+    ignored (they need the repository and every framework); without it nothing is."""
+    from convnextv2.parity_tests import plugin
+
+    here = Path(plugin.__file__).resolve().parent
+
+    class Config:
+        def __init__(self, checkpoints: list[str]) -> None:
+            self.checkpoints = checkpoints
+
+        def getoption(self, name: str, default: Any = None) -> Any:
+            assert name == "--checkpoint"
+            return self.checkpoints
+
+    given, none = Config(["model.safetensors"]), Config([])
+    assert plugin.pytest_ignore_collect(here / "test_hostile.py", given) is True
+    assert plugin.pytest_ignore_collect(here / "test_parity_matrix.py", given) is True
+    assert plugin.pytest_ignore_collect(here / plugin.CHECKPOINT_TESTS, given) is None
+    assert plugin.pytest_ignore_collect(here / "harness.py", given) is None
+    assert plugin.pytest_ignore_collect(here.parent / "test_elsewhere.py", given) is None
+    assert plugin.pytest_ignore_collect(here / "test_hostile.py", none) is None

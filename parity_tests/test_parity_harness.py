@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from convnextv2.converters.checkpoint import Preprocessing
-from convnextv2.reference.errors import BadInputError
 from convnextv2.fixtures import make_checkpoint
 from convnextv2.parity_tests.harness import (
     FEATURES,
-    FLOOR,
     Tolerance,
     compare_feature,
     parse_tolerances,
@@ -21,14 +19,20 @@ from convnextv2.parity_tests.harness import (
 from convnextv2.parity_tests.inputs import preprocess_file, resize_numpy, resize_plan
 from convnextv2.parity_tests.plugin import parse_shard, shard_of
 from convnextv2.parity_tests.runtimes import Runtime
+from convnextv2.reference import parity_rule as rule
+from convnextv2.reference.errors import BadInputError
 
 CONFIG = "custom:depths=1,1,2,1;dims=8,16,32,64"
 
 
-def test_derived_tolerance_is_twice_the_float32_error_with_a_floor():
+def test_derived_tolerance_is_the_parity_rule():
     t = Tolerance("float32")
-    assert t.threshold(1e-6, 10.0) == pytest.approx(2e-5)
-    assert t.threshold(1e-9, 10.0) == pytest.approx(FLOOR["float32"] * 10.0)
+    assert t.threshold(1e-6, 10.0) == pytest.approx(rule.FACTOR * 1e-6 * 10.0)
+    assert t.threshold(1e-9, 10.0) == pytest.approx(max(rule.FACTOR * 1e-9, rule.FLOOR["float32"]) * 10.0)
+    # float64: the float32 baseline scaled by eps64/eps32, never below the float64 floor.
+    assert Tolerance("float64").threshold(1e-7, 1.0) == pytest.approx(
+        max(rule.FACTOR * 1e-7 * rule.EPS_RATIO["float64"], rule.FLOOR["float64"]))
+    assert Tolerance("float64").threshold(0.0, 1.0) == rule.FLOOR["float64"] > 0
     explicit = Tolerance("float32", atol=1e-3, rtol=1e-2)
     assert explicit.threshold(1e-6, 10.0) == pytest.approx(1e-3 + 1e-1)
     assert Tolerance("float32", atol=1e-12, rtol=0.0).threshold(1.0, 1.0) == pytest.approx(1e-12)
@@ -47,7 +51,7 @@ def test_top1_flip_fails_unless_the_referee_cannot_separate_the_classes():
     referee = np.array([[0.0, 1.0, 0.5], [2.0, 0.0, 2.0 + 1e-9]])
     flipped = referee.copy()
     flipped[0] = [0.0, 0.74, 0.76]  # error 0.26, within the 0.3 tolerance, but the classes are 0.5 apart
-    result = compare_feature("logits", flipped, referee, 0.075, Tolerance("float32"))  # 2 x 0.075 x scale 2
+    result = compare_feature("logits", flipped, referee, 0.15 / rule.FACTOR, Tolerance("float32"))  # x scale 2
     assert result.tolerance_abs == pytest.approx(0.3)
     assert result.status == "fail" and result.message == "top-1 differs on 1 of 2 images"
     tie = referee.copy()

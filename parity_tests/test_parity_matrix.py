@@ -25,7 +25,7 @@ import pytest
 from convnextv2 import converters
 from convnextv2.fixtures import make_checkpoint
 from convnextv2.parity_tests.harness import run_parity, torch_features
-from convnextv2.parity_tests.inputs import seeded_images
+from convnextv2.reference.parity_rule import seeded_images
 
 CUSTOM_TINY = "custom:depths=1,1,2,1;dims=8,16,32,64"
 QUICK_SIZES = [("atto", 64), (CUSTOM_TINY, 64)]
@@ -43,7 +43,7 @@ RUNTIME_GROUPS = {
 }
 # Layouts the ``original`` reader understands, each a source format of its own in the matrix.
 ORIGINAL_LAYOUTS = ("original", "fcmae", "fcmae-sparse")
-# Every format the toolkit is meant to read (issue 5); test_every_expected_format_is_readable holds the line.
+# Every format the toolkit is meant to read; test_every_expected_format_is_readable holds the line.
 EXPECTED_SOURCE_FORMATS = ("original", "fcmae", "fcmae-sparse", "canonical", "hf", "timm", "keras", "flax", "onnx")
 SUFFIX = {"original": ".pt", "fcmae": ".pt", "fcmae-sparse": ".pt", "canonical": ".safetensors", "hf": "",
           "timm": ".safetensors", "keras": ".keras", "flax": ".safetensors", "onnx": ".onnx"}
@@ -240,7 +240,7 @@ def test_every_expected_format_is_readable() -> None:
 
 @pytest.mark.torch
 def test_matrix_dimensions() -> None:
-    """The full matrix is what issue 5 promises: all eight sizes at 224, tiny/base at 384, huge at 512."""
+    """The full matrix covers what the released checkpoints need: all eight sizes at 224, tiny/base at 384, huge at 512."""
     from convnextv2.reference.variants import VARIANTS
 
     assert {v for v, s in FULL_SIZES if s == 224} == set(VARIANTS)

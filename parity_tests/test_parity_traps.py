@@ -1,4 +1,4 @@
-"""The harness catches real bugs: each known porting trap (facts §5) is injected into ONE runtime, a patched
+"""The harness catches real bugs: each known porting trap (traps.py) is injected into ONE runtime, a patched
 copy of the PyTorch reference; parity must fail for that runtime only, and the report must name the stage
 where the bug first shows."""
 
@@ -24,7 +24,7 @@ EXPECTED_FIRST_STAGE = {
 }
 
 
-def test_every_trap_of_the_issue_is_covered():
+def test_every_known_trap_has_an_expected_first_stage():
     assert set(TRAPS) == set(EXPECTED_FIRST_STAGE)
 
 

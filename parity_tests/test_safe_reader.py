@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from convnextv2 import converters, fixtures
-from convnextv2.reference.errors import BadInputError, UnsafeCheckpointError
 from convnextv2.converters.torchzip import read_torch_zip
 from convnextv2.parity_tests.conftest_helpers import run_cli
+from convnextv2.reference.errors import BadInputError, UnsafeCheckpointError
 
 torch = pytest.importorskip("torch")
 

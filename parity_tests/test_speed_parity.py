@@ -2,8 +2,9 @@
 
 Yardstick, measured in the same run on the same images: the same model run through the plain formulation
 (``torch_model.FAST_FLOAT32 = False``: NCHW, GRN term by term, as before the speed work) in float32. The fast
-path's error against the float64 referee must stay within 2x of the plain path's, feature by feature, with the
-same top-1. The float64 referee never takes the fast path.
+path's error against the float64 referee must pass the one parity rule (convnextv2.reference.parity_rule) with
+the plain path's error as the yardstick, feature by feature, with the same top-1. The float64 referee never
+takes the fast path.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch
 
 from convnextv2 import reference
 from convnextv2.fixtures import make_checkpoint
-from convnextv2.parity_tests.quick import seeded_images
-from convnextv2.reference import torch_model
+from convnextv2.reference import parity_rule, torch_model
+from convnextv2.reference.parity_rule import seeded_images
 from convnextv2.reference.variants import VARIANTS
 
 pytestmark = pytest.mark.torch
@@ -45,12 +46,12 @@ def _check(variant: str, size: int, batch: int) -> None:
     for name, expected in referee.items():
         # The referee is the plain definition whatever the switch says.
         assert np.array_equal(expected, plain64[name]), f"{name}: the float64 referee changed with the fast path"
-        scale = float(np.max(np.abs(expected))) or 1.0
-        fast_err = float(np.max(np.abs(fast[name].astype(np.float64) - expected)))
-        plain_err = float(np.max(np.abs(plain[name].astype(np.float64) - expected)))
-        # A tiny absolute allowance (1e-9 of the scale) only matters where both errors are ~0.
-        assert fast_err <= 2.0 * plain_err + 1e-9 * scale, (
-            f"{variant}@{size} {name}: fast float32 error {fast_err:.3e} > 2x plain float32 error {plain_err:.3e}")
+        # The one parity rule with the plain float32 path as the yardstick.
+        plain_err = parity_rule.scale_aware_error(plain[name], expected)
+        verdict = parity_rule.judge(name, fast[name], expected, plain_err)
+        assert verdict.passed, (
+            f"{variant}@{size} {name}: fast float32 error {verdict.scale_aware_error:.3e} > the rule's tolerance "
+            f"{parity_rule.tolerance(plain_err):.3e} (plain float32 error {plain_err:.3e})")
         assert fast[name].shape == expected.shape and fast[name].flags.c_contiguous
     if "logits" in referee:
         assert np.array_equal(fast["logits"].argmax(1), referee["logits"].argmax(1))

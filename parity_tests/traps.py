@@ -1,4 +1,4 @@
-"""Known ConvNeXt V2 porting bugs (facts §5), injected into a copy of the PyTorch reference so the harness can
+"""Known ConvNeXt V2 porting bugs (defaults of other frameworks that silently break parity), injected into a copy of the PyTorch reference so the harness can
 prove it catches each one and names the stage where it first shows.
 
 Each trap is a :class:`Trap`: a function that breaks a float32 PyTorch model in place, the feature where the

@@ -5,13 +5,24 @@ Importing this package imports no deep-learning framework; ``build`` imports onl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.reference.variants import VARIANTS, ModelConfig, config_for, parse_variant
 
-if TYPE_CHECKING:
-    from convnextv2.converters.checkpoint import Checkpoint
+
+class WeightsLike(Protocol):
+    """What ``build`` needs of a checkpoint (``converters.checkpoint.Checkpoint`` is one): a config,
+    canonical tensors, and a check that they match."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def tensors(self) -> Mapping[str, Any]: ...
+
+    def validate(self, where: str = ...) -> None: ...
 
 FRAMEWORKS = ("torch", "tensorflow", "flax")
 
@@ -23,7 +34,7 @@ _BUILDERS = {
 }
 
 
-def build(ckpt: Checkpoint, framework: str = "torch", dtype: str = "float32", **options: Any) -> Any:
+def build(ckpt: WeightsLike, framework: str = "torch", dtype: str = "float32", **options: Any) -> Any:
     """The native model for ``framework`` with the checkpoint's weights, in inference mode."""
     if framework not in _BUILDERS:
         raise BadInputError(f"unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
@@ -54,4 +65,5 @@ def run_features(model: Any, framework: str, images_nchw: Any) -> dict[str, Any]
     return importlib.import_module(_BUILDERS[framework][0]).run_features(model, images_nchw)
 
 
-__all__ = ["FRAMEWORKS", "VARIANTS", "ModelConfig", "build", "config_for", "parse_variant", "run_features"]
+__all__ = ["FRAMEWORKS", "VARIANTS", "ModelConfig", "WeightsLike", "build", "config_for", "parse_variant",
+           "run_features"]

@@ -1,7 +1,7 @@
 """ConvNeXt V2 in Flax NNX (NHWC). Its NNX state paths map to canonical names through the one table
-``convnextv2.converters.flax.NNX_KEYS``, which also holds the only Flax<->canonical layout transposes.
+``convnextv2.reference.flax_layout.NNX_KEYS``, whose rules name each Flax<->canonical layout change.
 
-Numerics follow the original definition (facts §1, §5), avoiding Flax/JAX defaults that differ:
+Numerics follow the original definition (facebookresearch/ConvNeXt-V2), avoiding Flax/JAX defaults that differ:
 - GELU is the exact erf form (``jax.nn.gelu`` defaults to the tanh approximation);
 - every LayerNorm uses eps 1e-6 and the two-pass variance (``use_fast_variance=False``; Flax's default
   E[x²]-E[x]² loses digits in float32); the final norm's eps comes from ``config.head_norm_eps``;
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convnextv2.converters.flax import canonical_to_nnx, nnx_to_canonical
 from convnextv2.reference import schema
+from convnextv2.reference.flax_layout import canonical_to_nnx, nnx_to_canonical
 from convnextv2.reference.variants import GRN_EPS, IN_CHANNELS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
 
 FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")

@@ -1,10 +1,10 @@
 """ConvNeXt V2 in Keras 3 on the TensorFlow backend, NHWC inside.
 
 Every parameterised layer is named after its canonical prefix (``stages.1.blocks.0.pwconv1``), so a
-Keras weight path ``<layer name>/<variable name>`` maps to a canonical name through ``KERAS_KEYS``, and
-every layout change between the canonical (PyTorch) layouts and Keras' lives in ``to_keras_layout`` /
-``to_canonical_layout``; both are in converters/keras.py, which the file reader uses without TensorFlow.
-Numerics follow facts §1 and avoid the traps of §5: GELU is written out as 0.5·x·(1+erf(x/√2)) (Keras' own exact GELU lowers to Erfc, which tf2onnx cannot convert, facts §6),
+Keras weight path ``<layer name>/<variable name>`` maps to a canonical name through ``KERAS_KEYS``, whose
+rules name each layout change between the canonical (PyTorch) layouts and Keras' (``reference.layouts``);
+the table is in reference/keras_layout.py, which the file reader uses without TensorFlow.
+Numerics follow the original definition and avoid other frameworks' differing defaults: GELU is written out as 0.5·x·(1+erf(x/√2)) (Keras' own exact GELU lowers to Erfc, which tf2onnx cannot convert),
 LayerNorm is our own two-pass, biased-variance layer with eps 1e-6 (Keras' default eps is 1e-3), and GRN
 is a vector L2 norm over H and W (``tf.norm(ord=2)`` over two axes would be the spectral norm).
 """
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.reference.errors import BadInputError
-from convnextv2.converters.keras import KERAS_KEYS, PACKAGE, keras_paths, to_canonical_layout, to_keras_layout
 from convnextv2.reference import schema
+from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.keras_layout import KERAS_KEYS, PACKAGE, keras_paths
 from convnextv2.reference.variants import GRN_EPS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
 
 
@@ -209,11 +209,11 @@ def load_canonical(model: keras.Model, config: ModelConfig, tensors: Mapping[str
     expected = keras_paths(config)
     if set(variables) != set(expected):
         raise AssertionError(f"Keras model paths differ from the table: {sorted(set(variables) ^ set(expected))[:6]}")
-    for path, (name, transform) in expected.items():
+    for path, (name, layout) in expected.items():
         if name not in tensors:
             raise BadInputError(f"missing tensor {name}")
         variable = variables[path]
-        value = to_keras_layout(np.asarray(tensors[name]), transform)
+        value = layout.to_foreign(np.asarray(tensors[name]))
         if tuple(value.shape) != tuple(variable.shape):
             raise BadInputError(f"tensor {name}: expected Keras shape {list(variable.shape)}, found {list(value.shape)}")
         variable.assign(value.astype(variable.dtype, copy=False))
@@ -228,7 +228,7 @@ def export_canonical(model: keras.Model) -> dict[str, np.ndarray]:
         if found is None:
             raise BadInputError(f"Keras weight {variable.path} has no canonical name")
         name, rule = found
-        out[name] = np.ascontiguousarray(to_canonical_layout(np.asarray(variable.numpy()), rule.transform))
+        out[name] = np.ascontiguousarray(rule.transform.to_canonical(np.asarray(variable.numpy()), variable.path))
     config = schema.infer_config({k: v.shape for k, v in out.items()}, "Keras model")
     config = config.with_(head_norm=any(v.path.startswith("head.norm/") for v in model.weights))
     return {name: out[name] for name in schema.expected_shapes(config)}

@@ -1,6 +1,6 @@
 """ConvNeXt V2 in PyTorch. ``state_dict()`` keys are exactly the canonical names (reference/schema.py).
 
-Numerics follow the original definition (facts §1): exact erf GELU, every LayerNorm with eps 1e-6 and
+Numerics follow the original definition (facebookresearch/ConvNeXt-V2): exact erf GELU, every LayerNorm with eps 1e-6 and
 biased variance, GRN's L2 norm over H and W per image and channel with eps only in the denominator.
 Runs in float64 too; that instance is the referee every runtime is compared against.
 

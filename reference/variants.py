@@ -13,7 +13,7 @@ from typing import Any
 
 from convnextv2.reference.errors import BadInputError
 
-# name -> (depths, dims); the eight released sizes (facts §2).
+# name -> (depths, dims); the eight released sizes.
 VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
     "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
@@ -25,7 +25,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
 
-# Multiply-accumulates at 224x224 with a 1000-class head, in GMACs (facts §2); used by benchmarks.
+# Multiply-accumulates at 224x224 with a 1000-class head, in GMACs (as published); used by benchmarks.
 GMACS_224: dict[str, float] = {
     "atto": 0.547, "femto": 0.780, "pico": 1.367, "nano": 2.446,
     "tiny": 4.456, "base": 15.36, "large": 34.36, "huge": 114.9,
@@ -79,14 +79,6 @@ class ModelConfig:
             if depths == tuple(self.depths) and dims == tuple(self.dims):
                 return name
         return "custom"
-
-    @property
-    def headless(self) -> bool:
-        return self.num_classes == 0
-
-    @property
-    def feature_dim(self) -> int:
-        return self.dims[-1]
 
     def with_(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import click
 
+from convnextv2.converters.cli import choices
 from convnextv2.converters.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, VIAS
 
 
-@click.command("export-onnx")
+@click.command("export-onnx", short_help="Export to ONNX, checked in onnxruntime before it is written.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Destination .onnx file.")
-@click.option("--from", "from_format", default="auto", show_default=True,
-              help="Format of SRC (auto-detected by content).")
+@click.option("--from", "from_format", type=choices.FROM, default="auto", show_default=True,
+              help="Format of SRC (auto: detected by content).")
 @click.option("--variant", default=None, help="Expected size (atto..huge or custom:...); cross-checked against the shapes.")
 @click.option("--ema", is_flag=True, help="Original checkpoints: export model_ema instead of model.")
 @click.option("--via", type=click.Choice(list(VIAS)), default="torch", show_default=True,
@@ -44,7 +45,7 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
     reason = onnx_export.why_unavailable(via)
     if reason:
         raise MissingDependencyError(reason)
-    ckpt = converters.load(src, format=from_format, variant=variant, ema=ema)
+    ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}))
     log = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     result = onnx_export.export(ckpt, dst, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
                                 external_data=external_data, overwrite=overwrite, check_size=check_size,

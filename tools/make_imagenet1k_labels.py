@@ -1,7 +1,7 @@
 """Regenerate ``imagenet1k_labels.json`` from timm's bundled ImageNet metadata (run once, by hand).
 
 The toolkit ships the JSON so that writing an HF ``config.json`` with real class names needs no timm at run
-time. Usage: ``python converters/data/make_imagenet1k_labels.py`` inside an environment with timm.
+time. Usage: ``python -m tools.make_imagenet1k_labels`` from the repository root, in an environment with timm.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
         "synsets": [info.index_to_label_name(i) for i in range(count)],
         "descriptions": [info.index_to_description(i) for i in range(count)],
     }
-    out = Path(__file__).with_name("imagenet1k_labels.json")
+    out = Path(__file__).resolve().parents[1] / "converters" / "data" / "imagenet1k_labels.json"
     out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out} ({count} classes)")
 

@@ -1,7 +1,7 @@
 """One-off ONNX measurements reported in docs/onnx.md (not a test): every size exported, checked and read back;
 onnxruntime latency of our export (opset 18 and 20) against timm's legacy export, same run.
 
-    python -m convnextv2.parity_tests.onnx_bench --out onnx-bench.json [--sizes atto,tiny] [--skip-latency]
+    python -m benchmarks.onnx_graph --out onnx-bench.json [--sizes atto,tiny] [--skip-latency]
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from convnextv2 import converters
-from convnextv2.converters import onnx_export
+from convnextv2.converters import onnx_check, onnx_export
 from convnextv2.fixtures import make_checkpoint
-from convnextv2.parity_tests.quick import seeded_images
+from convnextv2.reference.parity_rule import seeded_images
 from convnextv2.reference.variants import VARIANTS
 
 
@@ -37,7 +37,7 @@ def every_size(sizes: list[str], work: Path, log: Any) -> list[dict[str, Any]]:
         read_seconds = time.perf_counter() - start
         exact = all(np.array_equal(np.asarray(back.tensors[k]), v) for k, v in ckpt.model_tensors().items())
         row = {"variant": variant, "ok": result.check["ok"], "ort_max_abs": logits["max_abs"],
-               "torch_fp32_max_abs": logits["torch_fp32_max_abs"], "ratio": logits["ratio"],
+               "torch_fp32_max_abs": logits["torch_baseline_max_abs"], "ratio": logits["ratio"],
                "top1_same": logits.get("top1_same"), "export_and_check_s": round(seconds, 1),
                "import_s": round(read_seconds, 2), "import_bit_exact": exact,
                "model_bytes": out.stat().st_size,
@@ -88,7 +88,7 @@ def latency(work: Path, repeats: int, threads: int, log: Any) -> list[dict[str, 
         torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(files["timm_legacy"]), dynamo=False)
         timings: dict[str, list[float]] = {}
         # Interleave the files, several rounds, so background load hits them alike.
-        sessions = {k: onnx_export.ort_session(p, threads=threads) for k, p in files.items()}
+        sessions = {k: onnx_check.ort_session(p, threads=threads) for k, p in files.items()}
         for _ in range(3):
             for key, session in sessions.items():
                 timings.setdefault(key, []).append(_latency(session, images, repeats))
@@ -102,7 +102,8 @@ def latency(work: Path, repeats: int, threads: int, log: Any) -> list[dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.onnx_graph", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sizes", default=",".join(VARIANTS))
     parser.add_argument("--skip-sizes", action="store_true")

@@ -1,13 +1,13 @@
 """Parity on an accelerator: the PyTorch and Flax references on the GPU against the float64 CPU referee.
 
-    python -m convnextv2.parity_tests.gpu_check [--variants atto,tiny,base] [--size 224] [--batch 4] [--json F]
+    python -m tools.gpu_check [--variants atto,tiny,base] [--size 224] [--batch 4] [--json F]
 
-Same rule as the parity harness (docs/parity.md): a runtime passes when its scale-aware logits error is within
-2x that of the PyTorch float32 reference on the CPU (same weights, same images), floor 2**-20, and top-1 is
-identical. PyTorch runs with TF32 off (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``,
+The one parity rule (convnextv2.reference.parity_rule, docs/parity.md "Tolerance") on the logits, with the PyTorch
+float32 reference on the CPU (same weights, same images) as the yardstick. PyTorch runs with TF32 off (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``,
 ``set_float32_matmul_precision("highest")``); the same model with TF32 on is reported beside it as the trap it is
-(facts §5), expected to fail. The Flax reference asks for ``Precision.HIGHEST`` itself. Exit 0 when every
+(TF32 matmuls keep 10 mantissa bits), expected to fail. The Flax reference asks for ``Precision.HIGHEST`` itself. Exit 0 when every
 TF32-off runtime passes, 1 when one fails, 2 when there is no GPU. Not part of CI: CI machines have no GPU.
+Run from the repository root (``tools/`` is not installed).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from convnextv2 import reference
-from convnextv2.converters.onnx_export import parity
+from convnextv2.converters.onnx_check import parity
 from convnextv2.fixtures import make_checkpoint
-from convnextv2.parity_tests.quick import seeded_images
+from convnextv2.reference import parity_rule
 
 
 def _torch_logits(model: Any, images: np.ndarray, device: str) -> np.ndarray:
@@ -58,9 +58,9 @@ def _flax_gpu(ckpt: Any, images: np.ndarray) -> np.ndarray:
 
 def check(variant: str, size: int, batch: int) -> list[dict[str, Any]]:
     ckpt = make_checkpoint(variant, seed=0, fmt="canonical")
-    images = seeded_images(batch, size)
-    referee = reference.run_features(reference.build(ckpt, "torch", dtype="float64"), "torch", images)["logits"]
-    cpu = reference.run_features(reference.build(ckpt, "torch"), "torch", images)["logits"]
+    images = parity_rule.seeded_images(batch, size)
+    referee = parity_rule.referee_features(ckpt, images)["logits"]
+    cpu = parity_rule.baseline_features(ckpt, images)["logits"]
     runtimes = {"torch cuda, TF32 off": lambda: _torch_gpu(ckpt, images, tf32=False),
                 "torch cuda, TF32 on (trap)": lambda: _torch_gpu(ckpt, images, tf32=True),
                 "flax gpu": lambda: _flax_gpu(ckpt, images)}
@@ -73,20 +73,18 @@ def check(variant: str, size: int, batch: int) -> list[dict[str, Any]]:
             row["unavailable"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             continue
-        # The export gate's comparison: the harness's float32 rule against the CPU float32 reference.
-        verdict = parity(logits, cpu, referee)
-        row.update(verdict)
-        row["passed"] = verdict["within"] and verdict["top1_same"]
+        # The export gate's comparison: the parity rule with the CPU float32 reference as the yardstick.
+        row.update(parity(logits, cpu, referee))
         rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convnextv2.parity_tests.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="atto,tiny,base")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=parity_rule.DEFAULT_BATCH)
     parser.add_argument("--json", type=Path, default=None, help="also write every row here")
     args = parser.parse_args(argv)
     import torch

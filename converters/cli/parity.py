@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from convnextv2.converters.cli import choices
+from convnextv2.reference import parity_rule
 from convnextv2.reference.errors import BadInputError, CheckFailedError
 
 RUNTIME_ALIASES = {"tf": "tensorflow", "keras": "tensorflow", "jax": "flax", "onnx": "onnxruntime",
@@ -44,9 +46,10 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
     return names, True
 
 
-@click.command()
+@click.command(short_help="Compare every runtime with a float64 PyTorch referee.")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--from", "fmt", default="auto", show_default=True, help="Source format (auto-detected by default).")
+@click.option("--from", "fmt", type=choices.FROM, default="auto", show_default=True,
+              help="Format of SRC (auto: detected by content).")
 @click.option("--ema", is_flag=True, help="Original checkpoints: check model_ema instead of model.")
 @click.option("--runtimes", "runtime_values", multiple=True, metavar="LIST",
               help="torch, tensorflow, flax, onnxruntime (comma-separated or repeated; 'all' = default: every "
@@ -54,8 +57,10 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
 @click.option("--peers", "peer_values", multiple=True, metavar="LIST",
               help="Independent implementations to compare too: timm, transformers-pt, transformers-tf, or all.")
 @click.option("--image-size", type=int, default=None, help="Input size in pixels (default: the checkpoint's).")
-@click.option("--batch", type=int, default=2, show_default=True, help="Number of seeded random images.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=int, default=parity_rule.DEFAULT_BATCH, show_default=True,
+              help="Number of seeded random images (the parity rule's default, docs/parity.md).")
+@click.option("--seed", type=int, default=parity_rule.DEFAULT_SEED, show_default=True,
+              help="Seed of the random images (the same seed gives the same images on every machine).")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
               help="Use the image files in DIR (put through the checkpoint's preprocessing) instead of random ones.")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]),

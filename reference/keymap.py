@@ -1,7 +1,8 @@
 """Bidirectional key rewrite tables: each format writes one table of (foreign, canonical) templates.
 
 Templates use ``{name}`` placeholders: ``{s}``/``{b}``/``{i}`` match integers, ``{p}`` a parameter name.
-The same table drives both directions, so a rewrite cannot be fixed in one direction and not the other.
+The same table drives both directions, so a rewrite cannot be fixed in one direction and not the other;
+each rule also names the tensor's layout change (a ``reference.layouts.Layout``), which has both directions too.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from convnextv2.reference.layouts import IDENTITY, Layout
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _PATTERNS = {"p": r"[A-Za-z_]\w*"}
@@ -29,8 +32,8 @@ def _compile(template: str) -> re.Pattern[str]:
 class Rule:
     foreign: str
     canonical: str
-    # How the tensor's layout changes; interpreted by the format module (None: unchanged).
-    transform: str | None = None
+    # How the tensor's layout changes between the canonical and the foreign array.
+    transform: Layout = IDENTITY
 
 
 class KeyTable:

@@ -1,50 +1,14 @@
-"""The ``convnextv2`` command line.
-
-Exit codes (docs/cli.md): 0 success; 1 a check ran and failed (parity, verification); 2 bad input or
-usage (unreadable, unsafe or malformed checkpoint, wrong option, existing output without --overwrite).
-Any other code is a bug in the toolkit. Commands import only the framework they use.
-"""
+"""``convnextv2 variants``, ``inspect``, ``convert`` and ``fixture``: the checkpoint commands (docs/cli.md)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
-from convnextv2.reference.errors import ConvNeXtV2Error
-from convnextv2.fixtures.make import FIXTURE_FORMATS
-
-WRITABLE = ["canonical", "original", "hf", "timm", "keras", "flax", "savedmodel", "onnx"]
-READABLE = ["auto", "canonical", "original", "hf", "timm", "keras", "flax", "onnx"]
-
-# Commands that live beside the code they drive; added when their module is present.
-EXTENSION_COMMANDS = [
-    ("convnextv2.converters.onnx_cli", "export_onnx"),
-    ("convnextv2.parity_tests.cli", "parity"),
-]
-
-
-class ToolkitGroup(click.Group):
-    """Turns the toolkit's own errors into a one-line message and the documented exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ConvNeXtV2Error as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-
-
-@click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="convnextv2-toolkit")
-def main() -> None:
-    """Convert and validate ConvNeXt V2 checkpoints across PyTorch, TensorFlow, Flax and ONNX."""
+from convnextv2.converters.cli import choices
 
 
 def _emit(data: Any, as_json: bool, lines: list[str]) -> None:
@@ -54,7 +18,7 @@ def _emit(data: Any, as_json: bool, lines: list[str]) -> None:
         click.echo("\n".join(lines))
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def variants(as_json: bool) -> None:
     """List the released ConvNeXt V2 sizes."""
@@ -71,16 +35,17 @@ def variants(as_json: bool) -> None:
     _emit(rows, as_json, lines)
 
 
-@main.command()
+@click.command(short_help="Describe a checkpoint: format, size, classes, parameters.")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--from", "fmt", type=click.Choice(READABLE), default="auto", show_default=True)
+@click.option("--from", "fmt", type=choices.FROM, default="auto", show_default=True,
+              help="Format of PATH (auto: detected by content).")
 @click.option("--ema", is_flag=True, help="Original checkpoints: read model_ema instead of model.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(path: Path, fmt: str, ema: bool, as_json: bool) -> None:
     """Describe a checkpoint: format, size, classes, parameters, dtype, metadata."""
     from convnextv2 import converters
 
-    ckpt = converters.load(path, format=fmt, ema=ema)
+    ckpt = converters.load(path, format=fmt, **({"ema": True} if ema else {}))
     data = ckpt.describe()
     data["path"] = str(path)
     pre = ckpt.preprocessing
@@ -102,14 +67,15 @@ def inspect(path: Path, fmt: str, ema: bool, as_json: bool) -> None:
     _emit(data, as_json, lines)
 
 
-@main.command()
+@click.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Destination path.")
-@click.option("--to", "to_format", required=True, type=click.Choice(WRITABLE), help="Output format.")
-@click.option("--from", "from_format", type=click.Choice(READABLE), default="auto", show_default=True)
+@click.option("--to", "to_format", required=True, type=choices.TO, help="Output format.")
+@click.option("--from", "from_format", type=choices.FROM, default="auto", show_default=True,
+              help="Format of SRC (auto: detected by content).")
 @click.option("--variant", default=None, help="Expected size (atto..huge or custom:...); cross-checked against the shapes.")
 @click.option("--ema", is_flag=True, help="Original checkpoints: convert model_ema instead of model.")
-@click.option("--layout", type=click.Choice(["finetuned", "fcmae", "fcmae-sparse"]), default=None,
+@click.option("--layout", type=choices.ORIGINAL_LAYOUT, default=None,
               help="--to original: which original layout (default: the source's, else finetuned/fcmae).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
 @click.option("--source-digest/--no-source-digest", default=True, show_default=True,
@@ -124,7 +90,7 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     from convnextv2.converters.atomic import check_destination
 
     check_destination(dst, overwrite)  # fail before reading a large source
-    ckpt = converters.load(src, format=from_format, variant=variant, ema=ema)
+    ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}))
     if not source_digest and ckpt.source.pending_digest() is not None:
         ckpt.source.sha256 = ""
     options: dict[str, Any] = {"overwrite": overwrite}
@@ -139,49 +105,19 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     _emit(summary, as_json, [f"wrote {dst} ({to_format}, {ckpt.config.variant}, {ckpt.parameter_count:,} parameters)"])
 
 
-@main.command()
+@click.command(short_help="Write a deterministic random checkpoint in any format.")
 @click.option("--variant", default="atto", show_default=True, help="atto..huge or custom:depths=...;dims=...")
-@click.option("--format", "fmt", type=click.Choice(list(FIXTURE_FORMATS)), default="original", show_default=True,
+@click.option("--format", "fmt", type=choices.FIXTURE, default="original", show_default=True,
               help="original/fcmae/fcmae-sparse: the facebookresearch layouts; any other: the canonical fixture "
                    "written through that format's converter.")
-@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--num-classes", default=1000, show_default=True, type=int)
-@click.option("--overwrite", is_flag=True)
+@click.option("-o", "--output", "dst", required=True, type=click.Path(path_type=Path), help="Destination path.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed: the same seed gives the same file.")
+@click.option("--num-classes", default=1000, show_default=True, type=int,
+              help="Classifier width (the fcmae layouts are headless and ignore it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
 def fixture(variant: str, fmt: str, dst: Path, seed: int, num_classes: int, overwrite: bool) -> None:
     """Write a deterministic random checkpoint (norms and GRN perturbed away from identity)."""
     from convnextv2.fixtures import write_fixture
 
     ckpt = write_fixture(dst, variant=variant, fmt=fmt, seed=seed, overwrite=overwrite, num_classes=num_classes)
     click.echo(f"wrote {dst} ({fmt}, {ckpt.config.variant}, seed {seed}, {ckpt.parameter_count:,} parameters)")
-
-
-@main.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Keep the files here (default: a temporary directory).")
-def demo(out_dir: Path | None) -> None:
-    """The main job on a bundled default: original atto checkpoint -> canonical -> original, then parity.
-
-    Makes the checkpoint locally (no download), converts it, proves the round trip is bit-exact and
-    that the PyTorch reference's float32 logits match its float64 referee.
-    """
-    from convnextv2.parity_tests.quick import run_demo
-
-    if out_dir is None:
-        with tempfile.TemporaryDirectory(prefix="convnextv2-demo-") as tmp:
-            ok = run_demo(Path(tmp), click.echo)
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ok = run_demo(out_dir, click.echo)
-    if not ok:
-        sys.exit(1)
-
-
-def _add_extension_commands() -> None:
-    for module_name, attribute in EXTENSION_COMMANDS:
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        main.add_command(getattr(importlib.import_module(module_name), attribute))
-
-
-_add_extension_commands()

@@ -1,0 +1,75 @@
+"""The names the commands offer as choices, taken from the format registry (``converters.FORMAT_MODULES``), the
+fixture writer (``fixtures.make.FIXTURE_FORMATS``) and the original reader (``converters.original.LAYOUTS``), so
+a format added there appears in every command without a second list to keep in step.
+
+The lists are read the first time a command parses or prints its options: finding out which format module reads
+and which writes imports all of them (about a second), which ``convnextv2 variants`` should not pay.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from convnextv2.converters import FORMAT_MODULES, available_formats
+
+
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose names come from ``names()``, called when click first needs them."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+        super().__init__([])
+
+    @property  # type: ignore[override]
+    def choices(self) -> Sequence[Any]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, _: Sequence[Any]) -> None:
+        # click.Choice.__init__ assigns the list it was given; the registry is the only source here.
+        pass
+
+
+@functools.cache
+def _capabilities() -> dict[str, tuple[bool, bool]]:
+    # Format modules import their framework only inside read/write, so importing them is cheap enough once.
+    capabilities = {}
+    for name in available_formats():
+        module = importlib.import_module(FORMAT_MODULES[name])
+        # A module may keep read() only to explain a refusal (READABLE = False): not offered as --from.
+        readable = hasattr(module, "read") and getattr(module, "READABLE", True)
+        capabilities[name] = (readable, hasattr(module, "write"))
+    return capabilities
+
+
+def readable_formats() -> list[str]:
+    """``auto`` (detect by content) and every installed format with a reader, in the registry's order."""
+    return ["auto", *(name for name, (read, _) in _capabilities().items() if read)]
+
+
+def writable_formats() -> list[str]:
+    """Every installed format with a writer, in the registry's order."""
+    return [name for name, (_, write) in _capabilities().items() if write]
+
+
+def fixture_formats() -> list[str]:
+    from convnextv2.fixtures.make import FIXTURE_FORMATS
+
+    return list(FIXTURE_FORMATS)
+
+
+def original_layouts() -> list[str]:
+    from convnextv2.converters.original import LAYOUTS
+
+    return list(LAYOUTS)
+
+
+FROM = RegistryChoice(readable_formats)
+TO = RegistryChoice(writable_formats)
+FIXTURE = RegistryChoice(fixture_formats)
+ORIGINAL_LAYOUT = RegistryChoice(original_layouts)
