@@ -51,6 +51,19 @@ def tests_slow(session: nox.Session) -> None:
     _timed(session, python, "-m", "pytest", "-n", "2", "-q", *session.posargs)
 
 
+def slow_subset() -> list[str]:
+    """The node ids of parity_tests/slow_subset.txt: one case of every slow test, the canary CI runs."""
+    with open("parity_tests/slow_subset.txt", encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+
+
+@nox.session(venv_backend="none")
+def tests_slow_subset(session: nox.Session) -> None:
+    """One case of every slow test at its smallest size (what `.ci/run` adds to the default suite)."""
+    python = _install_if_isolated(session)
+    _timed(session, python, "-m", "pytest", "-n", "2", "-q", *slow_subset(), *session.posargs)
+
+
 @nox.session(venv_backend="none")
 @nox.parametrize("group", PARITY_GROUPS)
 def parity(session: nox.Session, group: str) -> None:

@@ -135,7 +135,7 @@ class HeadDense(keras.layers.Dense):
 
     Measured on every size at 224 (parity_tests/test_keras.py): a float32 GEMM through TensorFlow (as
     through numpy) sums the C3-long dot products with about 2.3x the rounding error of PyTorch's float32
-    Linear, and that alone put the logits outside the project's 2x bar while every other feature was within
+    Linear, and that alone put the logits outside the project's bar of the time (2x the PyTorch error) while every other feature was within
     it. The head is one (B, C3) x (C3, K) product, so the float64 accumulation costs nothing measurable;
     weights stay float32 and the output is float32.
     """

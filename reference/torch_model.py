@@ -9,7 +9,7 @@ term by term. float32 runs the same math arranged for speed (docs/benchmarks.md)
 end to end, so the NHWC blocks see contiguous memory and the permutes around them cost nothing; GRN's
 ``gamma * (x * N) + beta + x`` as one multiply-add ``x * (gamma * N + 1) + beta``; in CPU inference the two
 linears as oneDNN GEMMs with bias + GELU and bias + residual fused in. parity_tests/test_speed_parity.py holds
-the float32 path to within 2x of the plain path's float32 error against the referee. Exported graphs trace
+the float32 path to the parity rule (docs/parity.md) with the plain path's float32 error as its baseline. Exported graphs trace
 the plain path, except GRN, which exports in a form onnxruntime runs faster (``GRN._graph_form``).
 """
 

@@ -79,8 +79,8 @@ def parity(src: Path, fmt: str, ema: bool, runtime_values: tuple[str, ...], peer
            as_json: bool) -> None:
     """Check SRC on every runtime against a float64 PyTorch referee, stage by stage.
 
-    The default tolerance is derived from the PyTorch float32 error in the same run (2x, floor 2**-20,
-    scale-aware); see docs/parity.md.
+    The default tolerance is derived from the PyTorch float32 error in the same run (6x, scale-aware,
+    per stage); see docs/parity.md.
     """
     import json
 
