@@ -39,28 +39,9 @@ def torch_module(ckpt: Checkpoint, features: bool, fp16: bool) -> Any:
                 return tuple(feats[name].float() for name in names)
             return self.model(x).float()
 
-    class Fp32Island(nn.Module):
-        """Runs a norm in float32 inside an fp16 graph: GRN's sum of squares and LayerNorm's variance
-        overflow or lose their digits in fp16 (TensorRT fp16 breaks on GRN this way)."""
-
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def _apply(self, fn: Any, recurse: bool = True) -> Any:
-            return self  # the wrapper's .half() must not round the norms' own weights
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x.float()).to(x.dtype)
-
     wrapper = Exported().eval()
     if fp16:
-        norm_types = (nn.LayerNorm, torch_model.LayerNorm2d, torch_model.GRN)
-        for parent in list(wrapper.modules()):
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, norm_types):
-                    setattr(parent, child_name, Fp32Island(child))
-        wrapper.half()
+        torch_model.with_float32_norms(wrapper).half()
     return wrapper
 
 

@@ -228,30 +228,13 @@ def baseline_features(ckpt: WeightsLike, images: np.ndarray, dtype: str = "float
 
 def _reduced_precision_features(model: Any, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
     import torch
-    from torch import nn
 
     from convnextv2.reference import torch_model
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
-    class Float32Norm(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def _apply(self, fn: Any, recurse: bool = True) -> Any:
-            return self  # the model's cast must not round the norms' own weights
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x.float()).to(x.dtype)
-
-    norm_types = (nn.LayerNorm, torch_model.LayerNorm2d, torch_model.GRN)
     model = model.to(memory_format=torch.contiguous_format)  # the float32 fast path's layout is not used here
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, norm_types):
-                setattr(parent, child_name, Float32Norm(child))
-    model = model.to(torch_dtype).eval()
+    model = torch_model.with_float32_norms(model).to(torch_dtype).eval()
     with torch.inference_mode():
         features = model.forward_features(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(torch_dtype))
     return {name: np.ascontiguousarray(value.float().numpy()) for name, value in features.items()}

@@ -226,6 +226,32 @@ class ConvNeXtV2(nn.Module):
         return self.head.fc(pooled) if self.head.fc is not None else pooled
 
 
+class Float32Norm(nn.Module):
+    """A norm run in float32 inside a reduced-precision model: GRN's sum of squares over H x W overflows
+    float16 (TensorRT fp16 breaks on GRN this way) and LayerNorm's variance loses its digits, so deployment
+    runtimes and our float16 export keep both in float32 and round only their outputs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        return self  # the model's .half() / .to(dtype) must not round the norms' own weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
+def with_float32_norms(model: nn.Module) -> nn.Module:
+    """Wrap every LayerNorm and GRN of ``model`` (in place) in :class:`Float32Norm`; cast the model after."""
+    norm_types = (nn.LayerNorm, LayerNorm2d, GRN)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, norm_types):
+                setattr(parent, child_name, Float32Norm(child))
+    return model
+
+
 def load_canonical(model: ConvNeXtV2, tensors: Mapping[str, np.ndarray]) -> ConvNeXtV2:
     """Copy canonical tensors into the model, cast to the model's dtype; strict on names and shapes."""
     dtype = next(model.parameters()).dtype
