@@ -48,7 +48,8 @@ def tests(session: nox.Session) -> None:
 def tests_slow(session: nox.Session) -> None:
     """Everything, including the large sizes (huge) and the long matrix."""
     python = _install_if_isolated(session)
-    _timed(session, python, "-m", "pytest", "-n", "2", "-q", *session.posargs)
+    # loadgroup: the huge cases share one worker (two at once exceed a 24 GB runner).
+    _timed(session, python, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-q", *session.posargs)
 
 
 def slow_subset() -> list[str]:

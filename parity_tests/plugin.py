@@ -92,11 +92,19 @@ def _wanted(item: Any, config: Any, shard: tuple[int, int] | None) -> bool:
     return shard is None or shard_of(item.nodeid, shard[1]) == shard[0]
 
 
+# Any case that builds the huge model (its id names the size) holds 5-17 GB: with `--dist loadgroup` two of them
+# never run at once on one CI runner, whichever test file they come from.
+HUGE_GROUP = "huge"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     shard = parse_shard(config.getoption("--shard"))
     keep: list[Any] = []
     drop: list[Any] = []
     for item in items:
+        if "huge" in item.nodeid and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(HUGE_GROUP))
         (keep if _wanted(item, config, shard) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
