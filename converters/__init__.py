@@ -51,6 +51,12 @@ def available_formats() -> list[str]:
     return list(FORMAT_MODULES)
 
 
+def readable(name: str) -> bool:
+    """Whether format ``name`` can be read: a write-only format keeps ``read`` only to refuse with its reason
+    (``READABLE = False`` in its module)."""
+    return bool(getattr(format_module(name), "READABLE", True))
+
+
 def declared_options(function: Callable[..., Any]) -> list[str]:
     """The keyword-only options a format's ``read`` or ``write`` declares, in declaration order."""
     return [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
@@ -111,6 +117,7 @@ __all__ = [
     "available_formats",
     "declared_options",
     "detect_format",
+    "readable",
     "load",
     "save",
 ]

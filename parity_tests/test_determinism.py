@@ -28,12 +28,6 @@ SUFFIX = {"canonical": ".safetensors", "original": ".pt", "timm": ".safetensors"
 FIXTURE_KINDS = ["canonical", "original", "fcmae", "fcmae-sparse"]
 
 
-def _readable(name: str) -> bool:
-    # A module may keep read() only to refuse with a reason (READABLE = False), as the command line knows.
-    module = converters.format_module(name)
-    return hasattr(module, "read") and getattr(module, "READABLE", True)
-
-
 def _writable(name: str) -> bool:
     return hasattr(converters.format_module(name), "write")
 
@@ -42,8 +36,8 @@ def _param(fmt: str):
     return pytest.param(fmt, marks=[pytest.mark.slow] if fmt in SLOW_FORMATS else [], id=fmt)
 
 
-FORMATS = [f for f in converters.available_formats() if _readable(f) and _writable(f)]
-WRITE_ONLY = [f for f in converters.available_formats() if _writable(f) and not _readable(f)]
+FORMATS = [f for f in converters.available_formats() if converters.readable(f) and _writable(f)]
+WRITE_ONLY = [f for f in converters.available_formats() if _writable(f) and not converters.readable(f)]
 
 
 def _path(directory: Path, fmt: str, stem: str = "model") -> Path:

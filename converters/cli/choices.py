@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from convnextv2.converters import FORMAT_MODULES, available_formats
+from convnextv2.converters import FORMAT_MODULES, available_formats, readable
 
 
 class RegistryChoice(click.Choice):
@@ -41,9 +41,7 @@ def _capabilities() -> dict[str, tuple[bool, bool]]:
     capabilities = {}
     for name in available_formats():
         module = importlib.import_module(FORMAT_MODULES[name])
-        # A module may keep read() only to explain a refusal (READABLE = False): not offered as --from.
-        readable = hasattr(module, "read") and getattr(module, "READABLE", True)
-        capabilities[name] = (readable, hasattr(module, "write"))
+        capabilities[name] = (readable(name), hasattr(module, "write"))
     return capabilities
 
 
