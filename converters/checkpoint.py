@@ -30,6 +30,10 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     # "center": resize shorter side to input_size / crop_pct, then centre-crop; "squash": resize both sides.
     crop_mode: str = "center"
+    # Where these values came from: "read" (stated by the file), "assumed" (the file states nothing, so the
+    # toolkit's default or a guess from the file name) or "set" (given by the user at conversion). Not part
+    # of equality: the same numbers are the same preprocessing, however they were learned.
+    origin: str = dataclasses.field(default="read", compare=False)
 
     @classmethod
     def for_resolution(cls, input_size: int) -> Preprocessing:
@@ -39,10 +43,18 @@ class Preprocessing:
             return cls(input_size=input_size, crop_pct=1.0, crop_mode="squash")
         return cls(input_size=input_size)
 
+    def with_origin(self, origin: str) -> Preprocessing:
+        if origin not in PREPROCESSING_ORIGINS:
+            raise ValueError(f"preprocessing origin must be one of {PREPROCESSING_ORIGINS}, not {origin!r}")
+        return dataclasses.replace(self, origin=origin)
+
     def to_json_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["mean"] = list(self.mean)
         data["std"] = list(self.std)
+        # Files whose preprocessing was stated keep the metadata they always had; only a guess is marked.
+        if self.origin == "read":
+            del data["origin"]
         return data
 
     @classmethod
@@ -57,9 +69,19 @@ class Preprocessing:
                 mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
                 std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
                 crop_mode=str(data.get("crop_mode", "center")),
+                origin=_origin(data.get("origin", "read")),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BadInputError(f"preprocessing metadata is invalid: {exc!r}") from None
+
+
+PREPROCESSING_ORIGINS = ("read", "assumed", "set")
+
+
+def _origin(value: Any) -> str:
+    if value not in PREPROCESSING_ORIGINS:
+        raise ValueError(f"origin {value!r} is not one of {', '.join(PREPROCESSING_ORIGINS)}")
+    return str(value)
 
 
 @dataclasses.dataclass(eq=False)
