@@ -8,8 +8,11 @@ To use nox's own virtualenvs instead, run ``nox --force-venv-backend venv`` (eac
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import nox
 
@@ -18,7 +21,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = sys.executable
 # Framework groups the parity matrix can be sharded by (pytest markers of the same names).
-PARITY_GROUPS = ["torch", "tf", "flax", "onnx", "peers"]
+PARITY_GROUPS = ["torch", "tf", "flax", "onnx", "peers", "executorch", "openvino", "litert"]
 
 
 def _install_if_isolated(session: nox.Session) -> str:
@@ -29,10 +32,10 @@ def _install_if_isolated(session: nox.Session) -> str:
     return PYTHON
 
 
-def _timed(session: nox.Session, *args: str) -> None:
+def _timed(session: nox.Session, *args: str, env: dict[str, str] | None = None) -> None:
     start = time.perf_counter()
     try:
-        session.run(*args)
+        session.run(*args, env=env)
     finally:
         session.log(f"wall time: {time.perf_counter() - start:.1f} s")
 
@@ -65,6 +68,57 @@ def tests_slow_subset(session: nox.Session) -> None:
     _timed(session, python, "-m", "pytest", "-n", "2", "-q", *slow_subset(), *session.posargs)
 
 
+# transformers 5 lives in a site dir of its own that shadows the environment's 4.57.6 (kept for the TF peer)
+# on PYTHONPATH; torch and everything else are shared, so the install is a few pure-Python wheels, not a venv.
+TRANSFORMERS5_DIR = ".venv-transformers5"
+TRANSFORMERS5_PINS = "constraints-transformers5.txt"
+# The tests whose subject is transformers itself. Left out of the test_hf_timm.py selection, and run under
+# 4.57.6 by the default suite: `.bin` folders (transformers 5 saves safetensors only), the TF classes (gone in
+# 5), and the two tests that compare loading info with lists (transformers 5 returns sets).
+TRANSFORMERS5_TESTS = [
+    "parity_tests/test_transformers5.py",
+    "parity_tests/test_hf_timm.py::test_hf_config_labels_and_preprocessor_as_transformers_reads_them",
+    "parity_tests/test_hf_timm.py::test_directories_written_by_transformers_read_back_exactly[classifier-safetensors]",
+    "parity_tests/test_hf_timm.py::test_directories_written_by_transformers_read_back_exactly[headless-safetensors]",
+    "parity_tests/test_hf_timm.py::test_sharded_transformers_directory_is_read",
+    "parity_tests/test_hf_timm.py::test_hf_config_with_eps_1e12_is_kept_and_warned",
+]
+
+
+def _pins(path: str) -> dict[str, str]:
+    pins = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def _site_dir_is_current(directory: Path, pins: dict[str, str]) -> bool:
+    if not directory.is_dir():
+        return False
+    present = {p.name.lower() for p in directory.glob("*.dist-info")}
+    wanted = {f"{name.replace('-', '_').lower()}-{version}.dist-info" for name, version in pins.items()}
+    return wanted <= present and len(present) == len(wanted)
+
+
+@nox.session(venv_backend="none")
+def tests_transformers5(session: nox.Session) -> None:
+    """The transformers tests again under transformers 5 (constraints-transformers5.txt)."""
+    python = _install_if_isolated(session)
+    pins = _pins(TRANSFORMERS5_PINS)
+    directory = Path(TRANSFORMERS5_DIR).resolve()
+    if not _site_dir_is_current(directory, pins):
+        shutil.rmtree(directory, ignore_errors=True)  # a stale pin set would leave its extra packages behind
+        # --no-deps: pip would otherwise add a second numpy, torch... beside the environment's; the pin file is
+        # the complete list, and test_transformers5.py checks every requirement is met.
+        _timed(session, python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+               str(directory), "-r", TRANSFORMERS5_PINS)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")])),
+           "CONVNEXTV2_EXPECT_TRANSFORMERS": pins["transformers"], "HF_HUB_OFFLINE": "1"}
+    _timed(session, python, "-m", "pytest", "-n", "2", "-q", *TRANSFORMERS5_TESTS, *session.posargs, env=env)
+
+
 @nox.session(venv_backend="none")
 @nox.parametrize("group", PARITY_GROUPS)
 def parity(session: nox.Session, group: str) -> None:
@@ -95,6 +149,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: writes bench-results/bench.md and bench-results/bench.json."""
     python = _install_if_isolated(session)
     _timed(session, python, "-m", "benchmarks", *session.posargs)
+    # Deployment runtimes (OpenVINO, LiteRT, ExecuTorch) beside the PyTorch reference: docs/benchmarks.md.
+    _timed(session, python, "-m", "benchmarks.deploy")
 
 
 @nox.session(venv_backend="none")

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
+from convnextv2.converters.checkpoint import Checkpoint, FileIdentity, Preprocessing, Source
 from convnextv2.reference.errors import (
     BadInputError,
     CheckFailedError,
@@ -37,6 +37,9 @@ FORMAT_MODULES: dict[str, str] = {
     "flax": "convnextv2.converters.flax",
     "savedmodel": "convnextv2.converters.savedmodel",
     "onnx": "convnextv2.converters.onnx",
+    "openvino": "convnextv2.converters.openvino",
+    "litert": "convnextv2.converters.litert",
+    "executorch": "convnextv2.converters.executorch",
 }
 
 
@@ -93,14 +96,109 @@ def load(path: str | os.PathLike[str], format: str = "auto", **options: Any) -> 
     name = detect_format(path) if format == "auto" else format
     module = format_module(name)
     _check_options(module.read, options, "reading", name)
-    return module.read(path, **options)
+    ckpt: Checkpoint = module.read(path, **options)
+    ckpt.file = _identity(name, path, ckpt)
+    return ckpt
 
 
-def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonical", **options: Any) -> None:
-    """Write ``ckpt`` atomically in ``format``; an existing destination needs ``overwrite=True``."""
+def _identity(name: str, path: Path, ckpt: Checkpoint) -> FileIdentity:
+    # The file's own digest, hashed when first asked for; a reader's pending digest of this very file is
+    # shared, so a conversion that also records it as the source hashes the file once.
+    pending = ckpt.source.pending_digest()
+    if pending is not None and pending.path == path:
+        return FileIdentity(name, str(path), pending)
+    if path.is_dir():
+        return FileIdentity(name, str(path))
+    from convnextv2.converters.digests import lazy_sha256
+
+    return FileIdentity(name, str(path), lazy_sha256(path))
+
+
+def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonical", *, strict: bool = False,
+         verify: bool = False, warn: Callable[[str], None] | None = None, **options: Any) -> dict[str, Any]:
+    """Write ``ckpt`` atomically in ``format``; an existing destination needs ``overwrite=True``.
+
+    What ``format`` cannot carry of ``ckpt`` (converters.changes) is announced through ``warn`` (default:
+    ``warnings.warn``) with the float64 logits difference it makes; ``strict=True`` refuses it instead
+    (CheckFailedError, nothing written). A readable format is written beside the destination, read back and
+    compared bit for bit with what was meant; with ``verify=True`` the source file (``ckpt.file``) and the
+    output are also run, each by its own runtime, and judged by the parity rule. Only then is it published.
+    Returns the summary: ``changes``, ``read_back``, ``verify``.
+    """
+    from convnextv2.converters import changes as changes_module
+    from convnextv2.converters import verify as verify_module
+    from convnextv2.converters.atomic import check_destination
+
     module = format_module(format)
     _check_options(module.write, options, "writing", format)
-    module.write(ckpt, Path(path), **options)
+    dest = Path(path)
+    overwrite = bool(options.get("overwrite", False))
+    check_destination(dest, overwrite)
+    found = changes_module.unrepresentable(format, ckpt, dest, options)
+    expected = changes_module.as_written(ckpt, found)
+    summary: dict[str, Any] = {"changes": [c.to_json_dict() for c in found]}
+    for change, record in zip(found, summary["changes"], strict=True):
+        if change.functional:
+            record["logits_difference"] = changes_module.logits_difference(ckpt, expected)
+    if found:
+        say = warn or _warn
+        for record in summary["changes"]:
+            figure = record.get("logits_difference")
+            say(f"writing {dest}: {record['message']}" + (
+                f"; float64 {figure['feature']} move by up to {figure['max_abs']:.3g} (max |{figure['feature']}| "
+                f"{figure['max_abs_value']:.3g}) on the parity rule's seeded images" if figure else ""))
+        if strict:
+            raise CheckFailedError(f"{dest}: --strict: {len(found)} change(s) the {format} format forces: "
+                                   + "; ".join(c.message for c in found) + "; nothing written")
+    staged_options = {**options, "overwrite": False}
+    with verify_module.staged(dest) as work:
+        staged = work / dest.name
+        with verify_module.named_as(staged, dest):
+            module.write(ckpt, staged, **staged_options)
+        if readable(format):
+            summary["read_back"], written = verify_module.read_back(expected, staged, format)
+        else:
+            summary["read_back"] = {"status": "not readable"}
+            written = expected
+        if verify:
+            summary["verify"] = _functional(ckpt, staged, format, written)
+        verify_module.publish(work, dest, overwrite, _companions(format, dest))
+    return summary
+
+
+def _functional(ckpt: Checkpoint, output: Path, format: str, written: Checkpoint) -> dict[str, Any]:
+    from convnextv2.converters import verify as verify_module
+
+    if ckpt.file is None:
+        raise BadInputError("verify=True needs a checkpoint read with converters.load (it runs the source file)")
+    source = Path(ckpt.file.path)
+    size = verify_module.check_size(ckpt, source, ckpt.file.format)
+    judge = verify_module.Judge(ckpt, size)
+    result: dict[str, Any] = {"images": [int(judge.images.shape[0]), 3, size, size],
+                              "referee_seconds": round(judge.seconds, 3),
+                              "source": verify_module.run_and_judge(judge, source, ckpt.file.format, ckpt),
+                              "output": verify_module.run_and_judge(judge, output, format, written)}
+    result["passed"] = bool(result["source"]["passed"] and result["output"]["passed"])
+    if not result["passed"]:
+        failing = [f"{side} ({result[side]['runner']}): {result[side]['message']}"
+                   for side in ("source", "output") if not result[side]["passed"]]
+        raise CheckFailedError(f"--verify: {'; '.join(failing)}; nothing written")
+    return result
+
+
+def _companions(format: str, dest: Path) -> tuple[str, ...]:
+    # Files a format may put beside its main file, so that replacing an output also removes a stale one.
+    if format == "onnx":
+        from convnextv2.converters.onnx_export import data_file_name
+
+        return (data_file_name(dest),)
+    return ()
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 __all__ = [
@@ -109,6 +207,7 @@ __all__ = [
     "Checkpoint",
     "ConvNeXtV2Error",
     "FORMAT_MODULES",
+    "FileIdentity",
     "MissingDependencyError",
     "Preprocessing",
     "SchemaError",

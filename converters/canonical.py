@@ -38,5 +38,6 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     total = sum(int(a.size) * a.dtype.itemsize for _, a in items)
     with deferred_digests():  # the source digest is computed while the tensors stream
         metadata = ckpt.metadata()
-    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+    with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
+          byte_progress(total, f"writing {path.name}") as bar):
         write_safetensors(tmp, items, metadata, progress=bar)

@@ -143,6 +143,38 @@ class Source:
         )
 
 
+@dataclasses.dataclass(eq=False)
+class FileIdentity:
+    """The file (or folder) a checkpoint was read from, as it is now: its own format and sha256, as opposed to
+    ``Checkpoint.source``, the provenance a converted file records of what it was converted from.
+
+    ``sha256`` is computed when first asked for: of a file, its bytes; of a folder (a transformers or timm
+    folder), its regular files' bytes concatenated in sorted relative-path order (``converters.digests.sha256_of``).
+    """
+
+    format: str
+    path: str
+    digest: str | LazySha256 = ""
+
+    @property
+    def file_name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def sha256(self) -> str:
+        value = self.digest
+        if isinstance(value, LazySha256):
+            value = self.digest = value.result()
+        elif not value:
+            from convnextv2.converters.digests import sha256_of
+
+            value = self.digest = sha256_of(self.path)
+        return value
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "path": self.path, "file_name": self.file_name, "sha256": self.sha256}
+
+
 @dataclasses.dataclass
 class Checkpoint:
     """Canonical tensors (numpy, possibly memory-mapped from the source file) plus everything about them."""
@@ -153,6 +185,8 @@ class Checkpoint:
     source: Source = dataclasses.field(default_factory=lambda: Source(format="memory"))
     # Plain-data leftovers of the source that are not tensors (epoch, training args), kept for the record.
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The file this checkpoint was read from (set by ``converters.load``); None for one built in memory.
+    file: FileIdentity | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def validate(self, where: str = "checkpoint") -> None:
         schema.validate({k: v.shape for k, v in self.tensors.items()}, self.config, where)
@@ -192,9 +226,13 @@ class Checkpoint:
         }
 
     def describe(self) -> dict[str, Any]:
-        """What ``convnextv2 inspect`` prints."""
+        """What ``convnextv2 inspect`` prints: the file's own format and sha256 (``file``), and apart from
+        them where it came from (``source``)."""
+        own = self.file.to_json_dict() if self.file is not None else None
         return {
-            "format": self.source.format,
+            "format": own["format"] if own else self.source.format,
+            "sha256": own["sha256"] if own else None,
+            "file": own,
             "variant": self.config.variant,
             "depths": list(self.config.depths),
             "dims": list(self.config.dims),
@@ -204,7 +242,7 @@ class Checkpoint:
             "parameters": self.parameter_count,
             "dtype": self.dtype,
             "extras": len(self.extras()),
-            "preprocessing": self.preprocessing.to_json_dict(),
+            "preprocessing": {**self.preprocessing.to_json_dict(), "origin": self.preprocessing.origin},
             "source": self.source.to_json_dict(),
             "info": self.info,
         }

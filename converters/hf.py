@@ -4,8 +4,12 @@ Written: a directory ``transformers.ConvNextV2ForImageClassification.from_pretra
 when headless) loads with no missing or unexpected keys: ``config.json``, ``model.safetensors`` (metadata
 ``format: pt``, which the TF classes need for ``from_pt=True``) and ``preprocessor_config.json``.
 
-Read: such directories, and bare HF state dicts (safetensors, or ``pytorch_model.bin`` through the safe
-reader), with or without the ``convnextv2.`` prefix of the classification model.
+Read: such directories (one weights file or shards behind an index), and bare HF state dicts (safetensors,
+or ``pytorch_model.bin`` through the safe reader), with or without the ``convnextv2.`` prefix of the
+classification model; the Hub's old GRN names (``grn.gamma``/``grn.beta``) are read as ``grn.weight``/``bias``.
+A huggingface_hub cache folder (``models--ORG--NAME``) is read at ``refs/main`` or the revision asked for.
+Without ``preprocessor_config.json`` the preprocessing is assumed (from ``image_size``, or from a resolution
+in the repository name, which the Hub's 384/512 checkpoints need: their config.json says 224) and says so.
 
 HF's final pooled LayerNorm takes ``layer_norm_eps`` from config.json (default 1e-12); every other norm is
 fixed at 1e-6. That eps is carried as ``ModelConfig.head_norm_eps`` so every reference computes what HF
@@ -20,6 +24,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +37,14 @@ from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import write_safetensors
-from convnextv2.converters.state_files import peek_keys, read_state_file
+from convnextv2.converters.state_files import (
+    SHARD_INDEX_FILES,
+    HubFolder,
+    hub_folder,
+    peek_keys,
+    read_weights,
+    sniff_hub_folder,
+)
 from convnextv2.converters.strict_json import load_json
 from convnextv2.converters.toolkit_metadata import embedded_metadata, restore_embedded
 from convnextv2.reference import schema
@@ -51,8 +63,6 @@ NAME = "hf"
 CONFIG_FILE = "config.json"
 SAFE_WEIGHTS_FILE = "model.safetensors"
 BIN_WEIGHTS_FILE = "pytorch_model.bin"
-# save_pretrained shards large models (max_shard_size) into files listed by one of these indexes.
-SHARD_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 PREPROCESSOR_FILE = "preprocessor_config.json"
 MODEL_PREFIX = "convnextv2."
 CLASSIFY_ARCH = "ConvNextV2ForImageClassification"
@@ -131,29 +141,6 @@ def _weights_file(directory: Path) -> Path | None:
     return None
 
 
-def _read_weights(weights: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """One weights file, or every shard an index lists, merged (metadata from the first shard)."""
-    if weights.name not in SHARD_INDEX_FILES:
-        return read_state_file(weights, str(weights))
-    index = load_json(weights)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, Mapping) or not weight_map:
-        raise BadInputError(f"{weights}: shard index has no weight_map")
-    state: dict[str, np.ndarray] = {}
-    meta: dict[str, str] = {}
-    for shard in sorted(set(map(str, weight_map.values()))):
-        shard_path = weights.parent / shard
-        if Path(shard).name != shard or not shard_path.is_file():
-            raise BadInputError(f"{weights}: shard {shard!r} is missing from the directory")
-        tensors, shard_meta = read_state_file(shard_path, str(shard_path))
-        meta = meta or shard_meta
-        state.update(tensors)
-    missing = sorted(set(map(str, weight_map)) - set(state))
-    if missing:
-        raise BadInputError(f"{weights}: {len(missing)} tensor(s) listed in the index are in no shard: {missing[:5]}")
-    return state, meta
-
-
 def _looks_hf(keys: list[str]) -> bool:
     stem = "embeddings.patch_embeddings.weight"
     return stem in keys or MODEL_PREFIX + stem in keys
@@ -161,14 +148,43 @@ def _looks_hf(keys: list[str]) -> bool:
 
 def sniff(path: Path) -> bool:
     if path.is_dir():
-        return (path / CONFIG_FILE).is_file() and _is_hf_config(path / CONFIG_FILE) and _weights_file(path) is not None
+        folder = sniff_hub_folder(path)
+        return folder is not None and (folder / CONFIG_FILE).is_file() and _is_hf_config(folder / CONFIG_FILE) \
+            and _weights_file(folder) is not None
     return path.is_file() and _looks_hf(peek_keys(path))
 
 
 # ------------------------------------------------------------ reading
 
+# The first Hub uploads named GRN's parameters gamma/beta; transformers' conversion script renames them
+# weight/bias (transformers itself does not, and loads such a folder with GRN freshly initialised).
+LEGACY_GRN_NAMES = {".grn.gamma": ".grn.weight", ".grn.beta": ".grn.bias"}
+
+
+def _rename_legacy_grn(state: Mapping[str, np.ndarray], where: str) -> tuple[Mapping[str, np.ndarray], int]:
+    renamed: dict[str, np.ndarray] = {}
+    count = 0
+    for key, array in state.items():
+        new = key
+        for old_suffix, new_suffix in LEGACY_GRN_NAMES.items():
+            if key.endswith(old_suffix):
+                new = key[: -len(old_suffix)] + new_suffix
+        if new != key:
+            if new in state:
+                raise BadInputError(f"{where}: both {key} and {new} are present; which one is GRN's is ambiguous")
+            count += 1
+        renamed[new] = array
+    if count:
+        warnings.warn(
+            f"{where}: {count} GRN tensors use the old names grn.gamma/grn.beta; read as grn.weight/grn.bias, as "
+            "transformers' conversion script maps them", UserWarning, stacklevel=3,
+        )
+    return (renamed if count else state), count
+
+
 def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], bool]:
-    """HF keys -> canonical tensors; returns (tensors, whether the base keys had the ``convnextv2.`` prefix)."""
+    """HF keys -> canonical tensors; returns (tensors, whether the base keys had the ``convnextv2.`` prefix).
+    Old GRN names are renamed before (``_rename_legacy_grn``)."""
     prefixed = any(k.startswith(MODEL_PREFIX) for k in state)
     tensors: dict[str, np.ndarray] = {}
     unknown: list[str] = []
@@ -257,26 +273,62 @@ def _config_number(hf_config: Mapping[str, Any], key: str, default: Any, kind: A
     return kind(value)
 
 
+# A resolution in a repository or folder name ("convnextv2-tiny-22k-384"): a separate run of digits.
+_NAMED_RESOLUTION = re.compile(r"(?:^|[-_/.])(\d{3,4})(?=$|[-_/.])")
+
+
+def resolution_in_name(name: str) -> int | None:
+    """The input size a checkpoint's name states, if any (multiples of 32 from 128 to 1024 px)."""
+    for match in reversed(_NAMED_RESOLUTION.findall(name)):
+        size = int(match)
+        if 128 <= size <= 1024 and size % 32 == 0:
+            return size
+    return None
+
+
+def assumed_preprocessing(hf_config: Mapping[str, Any] | None, name: str, where: str) -> Preprocessing:
+    """A folder without preprocessor_config.json: ConvNextImageProcessor's behaviour at config.json's
+    ``image_size``, unless the name states another resolution (the Hub's 384 and 512 checkpoints carry
+    image_size 224), marked assumed and said in a note."""
+    stated = 224 if hf_config is None else _config_number(hf_config, "image_size", 224, int, where)
+    named = resolution_in_name(name)
+    size = named if named is not None else stated
+    pre = Preprocessing.for_resolution(size).with_origin("assumed")
+    because = (f"the name {name!r} says {named}px; config.json's image_size is {stated}" if named not in (None, stated)
+               else "config.json's image_size" if hf_config is not None and "image_size" in hf_config
+               else "ConvNextImageProcessor's defaults")
+    warnings.warn(
+        f"{where}: no {PREPROCESSOR_FILE}; preprocessing assumed: {pre.input_size}px, crop_pct {pre.crop_pct:g} "
+        f"({pre.crop_mode}), {pre.interpolation} ({because})", UserWarning, stacklevel=3,
+    )
+    return pre
+
+
 def _warn_eps(eps: float, where: str) -> None:
     if eps != LAYER_NORM_EPS:
         warnings.warn(
             f"{where}: the final LayerNorm uses eps {eps:g} (transformers' layer_norm_eps); the original ConvNeXt V2 "
-            f"uses {LAYER_NORM_EPS:g}. The eps is kept so outputs match transformers exactly.",
+            f"uses {LAYER_NORM_EPS:g}. Formats that can hold it keep it; a conversion to one that cannot (the "
+            "original and FCMAE layouts) warns with the change it makes.",
             UserWarning, stacklevel=3,
         )
 
 
-def read(path: Path, *, variant: str | None = None) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None, revision: str | None = None) -> Checkpoint:
+    """``revision``: a branch, tag or commit of a huggingface_hub cache folder (default: main)."""
     check_transformers_version()
     where = str(path)
     hf_config: dict[str, Any] | None = None
     preprocessor: dict[str, Any] | None = None
-    directory = path if path.is_dir() else path.parent
+    folder: HubFolder = hub_folder(path, revision)
+    if folder.directory != path:
+        where = f"{path} (revision {folder.revision}: snapshot {folder.commit})"
+    directory = folder.directory if path.is_dir() else path.parent
     if path.is_dir():
-        weights = _weights_file(path)
+        weights = _weights_file(directory)
         if weights is None:
             raise BadInputError(f"{where}: no {SAFE_WEIGHTS_FILE}, {BIN_WEIGHTS_FILE} or shard index in the directory")
-        if not (path / CONFIG_FILE).is_file():
+        if not (directory / CONFIG_FILE).is_file():
             raise BadInputError(f"{where}: no {CONFIG_FILE} in the directory")
     else:
         weights = path
@@ -286,7 +338,8 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     if (directory / PREPROCESSOR_FILE).is_file() and hf_config is not None:
         preprocessor = load_json(directory / PREPROCESSOR_FILE)
 
-    state, meta = _read_weights(weights)
+    state, meta = read_weights(weights)
+    state, legacy_grn = _rename_legacy_grn(state, str(weights))
     tensors, prefixed = state_dict_to_canonical(state, str(weights))
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))
     embedded = restore_embedded(meta, str(weights))
@@ -309,23 +362,26 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
             del tensors["head.norm.weight"], tensors["head.norm.bias"]
             config = config.with_(head_norm=False, head_norm_eps=embedded["config"].head_norm_eps)
 
-    if preprocessor is not None:
-        pre = preprocessing_from_hf(preprocessor, str(directory / PREPROCESSOR_FILE))
-    elif hf_config is not None and "image_size" in hf_config:
-        pre = Preprocessing.for_resolution(_config_number(hf_config, "image_size", 224, int, where))
-    else:
-        pre = embedded["preprocessing"] if embedded is not None else Preprocessing()
     # The embedded record is the exact one when it agrees with what the HF files say.
     if embedded is not None and (preprocessor is None or preprocessor_json(embedded["preprocessing"]) == preprocessor):
         pre = embedded["preprocessing"]
+    elif preprocessor is not None:
+        pre = preprocessing_from_hf(preprocessor, str(directory / PREPROCESSOR_FILE))
+    else:
+        # A folder is named by its repository (or itself); a bare state dict by its own file name.
+        name = folder.name if path.is_dir() else directory.name if hf_config is not None else path.stem
+        pre = assumed_preprocessing(hf_config, name, where)
 
     if embedded is not None:
         source, info = embedded["source"], embedded["info"]
     else:
-        layout: dict[str, Any] = {"prefixed": prefixed, "weights_file": weights.name}
+        layout: dict[str, Any] = {"prefixed": prefixed, "weights_file": weights.name, **folder.layout()}
+        if legacy_grn:
+            layout["legacy_grn_names"] = True
         if hf_config is not None:
             layout["hf_config"] = hf_config
-        source = Source(format=NAME, file_name=path.name, digest=source_digest(path), layout=layout)
+        digest = source_digest(folder.directory if path.is_dir() else path)
+        source = Source(format=NAME, file_name=path.name, digest=digest, layout=layout)
         info = {}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
     ckpt.validate(where)
@@ -421,7 +477,8 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     state = canonical_to_state_dict(ckpt)
     metadata = {"format": "pt", **embedded_metadata(ckpt)}
     total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
-    with atomic_directory(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+    with (atomic_directory(path, overwrite, expected_bytes=total) as tmp,
+          byte_progress(total, f"writing {path.name}") as bar):
         write_safetensors(tmp / SAFE_WEIGHTS_FILE, list(state.items()), metadata, progress=bar)
         write_json(tmp / CONFIG_FILE, hf_config_json(ckpt))
         write_json(tmp / PREPROCESSOR_FILE, preprocessor_json(ckpt.preprocessing))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_file
+from convnextv2.converters.atomic import atomic_file, staging_folder
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
@@ -333,11 +333,9 @@ def file_metadata(ckpt: Checkpoint) -> str:
 @contextmanager
 def _scratch(beside: Path) -> Iterator[Path]:
     # Beside the destination: the large intermediate files stay on the destination's filesystem.
-    directory = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
-    try:
+    # A marked temporary folder: after a SIGKILL the next write to the destination removes it.
+    with staging_folder(beside) as directory:
         yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _zip_entry(name: str, compress_type: int) -> zipfile.ZipInfo:
@@ -402,7 +400,8 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     dtype = _model_dtype(ckpt, where)
     from convnextv2.reference.keras_model import build_keras
 
-    with atomic_file(path, overwrite) as tmp, _scratch(path) as scratch:
+    # named: the .weights.h5 branch renames Keras's own file onto the temporary path.
+    with atomic_file(path, overwrite, named=True) as tmp, _scratch(path) as scratch:
         model = build_keras(ckpt.config, ckpt.model_tensors(), dtype=dtype)
         if path.name.endswith(".h5") or path.name.endswith(".hdf5"):
             # Keras insists on the .weights.h5 suffix; save under it, then move the file into the temp path.

@@ -46,10 +46,26 @@ SUFFIXES = (".onnx",)
 
 # Ops whose output is computed from constants here, so weights reached through them count as constants.
 _FOLDABLE = {"Identity", "Cast", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Concat"}
+# Ops that move or relabel values without computing with them: a bias Add after one of these still adds to
+# the output of the node before it.
+_LAYOUT = {"Identity", "Cast", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Dropout"}
 # Ops recorded between weight events so the parser can check GELU, GRN and pooling are where they belong.
 _MARKERS = {"Erf", "Gelu", "Tanh", "ReduceL2", "ReduceSum", "ReduceSumSquare", "Sqrt", "Pow", "ReduceMean",
-            "GlobalAveragePool", "Div", "Reciprocal", "Relu", "Sigmoid", "MaxPool", "AveragePool",
-            "BatchNormalization", "Softmax"}
+            "GlobalAveragePool", "Div", "Reciprocal"}
+# Every other op on the path from the image to the output is one ConvNeXt V2 does not have; it becomes an
+# "unexpected" event, which no rule of the grammar accepts, so the refusal names it where it stands.
+# The ONNX operator set proper; every other domain is a runtime's or a vendor's extension.
+_STANDARD_DOMAINS = ("", "ai.onnx")
+# Element types of quantized weights (and of the activations of quantized graphs).
+_QUANTIZED_TYPES = {"INT8", "UINT8", "INT4", "UINT4", "INT2", "UINT2", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
+                    "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1"}
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                  "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+                  "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+                  "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere", "QLinearLayerNormalization",
+                  "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "MatMulIntegerToFloat", "MatMulNBits",
+                  "MatMulBnb4", "GatherBlockQuantized", "QAttention", "QEmbedLayerNormalization", "QOrderedMatMul",
+                  "QOrderedLayerNormalization", "QOrderedGelu"}
 
 
 # ------------------------------------------------------------------------------------------------ sniff
@@ -191,13 +207,23 @@ def _fold(node: Any, inputs: list[np.ndarray]) -> np.ndarray:
     raise ValueError(op)
 
 
+def _node_label(node: Any) -> str:
+    """``domain:op_type node 'name'``: how every refusal names a node (the standard domain is left out)."""
+    op = f"{node.domain}:{node.op_type}" if node.domain not in _STANDARD_DOMAINS else node.op_type
+    return f"{op} node {node.name or (node.output[0] if node.output else '?')!r}"
+
+
 @dataclasses.dataclass
 class _Event:
-    kind: str  # conv, linear, ln, scale, shift, scalar_add, op
+    # conv, linear, ln, scale, shift, scalar_add, op (a marker), unsupported (a weight op in a form the reader
+    # does not take), unexpected (an op ConvNeXt V2 does not have)
+    kind: str
     node: Any
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The node (not a layout op) whose output this event's data input is; None for the graph input.
+    after: Any = None
 
     @property
     def w(self) -> np.ndarray:
@@ -205,11 +231,13 @@ class _Event:
         return cast(np.ndarray, self.weight)
 
     def describe(self) -> str:
-        node = f"{self.node.op_type} node {self.node.name or self.node.output[0]!r}"
+        node = _node_label(self.node)
         if self.kind == "conv":
             k = self.attrs.get("kernel_shape")
             return (f"{node} (weight {list(self.w.shape)}, kernel {k}, stride {self.attrs.get('strides')}, "
                     f"groups {self.attrs.get('group', 1)})")
+        if self.kind == "unexpected":
+            return f"{node}, an op ConvNeXt V2 does not have"
         if self.weight is not None:
             return f"{node} ({self.kind} with a constant of shape {list(self.weight.shape)})"
         if "approximate" in self.attrs:
@@ -217,9 +245,43 @@ class _Event:
         return node
 
 
+def _refuse_quantized(model: Any, where: str) -> None:
+    """Quantized weights are not the float weights a checkpoint holds: refused before anything is decoded."""
+    onnx = _import_onnx()
+    for node in model.graph.node:
+        if node.op_type in _QUANTIZED_OPS:
+            raise BadInputError(f"{where}: a quantized graph ({_node_label(node)}); only float graphs are read: "
+                                "convert the float model it was quantized from")
+    tensors = [(t.name, t.data_type) for t in model.graph.initializer]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors += [(node.output[0], a.t.data_type) for a in node.attribute if a.name == "value"]
+    for name, data_type in tensors:
+        try:
+            type_name = onnx.TensorProto.DataType.Name(data_type)
+        except ValueError:
+            continue  # an unknown type is refused, named, when the tensor is decoded
+        if type_name in _QUANTIZED_TYPES:
+            raise BadInputError(f"{where}: a quantized graph (tensor {name!r} is {type_name}); only float graphs "
+                                "are read: convert the float model it was quantized from")
+
+
+def _refuse_foreign(node: Any, where: str) -> None:
+    """Ops outside the ONNX standard mean what their runtime says; the ones mapped exactly are in ``_event``."""
+    if node.domain == "com.microsoft.nchwc":
+        raise BadInputError(
+            f"{where}: {_node_label(node)} is onnxruntime's NCHWc blocked layout (saved from a session at "
+            "ORT_ENABLE_ALL), whose weights are reordered and padded for this machine's vector width, not a "
+            "ConvNeXt V2 weight; read the graph as exported, or one saved at ORT_ENABLE_EXTENDED or below")
+    raise BadInputError(f"{where}: {_node_label(node)} is outside the standard ONNX domain and the reader does not "
+                        f"map {node.op_type!r} of {node.domain!r} exactly; read the graph as exported, before any "
+                        "runtime-specific optimisation")
+
+
 def _events(model: Any, where: str, base: Path) -> tuple[list[_Event], dict[str, Any]]:
     """Walk the nodes reachable from the graph input; every weight-touching node becomes an event."""
     graph = model.graph
+    _refuse_quantized(model, where)
     const: dict[str, np.ndarray] = {}
     for tensor in graph.initializer:
         const[tensor.name] = _tensor_array(tensor, base, where)
@@ -227,9 +289,15 @@ def _events(model: Any, where: str, base: Path) -> tuple[list[_Event], dict[str,
     if len(inputs) != 1:
         raise BadInputError(f"{where}: expected one image input, found {len(inputs)} ({[v.name for v in inputs]})")
     dynamic = {inputs[0].name}
+    # Values computed from the input's shape only (Shape -> Gather -> Concat -> Reshape's shape operand): they
+    # carry no image data, so the ops computing them are neither weights nor part of the function.
+    shape_only: set[str] = set()
+    ones: set[str] = set()  # shape-only values that are all ones (an Expand of 1, a ConstantOfShape of 1)
+    # For every data value: the node that computed it, looking through layout ops (None: the graph input).
+    origin: dict[str, Any] = {inputs[0].name: None}
     events: list[_Event] = []
     for node in graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and node.domain in _STANDARD_DOMAINS:
             onnx = _import_onnx()
             attrs = _attrs(node)
             if "value" in attrs:
@@ -239,6 +307,8 @@ def _events(model: Any, where: str, base: Path) -> tuple[list[_Event], dict[str,
             elif "value_floats" in attrs or "value_ints" in attrs:
                 const[node.output[0]] = np.array(attrs.get("value_floats", attrs.get("value_ints")))
             continue
+        if node.domain not in _STANDARD_DOMAINS and node.op_type not in _MAPPED.get(node.domain, ()):
+            _refuse_foreign(node, where)
         present = [name for name in node.input if name]
         if not any(name in dynamic for name in present):
             if node.op_type in _FOLDABLE and all(name in const for name in present):
@@ -246,10 +316,60 @@ def _events(model: Any, where: str, base: Path) -> tuple[list[_Event], dict[str,
                     const[node.output[0]] = _fold(node, [const[name] for name in present])
             continue
         dynamic.update(node.output)
-        event = _event(node, const)
-        if event is not None:
+        data = [name for name in present if name in dynamic and name not in shape_only]
+        if node.op_type in ("Shape", "Size") or not data:
+            shape_only.update(node.output)
+            if _fills_with_ones(node, const):
+                ones.update(node.output)
+            continue
+        if node.op_type == "MatMul" and node.input[0] in ones:
+            # A row of ones sized from the input's shape (a dynamic-size export) times the activation: a sum
+            # over its rows, as with a constant row of ones.
+            events.append(_Event("op", node, after=origin.get(data[0])))
+            origin[node.output[0]] = node
+            continue
+        source = origin.get(data[0])
+        if node.op_type in _LAYOUT or (node.op_type == "Gather" and _gather_keeps_order(node, const)):
+            for out in node.output:
+                origin[out] = source
+            if node.op_type != "Dropout" or _dropout_is_identity(node, const):
+                continue
+        for out in node.output:
+            origin[out] = node
+        for event in _event(node, const, shape_only):
+            event.after = source
             events.append(event)
     return events, {"input": inputs[0]}
+
+
+def _fills_with_ones(node: Any, const: dict[str, np.ndarray]) -> bool:
+    if node.op_type == "Expand":
+        value = const.get(node.input[0])
+        return _is_float(value) and bool(np.all(value == 1))
+    if node.op_type == "ConstantOfShape":
+        value = _attrs(node).get("value")
+        if value is None:
+            return False  # ONNX's default is a zero
+        array = _import_onnx().numpy_helper.to_array(value)
+        return _is_float(array) and bool(np.all(array == 1))
+    return False
+
+
+def _gather_keeps_order(node: Any, const: dict[str, np.ndarray]) -> bool:
+    """A Gather of constant indices 0, 1, ..., n-1 (n > 1) moves values without choosing among them: torch's
+    exporter writes a flatten of the pooled (B, C, 1, 1) map this way. One index is a selection, not a reshape."""
+    indices = const.get(node.input[1]) if len(node.input) > 1 else None
+    if indices is None or indices.size < 2 or not np.issubdtype(indices.dtype, np.integer):
+        return False
+    return bool(np.array_equal(indices.reshape(-1), np.arange(indices.size)))
+
+
+def _dropout_is_identity(node: Any, const: dict[str, np.ndarray]) -> bool:
+    """Dropout is the identity unless its training_mode input is a constant true (or unknown)."""
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    mode = const.get(node.input[2])
+    return mode is not None and not bool(np.asarray(mode).any())
 
 
 def _const_arg(node: Any, const: dict[str, np.ndarray]) -> tuple[int | None, np.ndarray | None]:
@@ -263,33 +383,63 @@ def _is_float(array: np.ndarray | None) -> TypeGuard[np.ndarray]:
     return array is not None and np.issubdtype(array.dtype, np.floating)
 
 
-def _event(node: Any, const: dict[str, np.ndarray]) -> _Event | None:
+def _linear_from_matmul(node: Any, const: dict[str, np.ndarray], trans_b: bool = False) -> _Event:
+    index, weight = _const_arg(node, const)
+    if weight is None:
+        return _Event("unsupported", node)
+    if index == 0 and weight.ndim == 2 and weight.shape[0] == 1 and bool(np.all(weight == 1)) and not trans_b:
+        # A row of ones times the activation is a sum over its rows (our GRN's sum of squares).
+        return _Event("op", node)
+    if index != 1 or weight.ndim != 2:
+        return _Event("unsupported", node, weight)
+    return _Event("linear", node, weight if trans_b else weight.T)
+
+
+def _microsoft_event(node: Any, const: dict[str, np.ndarray]) -> list[_Event]:
+    """The com.microsoft fusions onnxruntime writes into a graph it saves at ORT_ENABLE_EXTENDED, mapped exactly
+    onto what they replaced."""
     op = node.op_type
+    attrs = _attrs(node)
+    if op == "Gelu":  # onnxruntime's Gelu kernel is the erf form, 0.5 x (1 + erf(x / sqrt 2))
+        return [_Event("op", node, attrs={"approximate": "none"})]
+    if op == "BiasGelu":  # Gelu(A + B): B is the bias of the linear before it, added to the last axis
+        bias = const.get(node.input[1]) if len(node.input) > 1 else None
+        if not _is_float(bias) or bias.ndim != 1:
+            return [_Event("unsupported", node, bias)]
+        return [_Event("shift", node, bias), _Event("op", node, attrs={"approximate": "none"})]
+    if op == "FusedMatMul":  # alpha * op(A) @ op(B): a linear when B is a constant matrix and nothing else is set
+        if (attrs.get("transA", 0) or attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0)
+                or float(attrs.get("alpha", 1.0)) != 1.0):
+            return [_Event("unsupported", node)]
+        return [_linear_from_matmul(node, const, trans_b=bool(attrs.get("transB", 0)))]
+    raise AssertionError(op)  # _MAPPED lists exactly the ops above
+
+
+# Ops outside the standard domain that the reader maps exactly (everything else there is refused by name).
+_MAPPED: dict[str, tuple[str, ...]] = {"com.microsoft": ("Gelu", "BiasGelu", "FusedMatMul")}
+
+
+def _event(node: Any, const: dict[str, np.ndarray], shape_only: set[str] | None = None) -> list[_Event]:
+    op = node.op_type
+    if node.domain not in _STANDARD_DOMAINS:
+        return _microsoft_event(node, const)
     if op == "Conv":
         weight = const.get(node.input[1]) if len(node.input) > 1 else None
         if weight is None:
-            return _Event("op", node)
+            return [_Event("unsupported", node)]
         attrs = _attrs(node)
         attrs.setdefault("kernel_shape", list(weight.shape[2:]))
         attrs.setdefault("strides", [1] * (weight.ndim - 2))
         attrs.setdefault("group", 1)
         bias = const.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        return _Event("conv", node, weight, bias, attrs)
+        return [_Event("conv", node, weight, bias, attrs)]
     if op == "MatMul":
-        index, weight = _const_arg(node, const)
-        if weight is None:
-            return _Event("op", node)
-        if index == 0 and weight.ndim == 2 and weight.shape[0] == 1 and bool(np.all(weight == 1)):
-            # A row of ones times the activation is a sum over its rows (our GRN's sum of squares).
-            return _Event("op", node)
-        if index != 1 or weight.ndim != 2:
-            return _Event("unsupported", node, weight)
-        return _Event("linear", node, weight.T)
+        return [_linear_from_matmul(node, const)]
     if op == "Gemm":
         attrs = _attrs(node)
         weight = const.get(node.input[1])
         if weight is None or attrs.get("transA", 0):
-            return _Event("unsupported", node, weight)
+            return [_Event("unsupported", node, weight)]
         weight = weight if attrs.get("transB", 0) else weight.T
         alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
         if alpha != 1.0:
@@ -297,34 +447,33 @@ def _event(node: Any, const: dict[str, np.ndarray]) -> _Event | None:
         bias = const.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if bias is not None and beta != 1.0:
             bias = bias * np.asarray(beta, bias.dtype)
-        return _Event("linear", node, weight, bias)
+        return [_Event("linear", node, weight, bias)]
     if op == "LayerNormalization":
-        scale = const.get(node.input[1])
+        scale = const.get(node.input[1]) if len(node.input) > 1 else None
         bias = const.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if scale is None:
-            return _Event("unsupported", node)
-        return _Event("ln", node, scale, bias, _attrs(node))
+            return [_Event("unsupported", node)]
+        return [_Event("ln", node, scale, bias, _attrs(node))]
     if op in ("Mul", "Add", "Sub", "Div"):
         index, value = _const_arg(node, const)
         if not _is_float(value):
-            return _Event("op", node) if op == "Div" else None
+            return [_Event("op", node)] if op == "Div" else []
         if value.size == 1:
             if op == "Add":
-                return _Event("scalar_add", node, value.reshape(()))
-            return _Event("op", node) if op == "Div" else None
+                return [_Event("scalar_add", node, value.reshape(()))]
+            # The erf GELU's 0.5 and 1/sqrt(2); kept as markers so nothing passes unseen after the head.
+            return [_Event("op", node)]
         flat = value.reshape(-1)
         if op == "Mul":
-            return _Event("scale", node, flat)
+            return [_Event("scale", node, flat)]
         if op == "Add":
-            return _Event("shift", node, flat)
-        if op == "Sub":
-            return _Event("shift", node, flat if index == 0 else -flat)
-        return _Event("unsupported", node, value)
-    if op in ("ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization"):
-        return _Event("unsupported", node)
+            return [_Event("shift", node, flat)]
+        if op == "Sub":  # x - c is a shift by -c; c - x negates x, which no ConvNeXt V2 graph does
+            return [_Event("shift", node, -flat)] if index == 1 else [_Event("unsupported", node, value)]
+        return [_Event("unsupported", node, value)]
     if op in _MARKERS:
-        return _Event("op", node, attrs=_attrs(node))
-    return None
+        return [_Event("op", node, attrs=_attrs(node))]
+    return [_Event("unexpected", node)]
 
 
 # ------------------------------------------------------------------------------------------- grammar
@@ -340,6 +489,9 @@ class _Parser:
         self.markers: list[_Event] = []
         self.tensors: dict[str, np.ndarray] = {}
         self.forms: set[str] = set()
+        # Parameters the graph does not hold because they were an identity (a zero bias or shift, a unit
+        # scale) and an exporter or simplifier removed the operation: read as that identity.
+        self.defaults: list[str] = []
 
     # ---- cursor
     def _skip_markers(self) -> None:
@@ -350,6 +502,13 @@ class _Parser:
     def peek(self) -> _Event | None:
         self._skip_markers()
         return self.events[self.pos] if self.pos < len(self.events) else None
+
+    def lookahead(self) -> _Event | None:
+        """The next event that is not a marker, leaving the markers before it for the part that owns them."""
+        pos = self.pos
+        while pos < len(self.events) and self.events[pos].kind in ("op", "scalar_add"):
+            pos += 1
+        return self.events[pos] if pos < len(self.events) else None
 
     def take(self) -> _Event:
         event = self.peek()
@@ -373,11 +532,21 @@ class _Parser:
 
     # ---- pieces
     def bias_after(self, event: _Event, width: int, label: str) -> np.ndarray:
+        """The operator's own bias, else an Add of a (width,) constant straight onto its output (through layout
+        ops only), else zeros: exporters and simplifiers drop a bias that is all zeros, which is the same
+        function. Anything else added later belongs to another part of the grammar, which checks it there."""
         if event.bias is not None:
             return event.bias.reshape(-1)
-        shift = self.expect(f"the bias of {label}: an Add of a ({width},) constant",
-                            lambda e: e.kind == "shift" and e.weight.size == width)
-        return shift.w
+        nxt = self.lookahead()
+        if nxt is not None and nxt.kind == "shift" and nxt.after is event.node:
+            if nxt.w.size != width:
+                raise self.fail(f"the bias of {label}: an Add of a ({width},) constant", nxt)
+            return self.take().w
+        return self.filled(label, "bias", np.zeros(width, dtype=np.float32))
+
+    def filled(self, label: str, what: str, value: np.ndarray) -> np.ndarray:
+        self.defaults.append(f"{label}: {what}")
+        return value
 
     def conv(self, label: str, width_in: int | None, kernel: int, stride: int, groups_equal_width: bool) -> tuple[np.ndarray, np.ndarray]:
         def ok(e: _Event) -> bool:
@@ -411,10 +580,12 @@ class _Parser:
             raise self.fail(f"{label} with padding {want}", event)
 
     def layer_norm(self, width: int, label: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """The fused op or its decomposition. A unit scale or a zero shift may have been removed by a
+        simplifier (onnxsim, onnxslim, onnxruntime drop a multiply by ones and an add of zeros): read as 1 / 0."""
         event = self.peek()
         if event is not None and event.kind == "ln":
-            if event.w.size != width or event.bias is None or event.bias.size != width:
-                raise self.fail(f"{label}: LayerNormalization over {width} channels with scale and bias", event)
+            if event.w.size != width or (event.bias is not None and event.bias.size != width):
+                raise self.fail(f"{label}: LayerNormalization over {width} channels", event)
             epsilon = event.attrs.get("epsilon", 1e-5)
             # A hostile graph can give the attribute another type (get_attribute_value then returns None, a
             # graph, a list...): refuse it by name instead of failing inside float().
@@ -423,26 +594,32 @@ class _Parser:
             self.take()
             self.forms.add("LayerNormalization")
             self.take_markers()
-            return event.w.reshape(-1), event.bias.reshape(-1), float(epsilon)
-        scale = shift = None
-        for _ in range(2):
-            e = self.expect(f"{label}: LayerNorm over {width} channels (LayerNormalization, or mean/variance "
-                            f"then a ({width},) scale and shift)",
-                            lambda e: e.kind in ("scale", "shift") and e.weight.size == width)
-            if e.kind == "scale" and scale is None:
-                scale = e.weight
-                eps_markers = [m for m in self.markers if m.kind == "scalar_add"]
-                ops = {m.node.op_type for m in self.markers}
-                if "ReduceMean" not in ops:
-                    raise self.fail(f"{label}: a mean over channels before the LayerNorm scale", e)
-                eps = float(eps_markers[-1].w) if eps_markers else float("nan")
-                self.take_markers()
-            elif e.kind == "shift" and shift is None:
-                shift = e.weight
-            else:
-                raise self.fail(f"{label}: one scale and one shift", e)
+            # The bias input is optional; an exporter may also add the shift as its own node.
+            fused_shift = self.bias_after(event, width, f"{label}: shift") if event.bias is None else event.bias
+            return event.w.reshape(-1), fused_shift.reshape(-1), float(epsilon)
+        expected = (f"{label}: LayerNorm over {width} channels (LayerNormalization, or a mean over channels, "
+                    f"the variance and its epsilon, then a ({width},) scale and shift)")
+        ops = {m.node.op_type for m in self.markers}
+        eps_markers = [m for m in self.markers if m.kind == "scalar_add"]
+        if "ReduceMean" not in ops or not eps_markers or not {"Sqrt", "Reciprocal", "Pow"} & ops:
+            raise self.fail(expected, event)
+        eps = float(eps_markers[-1].w)
+        self.take_markers()
+        scale: np.ndarray | None = None
+        shift: np.ndarray | None = None
+        if event is not None and event.kind == "scale" and event.w.size == width:
+            scale = self.take().w
+            event = self.peek()
+            if self.markers:  # the shift adds to the scaled value, with nothing computed in between
+                raise self.fail(expected, event)
+        if event is not None and event.kind == "shift" and event.w.size == width:
+            shift = self.take().w
+        if scale is None:
+            scale = self.filled(label, "scale", np.ones(width, dtype=np.float32))
+        if shift is None:
+            shift = self.filled(label, "shift", np.zeros(width, dtype=np.float32))
         self.forms.add("decomposed LayerNorm")
-        return cast(np.ndarray, scale), cast(np.ndarray, shift), eps
+        return scale, shift, eps
 
     def linear(self, width_in: int, width_out: int, label: str) -> tuple[np.ndarray, np.ndarray]:
         def ok(e: _Event) -> bool:
@@ -459,28 +636,35 @@ class _Parser:
 
     def grn(self, width: int, label: str) -> tuple[np.ndarray, np.ndarray]:
         found = self.peek()  # collects the markers up to GRN's first weight
-        gelu = [m for m in self.markers if m.node.op_type in ("Erf", "Gelu", "Tanh")]
+        gelu = [m for m in self.markers if m.node.op_type in ("Erf", "Gelu", "BiasGelu", "Tanh")]
         if not gelu or gelu[0].node.op_type == "Tanh" or (
-                gelu[0].node.op_type == "Gelu" and _text(gelu[0].attrs.get("approximate", "none")) != "none"):
+                gelu[0].node.op_type in ("Gelu", "BiasGelu")
+                and _text(gelu[0].attrs.get("approximate", "none")) != "none"):
             raise self.fail(f"{label}: the exact GELU (Erf or Gelu with approximate='none') after the first linear",
                             gelu[0] if gelu else found)
-        gamma = beta = None
-        for _ in range(2):
-            e = self.expect(f"{label}: GRN over {width} channels (L2 norm over H,W, channel mean, then a ({width},) "
-                            "gamma scale and beta shift)",
-                            lambda e: e.kind in ("scale", "shift") and e.weight.size == width)
-            if e.kind == "scale" and gamma is None:
-                ops = {m.node.op_type for m in self.markers}
-                if not ({"ReduceL2", "Sqrt"} & ops and {"ReduceMean"} & ops and {"Div", "Reciprocal"} & ops):
-                    raise self.fail(f"{label}: GRN statistics (ReduceL2 or a square root of a sum of squares, "
-                                    "a channel mean, a division) before gamma", e)
-                gamma = e.weight
-            elif e.kind == "shift" and beta is None:
-                beta = e.weight
-            else:
-                raise self.fail(f"{label}: GRN gamma (a scale) and beta (a shift)", e)
+        # x + gamma * (x * N) + beta is one sum: an exporter may add beta to x before the gamma term. A shift
+        # seen before gamma is beta only once the GELU is behind it (a linear's own bias comes before the GELU).
+        beta: np.ndarray | None = None
+        if found is not None and found.kind == "shift" and found.w.size == width:
+            beta = self.take().w
+        gamma = self.expect(f"{label}: GRN over {width} channels (L2 norm over H,W, channel mean, then a ({width},) "
+                            "gamma scale and beta shift)", lambda e: e.kind == "scale" and e.w.size == width)
+        markers = self.take_markers()
+        ops = {m.node.op_type for m in markers}
+        if not ({"ReduceL2", "Sqrt"} & ops and {"ReduceMean"} & ops and {"Div", "Reciprocal"} & ops):
+            raise self.fail(f"{label}: GRN statistics (ReduceL2 or a square root of a sum of squares, "
+                            "a channel mean, a division) before gamma", gamma)
+        # The epsilon added to the channel mean is the last constant added before gamma (the erf GELU's "+ 1"
+        # comes earlier).
+        eps = [m for m in markers[markers.index(gelu[0]):] if m.kind == "scalar_add"]
+        self.check_eps(float(eps[-1].w) if eps else float("nan"), GRN_EPS, f"{label}: the GRN denominator")
+        nxt = self.peek()
+        if beta is None and nxt is not None and nxt.kind == "shift" and nxt.w.size == width:
+            beta = self.take().w
+        elif beta is None:  # a zero beta (freshly initialised weights) is an Add of zeros, which simplifiers remove
+            beta = self.filled(label, "beta", np.zeros(width, dtype=np.float32))
         self.take_markers()
-        return cast(np.ndarray, gamma), cast(np.ndarray, beta)
+        return gamma.w, beta
 
     def check_eps(self, eps: float, expected: float, label: str) -> None:
         if not np.isfinite(eps) or abs(eps - expected) > 1e-3 * expected:
@@ -515,9 +699,11 @@ class _Parser:
             if stage < NUM_STAGES - 1:
                 continue
             nxt = self.peek()
-            if nxt is None:
-                break
             ops = {m.node.op_type for m in self.markers}
+            # An encoder ends here (after its global mean, if it pools); a head LayerNorm whose scale and shift
+            # were both removed leaves only its statistics, which an encoder does not have.
+            if nxt is None and not ({"Sqrt", "Reciprocal", "Pow"} & ops):
+                break
             if not {"ReduceMean", "GlobalAveragePool"} & ops:
                 raise self.fail("the head: a global average over H,W after the last stage", nxt)
             t["head.norm.weight"], t["head.norm.bias"], head_eps = self.layer_norm(width, "the head LayerNorm")
@@ -532,6 +718,11 @@ class _Parser:
         leftover = self.peek()
         if leftover is not None:
             raise self.fail("the end of the model after the head", leftover)
+        # Nothing may be computed after the last weight but an encoder's global mean.
+        trailing = [m for m in self.take_markers()
+                    if head_norm or m.node.op_type not in ("ReduceMean", "GlobalAveragePool")]
+        if trailing:
+            raise self.fail("the end of the model after the head", trailing[0])
         if head_norm:
             head_eps = _clean_eps(head_eps)
         return ModelConfig(depths=tuple(depths), dims=tuple(dims), num_classes=num_classes, head_norm=head_norm,
@@ -549,6 +740,17 @@ class _Parser:
         t[f"{p}.grn.gamma"], t[f"{p}.grn.beta"] = self.grn(hidden, f"{label}: GRN")
         t[f"{p}.pwconv2.weight"], t[f"{p}.pwconv2.bias"] = self.linear(hidden, width, f"{label}: pwconv2")
         self.take_markers()
+
+
+def _assumed_preprocessing(shape: list[Any], layout: str) -> Preprocessing:
+    """A graph from another tool states its input size only through a static H = W; crop and interpolation
+    are never in the graph. Both are marked assumed: the size is the graph's (a 384 input gets the released
+    384 checkpoints' crop 1.0 / squash), the rest is the toolkit's default for that size."""
+    if len(shape) == 4:
+        height, width = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+        if isinstance(height, int) and height > 0 and height == width:
+            return Preprocessing.for_resolution(height).with_origin("assumed")
+    return Preprocessing().with_origin("assumed")
 
 
 def _text(value: Any) -> str:
@@ -597,14 +799,14 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
                 raise BadInputError(f"{path}: the head LayerNorm eps in the graph is {config.head_norm_eps:g} but "
                                     f"the metadata declares {declared.head_norm_eps:g}")
             config = config.with_(head_norm_eps=declared.head_norm_eps)  # the exact decimal, not fp32's
-    elif config.head_norm and shape and len(shape) == 4:
-        size = shape[2] if layout == "NCHW" else shape[1]
-        if isinstance(size, int) and size:
-            preprocessing = Preprocessing.for_resolution(size)
+    else:
+        preprocessing = _assumed_preprocessing(shape, layout)
     layout_info = {"producer": f"{model.producer_name} {model.producer_version}".strip(),
                    "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0),
                    "input_layout": layout, "layer_norm": sorted(parser.forms),
                    "external_data": any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)}
+    if parser.defaults:  # parameters read as the identity the graph computes where their op was removed
+        layout_info["identity_defaults"] = parser.defaults
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=preprocessing,
                       source=Source(format=NAME, file_name=path.name, digest=sha256_of(path), layout=layout_info),
                       info=ckpt_info)

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from convnextv2.converters import onnx_via_flax, onnx_via_tensorflow, onnx_via_torch
-from convnextv2.converters.atomic import atomic_file_with_companions, check_destination
+from convnextv2.converters.atomic import atomic_file_with_companions, check_destination, require_space
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.digests import sha256_of
 from convnextv2.converters.onnx_check import check_file
@@ -154,6 +154,7 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch"
         raise BadInputError(f"--no-external-data: the model holds {weight_bytes / 1e9:.2f} GB of weights and a "
                             "protobuf file stops at 2 GB; let the weights go to the .data file")
     external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    require_space(dest, weight_bytes)  # before the minutes an export takes, not after
 
     say(f"exporting through {via} (opset {opset}{', fp16' if fp16 else ''}{', features' if features else ''})")
     proto = exporter.build(ckpt, opset, dynamic_hw, features, fp16, size)
@@ -161,7 +162,7 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch"
 
     # Data first, model last (a model file in place always finds its complete data file); with --overwrite a
     # stale .data file of the replaced model is removed when the new one has none.
-    with atomic_file_with_companions(dest, (data_dest.name,), overwrite) as work:
+    with atomic_file_with_companions(dest, (data_dest.name,), overwrite, expected_bytes=weight_bytes) as work:
         _save_proto(proto, work, dest.name, external)
         del proto
         say(f"checking {dest.name}: onnx.checker, then onnxruntime (ORT_ENABLE_ALL) vs the float64 referee")

@@ -24,7 +24,7 @@ def torch_module(ckpt: Checkpoint, features: bool, fp16: bool) -> Any:
     from convnextv2 import reference
     from convnextv2.reference import torch_model
 
-    model = reference.build(ckpt, "torch")
+    model = torch_model.contiguous_copy(reference.build(ckpt, "torch"))
     names = output_names(ckpt, features)
 
     class Exported(nn.Module):

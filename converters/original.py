@@ -178,8 +178,9 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
 
 
 def preprocessing_from_name(file_name: str) -> Preprocessing:
+    # A .pt file states no preprocessing: a resolution in its name, else the toolkit's default, is a guess.
     match = _RESOLUTION_IN_NAME.search(file_name)
-    return Preprocessing.for_resolution(int(match.group(1))) if match else Preprocessing()
+    return (Preprocessing.for_resolution(int(match.group(1))) if match else Preprocessing()).with_origin("assumed")
 
 
 def read(path: Path, *, variant: str | None = None, ema: bool = False) -> Checkpoint:
@@ -264,5 +265,6 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str 
             if isinstance(ckpt.info.get("args"), dict):
                 container["args"] = PickledNamespace(ckpt.info["args"])
     total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
-    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+    with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
+          byte_progress(total, f"writing {path.name}") as bar):
         write_torch_zip(tmp, container, archive_name=path.stem or "archive", progress=bar)

@@ -1,4 +1,5 @@
-"""A bare state dict on disk, as transformers and timm save one: a safetensors file or a torch zip.
+"""A bare state dict on disk, as transformers and timm save one: a safetensors file or a torch zip, alone or
+sharded behind an index; and the folders Hugging Face tools keep them in, huggingface_hub's cache included.
 
 Read through our own validating readers (no ``torch``, no pickled code run); ``peek_keys`` lets sniffers
 look at the tensor names without touching tensor data.
@@ -6,12 +7,16 @@ look at the tensor names without touching tensor data.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from convnextv2.converters.safetensors_io import is_safetensors, read_safetensors, sniff_header
+from convnextv2.converters.strict_json import load_json
 from convnextv2.converters.torchzip import is_torch_zip, read_torch_zip
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
@@ -52,3 +57,172 @@ def peek_keys(path: Path) -> list[str]:
         return []
     return []
 
+
+
+# ------------------------------------------------------------ sharded weights
+
+# save_pretrained (and timm's hub tooling) shard large models into files listed by one of these indexes.
+SHARD_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_weights(weights: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """One weights file, or every shard an index lists, merged (metadata from the first shard). A shard must
+    sit beside its index, and every tensor the index lists must be in the shards."""
+    if weights.name not in SHARD_INDEX_FILES:
+        return read_state_file(weights, str(weights))
+    index = load_json(weights)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise BadInputError(f"{weights}: shard index has no weight_map")
+    state: dict[str, np.ndarray] = {}
+    meta: dict[str, str] = {}
+    for shard in sorted(set(map(str, weight_map.values()))):
+        shard_path = weights.parent / shard
+        if Path(shard).name != shard or not shard_path.is_file():
+            raise BadInputError(f"{weights}: shard {shard!r} is missing from the directory")
+        tensors, shard_meta = read_state_file(shard_path, str(shard_path))
+        twice = sorted(set(tensors) & set(state))
+        if twice:
+            raise BadInputError(f"{weights}: tensor(s) {twice[:5]} are in more than one shard")
+        meta = meta or shard_meta
+        state.update(tensors)
+    missing = sorted(set(map(str, weight_map)) - set(state))
+    if missing:
+        raise BadInputError(f"{weights}: {len(missing)} tensor(s) listed in the index are in no shard: {missing[:5]}")
+    return state, meta
+
+
+# ------------------------------------------------------------ huggingface_hub cache folders
+
+# huggingface_hub's cache keeps one folder per repository, ``models--ORG--NAME``, holding ``refs/<revision>``
+# (a file with the commit hash a branch or tag points at), ``snapshots/<commit>/`` (the repository's files,
+# usually relative symlinks into ``blobs/``) and ``blobs/``.
+CACHE_PREFIX = "models--"
+DEFAULT_REVISION = "main"
+
+
+@dataclasses.dataclass(frozen=True)
+class HubFolder:
+    """The folder whose files are read, and what is known of the repository it belongs to."""
+
+    directory: Path
+    # "ORG/NAME" when the folder sits in a huggingface_hub cache, else None.
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    @property
+    def name(self) -> str:
+        """What the checkpoint is called: the repository id in a cache, else the folder's own name."""
+        return self.repo_id or self.directory.name
+
+    def layout(self) -> dict[str, Any]:
+        if self.repo_id is None:
+            return {}
+        return {"hub_cache": {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}}
+
+
+def is_hub_cache(path: Path) -> bool:
+    """A huggingface_hub cache folder of one repository, given at its root."""
+    return path.is_dir() and (path / "snapshots").is_dir() and ((path / "refs").is_dir() or (path / "blobs").is_dir())
+
+
+def _repo_id(cache: Path) -> str | None:
+    name = cache.name
+    if not name.startswith(CACHE_PREFIX):
+        return None
+    return name[len(CACHE_PREFIX):].replace("--", "/")
+
+
+def _refs(cache: Path) -> dict[str, Path]:
+    refs = cache / "refs"
+    if not refs.is_dir():
+        return {}
+    return {p.relative_to(refs).as_posix(): p for p in sorted(refs.rglob("*")) if p.is_file()}
+
+
+def _snapshots(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "snapshots").iterdir() if p.is_dir())
+
+
+def _found(cache: Path) -> str:
+    refs = [f"{name} -> {_read_ref(path)}" for name, path in _refs(cache).items()]
+    snapshots = _snapshots(cache)
+    return (f"refs: {', '.join(refs) or 'none'}; snapshots: {', '.join(snapshots) or 'none'}")
+
+
+def _read_ref(path: Path) -> str:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()[:80]
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read ({exc})") from None
+
+
+def _check_revision_name(revision: str, cache: Path) -> None:
+    # A revision names a file under refs/ or a folder under snapshots/; it must not walk out of them.
+    parts = revision.replace("\\", "/").split("/")
+    if not revision or revision.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise BadInputError(f"{cache}: revision {revision!r} is not a branch, tag or commit name")
+
+
+def _check_links_stay_inside(snapshot: Path, cache: Path) -> None:
+    """Every file of the snapshot must resolve inside the cache folder: a symlink out of it could make us
+    read (and report on) an arbitrary file of the machine."""
+    root = os.path.realpath(cache)
+    for entry in sorted(snapshot.rglob("*")):
+        target = os.path.realpath(entry)
+        if os.path.commonpath([root, target]) != root:
+            raise BadInputError(
+                f"{entry}: symlink points outside the cache folder {cache} (to {target}); refusing to follow it")
+
+
+def resolve_hub_cache(cache: Path, revision: str | None) -> HubFolder:
+    """The snapshot a revision names in a huggingface_hub cache folder, as huggingface_hub resolves it:
+    a branch or tag through ``refs/<revision>``, else a commit hash naming a snapshot."""
+    asked = revision or DEFAULT_REVISION
+    _check_revision_name(asked, cache)
+    refs = _refs(cache)
+    commit = _read_ref(refs[asked]) if asked in refs else asked
+    snapshots = _snapshots(cache)
+    if commit not in snapshots:
+        if asked in refs:
+            raise BadInputError(f"{cache}: refs/{asked} points at commit {commit!r}, which has no snapshot "
+                                f"in the cache ({_found(cache)})")
+        raise BadInputError(f"{cache}: revision {asked!r} is neither in refs/ nor a snapshot ({_found(cache)}); "
+                            "pass --revision with one of them")
+    snapshot = cache / "snapshots" / commit
+    _check_links_stay_inside(snapshot, cache)
+    return HubFolder(directory=snapshot, repo_id=_repo_id(cache), revision=asked, commit=commit)
+
+
+def hub_folder(path: Path, revision: str | None = None) -> HubFolder:
+    """The folder to read for ``path``: a cache root resolves to one of its snapshots; a snapshot inside a
+    cache is checked like one; any other folder is itself, and takes no revision."""
+    if is_hub_cache(path):
+        return resolve_hub_cache(path, revision)
+    parent = path.parent
+    if path.is_dir() and parent.name == "snapshots" and is_hub_cache(parent.parent):
+        cache = parent.parent
+        if revision is not None and revision != path.name:
+            raise BadInputError(f"{path}: this is snapshot {path.name} of a cache folder; --revision {revision!r} "
+                                f"names another one (give the cache folder {cache} itself)")
+        _check_links_stay_inside(path, cache)
+        refs = [name for name, ref in _refs(cache).items() if _read_ref(ref) == path.name]
+        return HubFolder(directory=path, repo_id=_repo_id(cache), revision=refs[0] if refs else path.name,
+                         commit=path.name)
+    if revision is not None:
+        raise BadInputError(f"{path}: --revision applies to a huggingface_hub cache folder (models--ORG--NAME, "
+                            "with refs/ and snapshots/); this is not one")
+    return HubFolder(directory=path)
+
+
+def sniff_hub_folder(path: Path) -> Path | None:
+    """The folder a sniffer should look at: a cache root's default snapshot (or, when refs/main is missing or
+    broken, its newest-named one, so that reading then explains what is wrong); None when none exists."""
+    if not is_hub_cache(path):
+        return path
+    try:
+        return resolve_hub_cache(path, None).directory
+    except BadInputError:
+        snapshots = _snapshots(path)
+        return path / "snapshots" / snapshots[-1] if snapshots else None

@@ -13,7 +13,13 @@ Custom sizes have no registered timm name: the file is written with the layout c
 conv_mlp=..., use_grn=True, ls_init_value=None, num_classes=...)`` themselves (docs/hf_timm.md).
 
 Read: timm safetensors files, and timm torch-zip state dicts through the safe reader, plus a hub-style
-folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
+folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``), also inside a huggingface_hub cache
+folder (``models--timm--NAME``, at ``refs/main`` or the revision asked for). Without a ``pretrained_cfg``
+the preprocessing is assumed (timm's defaults), and marked so.
+
+The JSON written carries every field timm's own ``save_for_hf`` writes for the same model (``global_pool``,
+``model_args`` with ``in_chans``, ``pretrained_cfg`` with ``custom_load`` and the paper), except the record of
+timm's registry entry (``tag``, ``license``, ``origin_url``), which a converted checkpoint cannot claim.
 """
 
 from __future__ import annotations
@@ -32,19 +38,30 @@ from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import write_safetensors
-from convnextv2.converters.state_files import peek_keys, read_state_file
+from convnextv2.converters.state_files import (
+    SHARD_INDEX_FILES,
+    HubFolder,
+    hub_folder,
+    peek_keys,
+    read_weights,
+    sniff_hub_folder,
+)
 from convnextv2.converters.strict_json import load_json
 from convnextv2.converters.toolkit_metadata import embedded_metadata, restore_embedded
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.keymap import KeyTable, Rule
 from convnextv2.reference.layouts import CONV_MLP, IDENTITY, TIMM_GRN, Layout
-from convnextv2.reference.variants import LAYER_NORM_EPS, ModelConfig, check_variant
+from convnextv2.reference.variants import IN_CHANNELS, LAYER_NORM_EPS, ModelConfig, check_variant
 
 NAME = "timm"
 SUFFIXES = (".safetensors", ".bin", ".pth")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+# What timm's save_for_hf records of every ConvNeXt V2 (the architecture's paper, the head's pooling).
+PAPER = {"paper_name": "ConvNeXt V2: Co-designing and Scaling ConvNets with Masked Autoencoders",
+         "paper_ids": "arXiv:2301.00808"}
+GLOBAL_POOL = "avg"
 # Sizes timm registers with 1x1-conv MLPs (timm/models/convnext.py: convnextv2_{atto,femto,pico,nano}).
 CONV_MLP_VARIANTS = ("atto", "femto", "pico", "nano")
 
@@ -86,10 +103,20 @@ def _looks_timm(keys: list[str]) -> bool:
 
 
 def _hub_weights(directory: Path) -> Path | None:
-    for name in WEIGHTS_FILES:
+    for name in (*WEIGHTS_FILES, *SHARD_INDEX_FILES):
         if (directory / name).is_file():
             return directory / name
     return None
+
+
+def _peek_weights(weights: Path) -> list[str]:
+    if weights.name in SHARD_INDEX_FILES:
+        try:
+            weight_map = load_json(weights).get("weight_map")
+        except BadInputError:
+            return []
+        return [str(k) for k in weight_map] if isinstance(weight_map, Mapping) else []
+    return peek_keys(weights)
 
 
 def _is_timm_config(path: Path) -> bool:
@@ -102,9 +129,12 @@ def _is_timm_config(path: Path) -> bool:
 
 def sniff(path: Path) -> bool:
     if path.is_dir():
-        weights = _hub_weights(path)
-        return (path / CONFIG_FILE).is_file() and _is_timm_config(path / CONFIG_FILE) and weights is not None \
-            and _looks_timm(peek_keys(weights))
+        folder = sniff_hub_folder(path)
+        if folder is None:
+            return False
+        weights = _hub_weights(folder)
+        return (folder / CONFIG_FILE).is_file() and _is_timm_config(folder / CONFIG_FILE) and weights is not None \
+            and _looks_timm(_peek_weights(weights))
     return path.is_file() and _looks_timm(peek_keys(path))
 
 
@@ -141,6 +171,14 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
 
 def preprocessing_from_timm(cfg: Mapping[str, Any], where: str) -> Preprocessing:
     pre = cfg.get("pretrained_cfg", cfg)
+    if not isinstance(pre, Mapping):
+        raise BadInputError(f"{where}: pretrained_cfg must be a JSON object, found {type(pre).__name__}")
+    if "input_size" not in pre:
+        # timm then uses its defaults; they are what the checkpoint gets, but nothing in the file says so.
+        defaults = Preprocessing().with_origin("assumed")
+        warnings.warn(f"{where}: no pretrained_cfg input_size; preprocessing assumed to be timm's defaults "
+                      f"({defaults.input_size}px, crop_pct {defaults.crop_pct})", UserWarning, stacklevel=3)
+        return defaults
     try:
         size = pre.get("input_size", (3, 224, 224))
         return Preprocessing(
@@ -166,15 +204,19 @@ def _config_beside(weights: Path) -> Path | None:
     return None
 
 
-def read(path: Path, *, variant: str | None = None) -> Checkpoint:
+def read(path: Path, *, variant: str | None = None, revision: str | None = None) -> Checkpoint:
+    """``revision``: a branch, tag or commit of a huggingface_hub cache folder (default: main)."""
     where = str(path)
+    folder: HubFolder = hub_folder(path, revision)
+    if folder.directory != path:
+        where = f"{path} (revision {folder.revision}: snapshot {folder.commit})"
     if path.is_dir():
-        weights = _hub_weights(path)
+        weights = _hub_weights(folder.directory)
         if weights is None:
-            raise BadInputError(f"{where}: no {' or '.join(WEIGHTS_FILES)} in the directory")
+            raise BadInputError(f"{where}: no {', '.join((*WEIGHTS_FILES, *SHARD_INDEX_FILES))} in the directory")
     else:
         weights = path
-    state, meta = read_state_file(weights, str(weights))
+    state, meta = read_weights(weights)
     tensors, conv_mlp = state_dict_to_canonical(state, str(weights))
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))
     embedded = restore_embedded(meta, str(weights))
@@ -198,9 +240,15 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
             if from_file != pre:
                 pre = from_file  # the user edited the JSON: it is what timm will use
     else:
-        pre = preprocessing_from_timm(timm_config, str(config_path)) if timm_config else Preprocessing()
-        source = Source(format=NAME, file_name=path.name, digest=source_digest(path),
-                        layout={"conv_mlp": conv_mlp, "weights_file": weights.name})
+        if timm_config is not None:
+            pre = preprocessing_from_timm(timm_config, str(config_path))
+        else:
+            pre = Preprocessing().with_origin("assumed")
+            warnings.warn(f"{where}: no timm config.json or sidecar JSON; preprocessing assumed to be timm's "
+                          f"defaults ({pre.input_size}px, crop_pct {pre.crop_pct})", UserWarning, stacklevel=2)
+        digest = source_digest(folder.directory if path.is_dir() else path)
+        source = Source(format=NAME, file_name=path.name, digest=digest,
+                        layout={"conv_mlp": conv_mlp, "weights_file": weights.name, **folder.layout()})
         info = {}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
     ckpt.validate(where)
@@ -236,15 +284,22 @@ def timm_config_json(ckpt: Checkpoint, conv_mlp: bool) -> dict[str, Any]:
     model_args: dict[str, Any] = {
         "depths": list(config.depths), "dims": list(config.dims), "conv_mlp": conv_mlp,
         "use_grn": True, "ls_init_value": None, "num_classes": config.num_classes,
+        "in_chans": IN_CHANNELS, "global_pool": GLOBAL_POOL,
     }
     data: dict[str, Any] = {
         # Custom sizes have no registered name; model_args carry the whole constructor.
         "architecture": f"convnextv2_{config.variant}" if released else "convnextv2_atto",
         "num_classes": config.num_classes,
         "num_features": config.dims[-1],
+        "global_pool": GLOBAL_POOL,
         "model_args": model_args,
         "pretrained_cfg": {
+            "custom_load": False,
             "input_size": [3, size, size],
+            # A consumer overlaying this onto a registered model's pretrained_cfg (docs/hf_timm.md) must not
+            # inherit that tag's test-time size; this checkpoint's is its own input size.
+            "test_input_size": [3, size, size],
+            "test_crop_pct": pre.crop_pct,
             "pool_size": [size // 32, size // 32],
             "crop_pct": pre.crop_pct,
             "crop_mode": pre.crop_mode,
@@ -255,6 +310,7 @@ def timm_config_json(ckpt: Checkpoint, conv_mlp: bool) -> dict[str, Any]:
             "first_conv": "stem.0",
             "classifier": "head.fc",
             "fixed_input_size": False,
+            **PAPER,
         },
     }
     if not released:
@@ -298,7 +354,8 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bo
     total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
     config_text = json.dumps(timm_config_json(ckpt, conv_mlp), indent=2, sort_keys=True) + "\n"
     if folder:
-        with atomic_directory(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+        with (atomic_directory(path, overwrite, expected_bytes=total) as tmp,
+              byte_progress(total, f"writing {path.name}") as bar):
             write_safetensors(tmp / WEIGHTS_FILES[0], list(state.items()), metadata, progress=bar)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         return
@@ -308,5 +365,6 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bo
     check_destination(path, overwrite)
     with atomic_file(_sidecar(path), overwrite=True) as tmp:
         tmp.write_text(config_text, encoding="utf-8")
-    with atomic_file(path, overwrite) as tmp, byte_progress(total, f"writing {path.name}") as bar:
+    with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
+          byte_progress(total, f"writing {path.name}") as bar):
         write_safetensors(tmp, list(state.items()), metadata, progress=bar)

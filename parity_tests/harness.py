@@ -27,8 +27,10 @@ from convnextv2.reference import parity_rule as rule
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
 FEATURES = rule.FEATURES
-# The precisions the harness runs runtimes at (the rule also covers bfloat16/float16 candidates).
-DTYPES = rule.FULL_PRECISIONS
+# The precisions the harness runs runtimes at. A reduced-precision run (bfloat16, float16) is judged against the
+# PyTorch reference at that precision (its norms in float32: parity_rule.baseline_features); a runtime that
+# cannot run a precision is listed as not available at it.
+DTYPES = rule.PRECISIONS
 REPORT_SCHEMA = "convnextv2-parity-report"
 REPORT_SCHEMA_VERSION = "1"
 
@@ -236,8 +238,13 @@ def resolve_runtimes(names: Iterable[str | Runtime]) -> list[Runtime]:
 
 
 def _checkpoint_info(ckpt: Checkpoint, path: str | None) -> dict[str, Any]:
-    return {"path": path, "format": ckpt.source.format, "layout": ckpt.source.layout.get("layout"),
-            "file_name": ckpt.source.file_name, "sha256": ckpt.source.sha256 or None,
+    # Identity (the file checked, as it is now) apart from provenance (what it was converted from).
+    own = ckpt.file
+    source = {"format": ckpt.source.format, "file_name": ckpt.source.file_name, "sha256": ckpt.source.sha256 or None}
+    return {"path": path, "format": own.format if own else ckpt.source.format,
+            "layout": ckpt.source.layout.get("layout") if own is None or own.format == ckpt.source.format else None,
+            "file_name": own.file_name if own else ckpt.source.file_name, "sha256": own.sha256 if own else None,
+            "source": source,
             "variant": ckpt.config.variant, "depths": list(ckpt.config.depths), "dims": list(ckpt.config.dims),
             "num_classes": ckpt.config.num_classes, "head_norm": ckpt.config.head_norm,
             "head_norm_eps": ckpt.config.head_norm_eps}
@@ -291,11 +298,18 @@ def run_parity(
     features = [name for name in FEATURES if name in referee]
     baseline = {name: rule.scale_aware_error(baseline_features[name], referee[name]) for name in features}
     tolerances = {d: Tolerance(d, (atol or {}).get(d), (rtol or {}).get(d)) for d in DTYPES}
+    baselines = {d: baseline for d in rule.FULL_PRECISIONS}
+    for dtype in dtypes:
+        if dtype in rule.REDUCED_PRECISIONS and dtype not in baselines:
+            say(f"baseline: torch {dtype} (norms in float32)")
+            reduced = torch_features(source, images, dtype)
+            baselines[dtype] = {name: rule.scale_aware_error(reduced[name], referee[name]) for name in features}
 
     results: list[RuntimeResult] = []
     for runtime in resolved:
         for dtype in dtypes:
-            results.append(_run_one(runtime, dtype, ckpt, images, referee, features, baseline, tolerances[dtype], say))
+            results.append(_run_one(runtime, dtype, ckpt, images, referee, features, baselines[dtype],
+                                    tolerances[dtype], say))
 
     return ParityReport(
         checkpoint=_checkpoint_info(ckpt, checkpoint_path),
@@ -303,7 +317,10 @@ def run_parity(
         referee={"runtime": "torch", "dtype": "float64",
                  "built_from": referee_source or ("an independent copy of the weights" if referee_ckpt is not None
                                                   else "the checkpoint under test")},
-        baseline={"runtime": "torch", "dtype": "float32", "scale_aware_error": baseline},
+        baseline={"runtime": "torch", "dtype": "float32", "scale_aware_error": baseline,
+                  **({"reduced": {d: {"dtype": d, "norms": "float32", "scale_aware_error": baselines[d]}
+                                  for d in rule.REDUCED_PRECISIONS if d in baselines}}
+                     if any(d in baselines for d in rule.REDUCED_PRECISIONS) else {})},
         tolerance={d: {"rule": "explicit" if t.explicit else "derived", "description": t.describe(),
                        "atol": t.atol, "rtol": t.rtol, "factor": rule.FACTOR, "floor": rule.FLOOR[d]}
                    for d, t in tolerances.items() if d in dtypes},
@@ -315,10 +332,14 @@ def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray,
              features: list[str], baseline: dict[str, float], tolerance: Tolerance, say: Any) -> RuntimeResult:
     result = RuntimeResult(runtime.name, runtime.kind, dtype, "pass")
     reason = runtime.availability()
-    if reason is None and dtype not in runtime.dtypes:
-        reason = f"{runtime.name} runs only in {', '.join(runtime.dtypes)}"
     if reason is not None:
         result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available: {reason}"
+        say(result.reason)
+        return result
+    if dtype not in runtime.dtypes:
+        # Not a failure: the runtime has no way to run this precision (say, Flax in float16).
+        result.status = "unavailable"
+        result.reason = f"runtime {runtime.name} is not available at {dtype} (it runs {', '.join(runtime.dtypes)})"
         say(result.reason)
         return result
     say(f"running {runtime.name} ({dtype})")
@@ -335,6 +356,10 @@ def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray,
         say("".join(traceback.format_exception_only(type(exc), exc)).strip())
         return result
     result.seconds = time.perf_counter() - start
+    # How the runtime actually ran (e.g. the precision OpenVINO reports), shown as the row's note.
+    detail = produced.get(runtime_registry.DETAIL_KEY)
+    if detail is not None:
+        result.reason = str(np.asarray(detail))
     for name in features:
         value = produced.get(name)
         result.features.append(compare_feature(name, value, referee[name], baseline[name], tolerance))

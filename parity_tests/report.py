@@ -58,6 +58,9 @@ def terminal_table(report: ParityReport) -> str:
     lines = [
         f"checkpoint  {ck.get('path') or ck.get('file_name')}  ({ck['format']}, {ck['variant']}, "
         f"{ck['num_classes'] or 'no'} classes)",
+        f"sha256      {ck.get('sha256') or '-'}",
+        *([f"source      {src['format']} {src['file_name'] or '-'} sha256 {src['sha256'] or '-'}"]
+          if (src := ck.get("source")) else []),
         f"inputs      {inputs['batch']} x {inputs['image_size']}px "
         + (f"random, seed {inputs['seed']}" if inputs["kind"] == "random" else f"{inputs['kind']}"),
         "referee     torch float64; tolerance: " + "; ".join(
@@ -69,6 +72,9 @@ def terminal_table(report: ParityReport) -> str:
     lines += [header, "-" * len(header)]
     lines.append(f"{'(torch float32 baseline)':<28} {'':<32} "
                  + " ".join(f"{report.baseline['scale_aware_error'][f]:>9.1e}" for f in features))
+    for dtype, reduced in report.baseline.get("reduced", {}).items():
+        lines.append(f"{f'(torch {dtype} baseline)':<28} {'norms in float32':<32} "
+                     + " ".join(f"{reduced['scale_aware_error'][f]:>9.1e}" for f in features))
     for r in report.runtimes:
         cells = []
         for name in features:
@@ -96,7 +102,10 @@ def to_markdown(report: ParityReport) -> str:
     out = [
         f"## ConvNeXt V2 parity: {'✅ pass' if report.passed else '❌ fail'}",
         "",
-        f"Checkpoint `{ck.get('path') or ck.get('file_name')}` ({ck['format']}, {ck['variant']}); "
+        f"Checkpoint `{ck.get('path') or ck.get('file_name')}` ({ck['format']}, {ck['variant']}, sha256 "
+        f"`{ck.get('sha256') or '-'}`"
+        + (f"; converted from {ck['source']['format']} `{ck['source']['file_name'] or '-'}`, sha256 "
+           f"`{ck['source']['sha256'] or '-'}`" if ck.get("source") else "") + "); "
         f"{report.inputs['batch']} images at {report.inputs['image_size']} px ({report.inputs['kind']}); "
         "referee: PyTorch float64.",
         "",
@@ -294,7 +303,10 @@ def to_html(report: ParityReport) -> str:
 td:first-child,td:nth-child(2),td:last-child{{text-align:left}}table{{border-collapse:collapse}}
 .fail{{background:#fdd;font-weight:bold}}</style></head><body>
 <h1>ConvNeXt V2 parity: {"pass" if report.passed else "FAIL"}</h1>
-<p>{html.escape(str(ck.get('path') or ck.get('file_name')))} ({html.escape(ck['format'])}, {ck['variant']});
+<p>{html.escape(str(ck.get('path') or ck.get('file_name')))} ({html.escape(ck['format'])}, {ck['variant']}, sha256
+{html.escape(str(ck.get('sha256') or '-'))}); converted from {html.escape(str((ck.get('source') or {}).get('format', '-')))}
+{html.escape(str((ck.get('source') or {}).get('file_name') or '-'))}, sha256
+{html.escape(str((ck.get('source') or {}).get('sha256') or '-'))};
 {report.inputs['batch']} images at {report.inputs['image_size']} px ({report.inputs['kind']}); referee PyTorch float64.</p>
 {to_svg(report)}
 <table><tr><th>runtime</th><th>verdict</th>{head}<th>note</th></tr>

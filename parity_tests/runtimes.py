@@ -38,9 +38,16 @@ class Runtime:
     requires: tuple[str, ...] = ()
     extra: str = ""
     dtypes: tuple[str, ...] = ("float32",)
+    # A reason installing ``requires`` would not fix (an installed library version without the classes the
+    # runtime needs); asked first, so the user is told the decisive reason. Must stay cheap: no framework import.
+    blocker: Callable[[], str | None] | None = None
 
     def availability(self) -> str | None:
         """None when the runtime can run here, else the reason it cannot."""
+        if self.blocker is not None:
+            reason = self.blocker()
+            if reason is not None:
+                return reason
         for module in self.requires:
             try:
                 found = importlib.util.find_spec(module) is not None
@@ -110,7 +117,12 @@ def child_main(argv: list[str]) -> None:
 def _reference_features(framework: str) -> FeatureFn:
     def run(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
         from convnextv2 import reference
+        from convnextv2.reference import parity_rule
 
+        if framework == "torch" and dtype in parity_rule.REDUCED_PRECISIONS:
+            # The recipe every deployment runtime is measured against (norms in float32): at reduced precision
+            # the PyTorch reference is its own baseline, as it is at float32.
+            return parity_rule.baseline_features(ckpt, images, dtype)
         model = reference.build(ckpt, framework, dtype=dtype)
         return reference.run_features(model, framework, images.astype(dtype))
     return run
@@ -126,7 +138,8 @@ def _onnx_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str
         path = Path(tmp) / "model.onnx"
         # The exporter refuses to write a graph that fails its own one-image check; that surfaces here as an
         # error of this runtime, with the exporter's message.
-        onnx_export.export(ckpt, path, features=True, check_size=int(images.shape[-1]), check_batch=1)
+        onnx_export.export(ckpt, path, features=True, fp16=dtype == "float16", check_size=int(images.shape[-1]),
+                           check_batch=1)
         session = onnx_check.ort_session(path, threads=2)
         outputs = onnx_check.run_ort(session, images)
     return _onnx_outputs_to_features(outputs)
@@ -139,14 +152,95 @@ def _onnx_outputs_to_features(outputs: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 register(Runtime("torch", "runtime", "PyTorch reference (reference/torch_model.py)", _reference_features("torch"),
-                 requires=("torch",), extra="torch", dtypes=("float32", "float64")))
+                 requires=("torch",), extra="torch", dtypes=("float32", "float64", "bfloat16", "float16")))
 register(Runtime("tensorflow", "runtime", "Keras 3 / TensorFlow reference (reference/keras_model.py)",
                  _reference_features("tensorflow"), requires=("tensorflow", "keras"), extra="tf",
                  dtypes=("float32", "float64")))
 register(Runtime("flax", "runtime", "Flax NNX reference (reference/flax_model.py)", _reference_features("flax"),
                  requires=("jax", "flax"), extra="flax", dtypes=("float32", "float64")))
 register(Runtime("onnxruntime", "runtime", "onnxruntime on a fresh ONNX export (converters/onnx_export.py)",
-                 _onnx_features, requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx"))
+                 _onnx_features, requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx",
+                 dtypes=("float32", "float16")))
+
+
+def _executorch_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """A fresh .pte of the checkpoint (XNNPACK delegate, every stage as an output) run by the ExecuTorch
+    runtime, as a user loads it: from the file."""
+    from convnextv2.converters import executorch
+    from convnextv2.converters.onnx_interface import output_names
+
+    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-executorch-") as tmp:
+        path = Path(tmp) / "model.pte"
+        path.write_bytes(executorch.program_bytes(ckpt, int(images.shape[-1]), features=True))
+        return executorch.run_program(path, images, output_names(ckpt, features=True))
+
+
+register(Runtime("executorch", "runtime", "ExecuTorch (XNNPACK delegate) on a fresh .pte (converters/executorch.py)",
+                 _executorch_features, requires=("torch", "executorch"), extra="executorch"))
+
+
+# A runtime may say how it actually ran (the precision its library reports, which interpreter) under this key,
+# as a 0-d string array beside its features; the harness shows it as the row's note.
+DETAIL_KEY = "detail"
+
+
+def _detail(text: str) -> np.ndarray:
+    return np.asarray(text)
+
+
+def _openvino_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """A fresh OpenVINO IR of the checkpoint (from the ONNX export, every stage as an output), compiled on the
+    CPU with INFERENCE_PRECISION_HINT pinned to ``dtype`` and read back: a plugin that settles on another
+    precision makes the runtime unavailable at ``dtype`` rather than judged at the wrong one. At float32 the
+    plugin's default compile runs too, so the report shows what a user who passes no hint gets."""
+    import openvino
+
+    from convnextv2.converters import openvino as ov_export
+    from convnextv2.reference import parity_rule
+    from convnextv2.reference.errors import MissingDependencyError
+
+    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-openvino-") as tmp:
+        path = Path(tmp) / "model.xml"
+        ov_export.export(ckpt, path, features=True, check_size=int(images.shape[-1]), check_batch=1)
+        compiled, precision = ov_export.compile_ir(path, dtype)
+        if precision != dtype:
+            raise MissingDependencyError(f"OpenVINO's CPU plugin here runs {precision} when asked for {dtype} "
+                                         f"(INFERENCE_PRECISION_HINT={ov_export.PRECISION_HINTS[dtype]})")
+        features = ov_export.run(compiled, images)
+        del compiled
+        note = (f"OpenVINO {openvino.get_version().split('-')[0]} CPU, INFERENCE_PRECISION_HINT="
+                f"{ov_export.PRECISION_HINTS[dtype]}: ran at {precision} (read back)")
+        if dtype == "float32":
+            default, default_precision = ov_export.compile_ir(path, None)
+            final = "logits" if "logits" in features else "pooled"
+            moved = parity_rule.scale_aware_error(ov_export.run(default, images)[final], features[final])
+            note += (f"; without a hint it runs at {default_precision} here, {final} off the pinned run by "
+                     f"{moved:.2e} scale-aware")
+    return {**_onnx_outputs_to_features(features), DETAIL_KEY: _detail(note)}
+
+
+def _litert_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """A fresh .tflite of the checkpoint (builtin ops, every stage as an output) run by the LiteRT interpreter,
+    as a user loads it: from the file. float16: float16 weights, which LiteRT's CPU kernels dequantize."""
+    from convnextv2.converters import litert
+
+    fp16 = dtype == "float16"
+    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-litert-") as tmp:
+        path = Path(tmp) / "model.tflite"
+        litert.export(ckpt, path, features=True, fp16=fp16, check_size=int(images.shape[-1]), check_batch=1)
+        features = litert.run(litert.interpreter(path), images)
+    note = f"{litert.interpreter_name()} interpreter, " + (
+        "float16 weights dequantized to float32 at load" if fp16 else "float32")
+    return {**_onnx_outputs_to_features(features), DETAIL_KEY: _detail(note)}
+
+
+register(Runtime("openvino", "runtime", "OpenVINO CPU on a fresh IR export, precision hint pinned "
+                 "(converters/openvino.py)", _openvino_features,
+                 requires=("openvino", "torch", "onnx", "onnxscript"), extra="openvino",
+                 dtypes=("float32", "bfloat16", "float16")))
+register(Runtime("litert", "runtime", "LiteRT interpreter on a fresh .tflite export (converters/litert.py)",
+                 _litert_features, requires=("tensorflow", "ai_edge_litert"), extra="litert",
+                 dtypes=("float32", "float16")))
 
 
 # ------------------------------------------------------------------ peers (independent implementations)
@@ -258,9 +352,26 @@ def _hf_tf_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[st
                        training=False)
 
 
+def _transformers_tf_blocker() -> str | None:
+    """transformers 5 removed every TensorFlow class; read the installed version from its metadata (the same
+    distribution ``import transformers`` finds first on sys.path) instead of importing it."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # the requires check then names the missing package
+    major = version.split(".", 1)[0]
+    if major.isdigit() and int(major) >= 5:
+        return (f"transformers {version} has no TensorFlow classes (transformers 5 removed them; the 4.x series "
+                "has them, e.g. transformers==4.57.6 as pinned in constraints.txt)")
+    return None
+
+
 register(Runtime("timm", "peer", "timm ConvNeXt (weights through our timm converter)",
                  _timm_features, requires=("torch", "timm"), extra="peers", dtypes=("float32", "float64")))
 register(Runtime("transformers-pt", "peer", "Hugging Face transformers ConvNextV2, PyTorch",
                  _hf_pt_features, requires=("torch", "transformers"), extra="peers", dtypes=("float32", "float64")))
 register(Runtime("transformers-tf", "peer", "Hugging Face transformers ConvNextV2, TensorFlow (tf-keras)",
-                 _hf_tf_features, requires=("tensorflow", "tf_keras", "transformers"), extra="peers"))
+                 _hf_tf_features, requires=("tensorflow", "tf_keras", "transformers"), extra="peers",
+                 blocker=_transformers_tf_blocker))

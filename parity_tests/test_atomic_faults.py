@@ -24,9 +24,9 @@ from convnextv2 import converters, fixtures
 from convnextv2.parity_tests.conftest_helpers import run_cli
 
 # Runs the CLI with one kill point armed. KILL_AT: "tensor:N" (before the Nth tensor's bytes), "half:N" (after
-# half of them), "fsync:N" (at the Nth fsync), "publish" (before the rename/link/exchange that publishes),
-# "published" (right after it, before cleanup), "between" (directory fallback without renameat2: between
-# moving the old directory away and moving the new one in).
+# half of them), "fsync:N" (at the Nth fsync), "publish" (before the rename/link/exchange that gives the
+# destination its new content), "published" (right after it, before cleanup), "between" (directory fallback
+# without renameat2: between moving the old directory away and moving the new one in).
 DRIVER = r"""
 import os, signal, sys
 import numpy as np
@@ -35,6 +35,7 @@ from convnextv2.converters import atomic, safetensors_io, torchzip
 kind, _, number = os.environ["KILL_AT"].partition(":")
 number = int(number or 0)
 counts = {"tensor": 0, "fsync": 0}
+final = os.path.abspath(sys.argv[sys.argv.index("-o") + 1])
 
 def die():
     sys.stdout.flush()
@@ -64,15 +65,23 @@ def fsync(fd):
     real_fsync(fd)
 os.fsync = fsync
 
+def target_of(args, kwargs):
+    target = os.fspath(args[1])
+    directory = kwargs.get("dst_dir_fd")
+    if directory is not None and not os.path.isabs(target):
+        target = os.path.join(os.readlink(f"/proc/self/fd/{directory}"), target)
+    return os.path.abspath(target)
+
 def publishing(real):
+    # The call that gives the destination its new content is the one whose target is the destination.
     def wrapper(*args, **kwargs):
-        source = str(args[0])
-        if ".partial" in source and kind == "publish":
+        target = target_of(args, kwargs)
+        if target == final and kind == "publish":
             die()
         result = real(*args, **kwargs)
-        if ".partial" in source and kind == "published":
+        if target == final and kind == "published":
             die()
-        if kind == "between" and ".old" in str(args[1]):
+        if kind == "between" and target.endswith(".old"):
             die()
         return result
     return wrapper
@@ -88,6 +97,11 @@ atomic._renameat2 = renameat2
 from convnextv2.converters.cli import main
 main(sys.argv[1:])
 """
+
+# What a SIGKILLed write may leave beside the destination: one temporary folder with its owner record (the next
+# write to the destination removes it), or, in the directory fallback without renameat2, the old directory.
+LEFTOVER = re.compile(r"\..+\.convnextv2-(tmp|old)\.\d+\.[^/]+\.(partial|old)")
+
 
 # Formats whose writer is fast enough for the default suite, with where their output lives. timm and flax
 # write through the same safetensors writer as canonical; the default suite kills canonical, original
@@ -202,11 +216,17 @@ def test_killed_conversion_leaves_absent_old_or_complete(tmp_path, sources, fmt,
                 assert after == new_digest, f"{kill_at}: the published output differs from a clean conversion"
             else:
                 assert after == before, f"{kill_at}: destination changed before it was published ({before} -> {after})"
-        for name in _leftovers(work, keep):
-            assert re.fullmatch(r"\..+\.[^/]+\.(partial|old)", name), f"{kill_at}: left {name}"
+        left = _leftovers(work, keep)
+        for name in left:
+            assert LEFTOVER.fullmatch(name), f"{kill_at}: left {name}"
+        assert len([n for n in left if ".convnextv2-tmp." in n]) <= 1, f"{kill_at}: more than one temporary: {left}"
         # A complete destination is valid: it reads back.
         if dst.exists():
             converters.load(dst)
+        if kill_at == "half:5":
+            # The next write to the same destination removes what the killed one left (its owner is gone).
+            assert _convert(src, dst, fmt, None, True).returncode == 0
+            assert not [n for n in _leftovers(work, keep) if ".convnextv2-tmp." in n], _leftovers(work, keep)
 
 
 @pytest.mark.skipif("hf" not in converters.available_formats(), reason="the hf converter has not landed")
@@ -237,8 +257,10 @@ def test_existing_destination_needs_overwrite(tmp_path, sources):
 
 
 def test_failure_during_write_leaves_nothing(tmp_path, sources, monkeypatch):
-    """An ordinary exception mid-write (disk full, a bug) removes the temporary file; the old one stays."""
+    """An error mid-write (here a full disk as the writer sees it) removes the temporaries; the old file stays,
+    and the error is the toolkit's one line naming the destination."""
     from convnextv2.converters import safetensors_io
+    from convnextv2.reference.errors import EnvironmentFaultError
 
     _, src, old_src = sources
     dst = tmp_path / "out.safetensors"
@@ -253,7 +275,7 @@ def test_failure_during_write_leaves_nothing(tmp_path, sources, monkeypatch):
         out.write(array.tobytes())
 
     monkeypatch.setattr(safetensors_io, "write_array_bytes", failing)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(EnvironmentFaultError, match=f"^{re.escape(str(dst))}: no space left in "):
         converters.save(converters.load(src), dst, format="canonical", overwrite=True)
     assert _digest(dst) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
@@ -274,10 +296,26 @@ def test_file_appearing_mid_write_is_not_replaced(tmp_path, sources, monkeypatch
         real(out, array)
 
     monkeypatch.setattr(safetensors_io, "write_array_bytes", racing)
-    with pytest.raises(BadInputError, match="appeared while it was being written"):
+    # A staged conversion sees the newcomer when it publishes; a direct write when it links (below).
+    with pytest.raises(BadInputError, match="already exists|appeared while it was being written"):
         converters.save(converters.load(src), dst, format="canonical")
     assert dst.read_bytes() == b"someone else's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["anonymous", "named"])
+def test_link_refuses_a_file_that_appeared(tmp_path, named):
+    """The publishing link() itself refuses a destination created after the start (no check-then-rename race)."""
+    from convnextv2.converters.atomic import atomic_file
+    from convnextv2.reference.errors import BadInputError
+
+    dst = tmp_path / "out.bin"
+    with pytest.raises(BadInputError, match="appeared while it was being written"), \
+            atomic_file(dst, named=named) as tmp:
+        tmp.write_bytes(b"ours")
+        dst.write_bytes(b"theirs")
+    assert dst.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
 
 
 @pytest.mark.slow
@@ -311,5 +349,5 @@ def test_random_kills_of_a_large_conversion(tmp_path, variant):
         if process.returncode == -signal.SIGKILL:
             outcomes["killed"] = outcomes.get("killed", 0) + 1
         for name in _leftovers(work, {"out.safetensors"}):
-            assert re.fullmatch(r"\.out\.safetensors\.[^/]+\.partial", name), name
+            assert re.fullmatch(r"\.out\.safetensors\.convnextv2-tmp\.\d+\.[^/]+\.partial", name), name
     assert outcomes["absent"] > 0 and outcomes.get("killed", 0) > 0, f"no kill landed before the rename: {outcomes}"

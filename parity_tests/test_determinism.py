@@ -21,10 +21,12 @@ import pytest
 
 from convnextv2 import converters, fixtures
 
-SLOW_FORMATS = {"onnx", "keras", "savedmodel"}
+# executorch: XNNPACK lowering takes a minute per export on two cores.
+# openvino, litert: each export is checked in its runtime against the float64 referee (a minute on two cores).
+SLOW_FORMATS = {"onnx", "keras", "savedmodel", "executorch", "openvino", "litert"}
 DIRECTORY_FORMATS = {"hf", "savedmodel"}
 SUFFIX = {"canonical": ".safetensors", "original": ".pt", "timm": ".safetensors", "flax": ".safetensors",
-          "onnx": ".onnx", "keras": ".keras"}
+          "onnx": ".onnx", "keras": ".keras", "openvino": ".xml", "litert": ".tflite"}
 FIXTURE_KINDS = ["canonical", "original", "fcmae", "fcmae-sparse"]
 
 
@@ -48,6 +50,8 @@ def _files(path: Path) -> dict[str, bytes]:
     if path.is_dir():
         return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
     files = {path.name: path.read_bytes()}
+    if path.suffix == ".xml" and path.with_suffix(".bin").exists():  # an OpenVINO IR's weights
+        files[path.with_suffix(".bin").name] = path.with_suffix(".bin").read_bytes()
     sidecar = path.with_suffix(".json")
     if sidecar.exists() and sidecar != path:
         files[sidecar.name] = sidecar.read_bytes()

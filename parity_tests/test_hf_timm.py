@@ -121,7 +121,8 @@ def get_case(case_dir: Path, variant: str, resolution: int) -> Case:
 def load_hf_model(transformers, directory: Path, headless: bool = False):
     cls = transformers.ConvNextV2Model if headless else transformers.ConvNextV2ForImageClassification
     model, info = cls.from_pretrained(directory, output_loading_info=True)
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == [], info
+    # transformers 4 reports lists, 5 sets: empty either way.
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
 
@@ -305,6 +306,9 @@ def test_directories_written_by_transformers_read_back_exactly(tmp_path, safe, h
             param.add_(0.05 * torch.randn_like(param))
     folder = tmp_path / "peer"
     model.save_pretrained(folder, safe_serialization=safe)
+    if not safe and not (folder / "pytorch_model.bin").exists():
+        pytest.skip(f"transformers {transformers.__version__} writes safetensors only (safe_serialization=False "
+                    "is ignored since 5.0); the .bin case runs under 4.x")
     assert converters.detect_format(folder) == "hf"
     weights = folder / ("model.safetensors" if safe else "pytorch_model.bin")
     assert converters.detect_format(weights) == "hf"  # a .bin torch zip is not claimed by `original`
@@ -474,6 +478,8 @@ np.save(sys.argv[3], model(images, training=False).logits.numpy())
 
 @pytest.mark.tf
 def test_hf_output_loads_in_tensorflow_from_pt(tmp_path):
+    if int(importlib.metadata.version("transformers").split(".")[0]) >= 5:
+        pytest.skip("transformers 5 has no TensorFlow classes; this runs under 4.57.6 in the default suite")
     case_dir = tmp_path
     src = case_dir / "a.pt"
     fixtures.write_fixture(src, "atto", "original", seed=8)

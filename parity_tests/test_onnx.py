@@ -472,8 +472,9 @@ def test_tensorflow_path_export_and_nhwc_import(tmp_path):
         _assert_parity(ckpt, _run(session, images)["logits"], images)
     _assert_same(ckpt.model_tensors(), converters.load(out).model_tensors())
 
-    # A plain tf2onnx export of the Keras reference: NHWC input, as someone else would make it.
-    keras_model = reference.build(ckpt, "tensorflow")
+    # A plain tf2onnx export of the Keras reference: NHWC input, as someone else would make it (with a plain
+    # Dense classifier, as a user's Keras model has).
+    keras_model = reference.build(ckpt, "tensorflow", plain_head=True)
     spec = (tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32, name="images"),)
 
     @tf.function(input_signature=spec)

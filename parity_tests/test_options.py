@@ -18,6 +18,7 @@ from convnextv2.reference.errors import BadInputError, ConvNeXtV2Error
 # What each format's reader and writer take, as documented in their modules (docs/*.md for the CLI flags).
 READ_OPTIONS = {name: ["variant"] for name in converters.FORMAT_MODULES}
 READ_OPTIONS["original"] = ["variant", "ema"]
+READ_OPTIONS["hf"] = READ_OPTIONS["timm"] = ["variant", "revision"]  # huggingface_hub cache folders
 WRITE_OPTIONS = {name: ["overwrite"] for name in converters.FORMAT_MODULES}
 WRITE_OPTIONS["timm"] = ["overwrite", "conv_mlp"]
 WRITE_OPTIONS["original"] = ["overwrite", "layout"]

@@ -39,10 +39,11 @@ def test_derived_tolerance_is_the_parity_rule():
 
 
 def test_tolerance_options_per_dtype():
-    assert parse_tolerances(["1e-5"], "--atol") == {"float32": 1e-5, "float64": 1e-5}
-    assert parse_tolerances(["float64=1e-12", "1e-5"], "--atol") == {"float32": 1e-5, "float64": 1e-12}
-    assert parse_tolerances(["float64=1e-12"], "--atol") == {"float64": 1e-12}
-    for bad in (["x"], ["float16=1"], ["-1"], ["nan"]):
+    every = ("float32", "float64", "bfloat16", "float16")
+    assert parse_tolerances(["1e-5"], "--atol") == dict.fromkeys(every, 1e-5)
+    assert parse_tolerances(["float64=1e-12", "1e-5"], "--atol") == {**dict.fromkeys(every, 1e-5), "float64": 1e-12}
+    assert parse_tolerances(["float64=1e-12", "float16=1e-2"], "--atol") == {"float64": 1e-12, "float16": 1e-2}
+    for bad in (["x"], ["int8=1"], ["-1"], ["nan"]):
         with pytest.raises(BadInputError):
             parse_tolerances(bad, "--atol")
 

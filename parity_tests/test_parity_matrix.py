@@ -37,9 +37,12 @@ RUNTIME_GROUPS = {
     "tensorflow": "tf",
     "flax": "flax",
     "onnxruntime": "onnx",
+    "openvino": "openvino",
+    "litert": "litert",
     "timm": "peers",
     "transformers-pt": "peers",
     "transformers-tf": "peers",
+    "executorch": "executorch",
 }
 # Layouts the ``original`` reader understands, each a source format of its own in the matrix.
 ORIGINAL_LAYOUTS = ("original", "fcmae", "fcmae-sparse")
@@ -50,15 +53,20 @@ SUFFIX = {"original": ".pt", "fcmae": ".pt", "fcmae-sparse": ".pt", "canonical":
 SEED = 0
 # Formats the toolkit writes but by design does not read back (a SavedModel is a traced graph without names).
 WRITE_ONLY_FORMATS = ("savedmodel",)
-# Runtimes that cost a fresh interpreter with TensorFlow per case: in the quick matrix, one size only.
-QUICK_ONE_SIZE = ("transformers-tf",)
+# Runtimes that cost a fresh interpreter with TensorFlow, or a fresh export (OpenVINO, LiteRT), per case: in the
+# quick matrix, one size only.
+QUICK_ONE_SIZE = ("transformers-tf", "openvino", "litert")
+# Runtimes whose every case lowers a fresh program (ExecuTorch: about a minute on two cores): quick matrix on atto only.
+QUICK_ATTO_ONLY = ("executorch",)
+# The precision axis (quick: atto at 64 px; --full-matrix: every size at 224): each runtime at each reduced precision.
+REDUCED_DTYPES = ("bfloat16", "float16")
 
 
 def readable_source_formats() -> list[str]:
     """Source formats whose reader is in this install (format modules may land separately)."""
     names: list[str] = []
     for name in converters.available_formats():
-        if name in WRITE_ONLY_FORMATS or not hasattr(converters.format_module(name), "read"):
+        if name in WRITE_ONLY_FORMATS or not converters.readable(name):
             continue
         names.extend(ORIGINAL_LAYOUTS if name == "original" else [name])
     return names
@@ -90,6 +98,8 @@ def pytest_generate_tests(metafunc: Any) -> None:
             for variant, size in sizes:
                 if not full and runtime in QUICK_ONE_SIZE and variant != CUSTOM_TINY:
                     continue
+                if not full and runtime in QUICK_ATTO_ONLY and variant != "atto":
+                    continue
                 marks = [getattr(pytest.mark, group)]
                 if variant in ("large", "huge") or size > 224:
                     marks.append(pytest.mark.slow)
@@ -100,6 +110,17 @@ def pytest_generate_tests(metafunc: Any) -> None:
                 params.append(pytest.param((variant, size, runtime), marks=marks,
                                            id=f"{_case_id(variant, size)}-{runtime}"))
         metafunc.parametrize("size_case", params)
+    if "dtype_case" in metafunc.fixturenames:
+        params = []
+        for runtime, group in RUNTIME_GROUPS.items():
+            for dtype in REDUCED_DTYPES:
+                for variant, size in (sizes[:1] if not full else [s for s in sizes if s[1] == 224]):
+                    marks = [getattr(pytest.mark, group)]
+                    if variant in ("large", "huge"):
+                        marks.append(pytest.mark.slow)
+                    params.append(pytest.param((variant, size, runtime, dtype), marks=marks,
+                                               id=f"{_case_id(variant, size)}-{runtime}-{dtype}"))
+        metafunc.parametrize("dtype_case", params)
     if "format_case" in metafunc.fixturenames:
         variant, size = sizes[0]
         params = []
@@ -228,6 +249,30 @@ def test_format_case(format_case: tuple[str, int, str, str], fixture_files: Any,
     path = fixture_files(variant, fmt, size)
     assert converters.detect_format(path) == ("original" if fmt in ORIGINAL_LAYOUTS else fmt)
     _check(converters.load(path), variant, size, fmt, runtime, referee_cache)
+
+
+def test_dtype_case(dtype_case: tuple[str, int, str, str], fixture_files: Any, referee_cache: str | None) -> None:
+    """A runtime that runs a reduced precision passes the rule for that precision (its yardstick: the PyTorch
+    reference at that precision, norms in float32); one that cannot is reported "not available at" it, never
+    failed and never silently dropped."""
+    from convnextv2.parity_tests import runtimes
+
+    variant, size, runtime, dtype = dtype_case
+    ckpt = converters.load(fixture_files(variant, "canonical", size), format="canonical")
+    report = run_parity(
+        ckpt, [runtime], dtypes=[dtype], images=seeded_images(_batch(size), size, SEED),
+        referee_source="the in-memory fixture the file was written from",
+        referee_features=_torch_features(variant, size, "canonical", "float64", referee_cache),
+        baseline_features=_torch_features(variant, size, "canonical", "float32", referee_cache))
+    result = report.result(runtime, dtype)
+    if dtype not in runtimes.get(runtime).dtypes:
+        assert result.status == "unavailable" and f"not available at {dtype}" in result.reason, result.reason
+        return
+    assert result.status != "unavailable", result.reason  # declared in the extras: missing is a failure
+    assert result.status == "pass", (
+        f"{runtime} ({dtype}): {result.status} {result.reason} first diverges at {result.first_divergence}: "
+        + "; ".join(f"{f.name} {f.message}" for f in result.features if f.status == "fail"))
+    assert "stage4" in [f.name for f in result.features if f.status == "pass"]
 
 
 @pytest.mark.torch

@@ -174,8 +174,70 @@ TRAPS: dict[str, Trap] = {trap.name: trap for trap in [
 ]}
 
 
+# ------------------------------------------------------------------ reduced-precision traps
+
+def _float16_norm_layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+    # Mean and variance in the activations' own precision, as an fp16 engine that does not pin its norms does.
+    # (torch's own CPU layer_norm would accumulate in float32 internally and hide the bug.)
+    mean = x.mean(dim=-1, keepdim=True)
+    centred = x - mean
+    variance = (centred * centred).mean(dim=-1, keepdim=True)
+    return centred / (variance + eps).sqrt() * weight + bias
+
+
+def _float16_norms(model: Any) -> None:
+    """GRN's sum of squares over H x W and LayerNorm's variance computed in float16 (TensorRT's fp16 engines
+    without per-layer precision, the failure of NVIDIA/TensorRT#1954): the sum overflows 65504 to inf and GRN
+    turns every later activation into NaN."""
+    import torch
+
+    def grn(self: Any, x: torch.Tensor) -> torch.Tensor:
+        gx = (x * x).sum(dim=(1, 2), keepdim=True).sqrt()
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return self.gamma * (x * nx) + self.beta + x
+
+    def channels_last(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return _float16_norm_layer_norm(x, self.weight, self.bias, self.eps)
+
+    def channels_first(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return _float16_norm_layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.forward = types.MethodType(channels_last, module)  # type: ignore[method-assign]
+        elif type(module).__name__ == "LayerNorm2d":
+            module.forward = types.MethodType(channels_first, module)
+        elif type(module).__name__ == "GRN":
+            module.forward = types.MethodType(grn, module)
+
+
+def expose_float16_overflow(ckpt: Checkpoint, preactivation_std: float = 40.0) -> Checkpoint:
+    """GRN's sum of squares over an H x W map exceeds float16's 65504 once the map's rms exceeds
+    256 / sqrt(H * W): 4.6 on a 56 x 56 map (224 px), common in trained MLPs, but 16 at the 16 x 16 map of a
+    64 px test image, far above fixture activations (~0.05). MLP pre-activations of std ``preactivation_std``
+    (the GELU output's rms about 0.6 of it) bring the small test to that regime; the float32-norm recipe is
+    unaffected (its largest activation stays far below float16's range)."""
+    return expose_gelu(ckpt, preactivation_std)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReducedPrecisionTrap(Trap):
+    dtypes: tuple[str, ...] = ("float16",)
+
+
+# Traps that only exist at reduced precision: their runtime casts the whole model (norms included) to the
+# run's dtype, as a naive fp16 deployment does, and then applies the bug.
+REDUCED_PRECISION_TRAPS: dict[str, ReducedPrecisionTrap] = {trap.name: trap for trap in [
+    ReducedPrecisionTrap("float16-norms", "GRN sum of squares and LayerNorm variance computed in float16",
+                         "stage1", _float16_norms, expose_float16_overflow, dtypes=("float16",)),
+]}
+
+
 def trap_runtime(name: str) -> Runtime:
-    """The float32 PyTorch reference with one trap applied, as a runtime named ``torch-trap:<name>``."""
+    """The PyTorch reference with one trap applied, as a runtime named ``torch-trap:<name>``: float32/float64
+    for TRAPS; for REDUCED_PRECISION_TRAPS the model cast whole to the reduced dtype."""
+    if name in REDUCED_PRECISION_TRAPS:
+        return _reduced_trap_runtime(REDUCED_PRECISION_TRAPS[name])
     trap = TRAPS[name]
 
     def features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
@@ -187,3 +249,21 @@ def trap_runtime(name: str) -> Runtime:
 
     return Runtime(f"torch-trap:{name}", "custom", f"PyTorch reference with a bug: {trap.description}", features,
                    requires=("torch",), extra="torch", dtypes=("float32", "float64"))
+
+
+def _reduced_trap_runtime(trap: ReducedPrecisionTrap) -> Runtime:
+    def features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+        import torch
+
+        from convnextv2 import reference
+        from convnextv2.reference import torch_model
+
+        torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        model = torch_model.contiguous_copy(reference.build(ckpt, "torch")).to(torch_dtype)
+        trap.apply(model)
+        with torch.inference_mode():
+            out = model.forward_features(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(torch_dtype))
+        return {key: np.ascontiguousarray(value.float().numpy()) for key, value in out.items()}
+
+    return Runtime(f"torch-trap:{trap.name}", "custom", f"PyTorch reference with a bug: {trap.description}",
+                   features, requires=("torch",), extra="torch", dtypes=trap.dtypes)

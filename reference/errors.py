@@ -36,3 +36,42 @@ class CheckFailedError(ConvNeXtV2Error):
     """A check ran and failed (parity outside tolerance, mismatch); exit code 1."""
 
     exit_code = 1
+
+
+class EnvironmentFaultError(ConvNeXtV2Error):
+    """The machine refused a write the input and options were fine for: a full disk or quota, a read-only
+    filesystem, a permission, a destination directory that vanished; exit code 3. Nothing was written."""
+
+    exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived; raised in the main thread so every ``finally`` block (temporary
+    files and folders) runs. A KeyboardInterrupt, so code that already treats Ctrl-C as "stop now" (the
+    standard library's subprocess helpers kill their child) treats the other signals alike.
+
+    ``writing`` holds the destinations being written when it arrived, ``written`` those already complete."""
+
+    def __init__(self, signum: int, writing: tuple[str, ...] = (), written: tuple[str, ...] = ()):
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.writing = writing
+        self.written = written
+        super().__init__(self.describe())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def describe(self) -> str:
+        if self.writing:
+            message = f"interrupted by {self.signal_name} while writing {', '.join(self.writing)}; nothing was written"
+        else:
+            message = f"interrupted by {self.signal_name}"
+            if not self.written:
+                message += "; nothing was written"
+        if self.written:
+            message += f" (already complete: {', '.join(self.written)})"
+        return message

@@ -278,6 +278,22 @@ def build_torch(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: s
     return model.eval()
 
 
+def contiguous_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every weight in the default (NCHW, contiguous) memory format: where every
+    PyTorch export path (ONNX, ExecuTorch) starts.
+
+    ``build_torch`` keeps float32 convolution weights channels-last for oneDNN. torch.export records that dim
+    order on the graph's parameters, and ExecuTorch then refuses it: XNNPACK lowering stops with "Expected
+    p_stem_conv_weight to be NCHW in channels last reshape pass", and the portable runtime fails on the mixed
+    dim orders. A copy, so the caller's fast model keeps its layout.
+    """
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # missing from torch stubs
+    return clone
+
+
 def run_features(model: ConvNeXtV2, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
     """Framework-neutral entry point shared by every reference: numpy NCHW in, numpy features out
     (stem/stage1..stage4 NCHW, pooled (B, C3), logits (B, K) when there is a head), in the model's dtype."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from convnextv2.converters.cli import choices
 
@@ -40,31 +41,108 @@ def variants(as_json: bool) -> None:
 @click.option("--from", "fmt", type=choices.FROM, default="auto", show_default=True,
               help="Format of PATH (auto: detected by content).")
 @click.option("--ema", is_flag=True, help="Original checkpoints: read model_ema instead of model.")
+@click.option("--revision", default=None, metavar="NAME",
+              help="huggingface_hub cache folders (models--ORG--NAME): the branch, tag or commit to read "
+                   "(default: main).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: Path, fmt: str, ema: bool, as_json: bool) -> None:
+def inspect(path: Path, fmt: str, ema: bool, revision: str | None, as_json: bool) -> None:
     """Describe a checkpoint: format, size, classes, parameters, dtype, metadata."""
     from convnextv2 import converters
 
-    ckpt = converters.load(path, format=fmt, **({"ema": True} if ema else {}))
+    ckpt = converters.load(path, format=fmt, **({"ema": True} if ema else {}),
+                           **({"revision": revision} if revision is not None else {}))
     data = ckpt.describe()
     data["path"] = str(path)
     pre = ckpt.preprocessing
+    source = ckpt.source
+    layout = source.layout.get("layout") if source.format == data["format"] else None
     lines = [
         f"path         {path}",
-        f"format       {data['format']}" + (f" ({ckpt.source.layout.get('layout')})" if ckpt.source.layout.get("layout") else ""),
+        f"format       {data['format']}" + (f" ({layout})" if layout else ""),
+        f"sha256       {data['sha256'] or '-'}",
         f"variant      {data['variant']}  depths={data['depths']} dims={data['dims']}",
         f"classes      {data['num_classes'] or 'none (headless)'}"
         + ("" if data["head_norm"] else ", no final norm"),
         f"parameters   {data['parameters']:,}  dtype {data['dtype']}",
         f"input        {pre.input_size}px, crop_pct {pre.crop_pct} ({pre.crop_mode}), {pre.interpolation}, "
-        f"mean {list(pre.mean)}, std {list(pre.std)}",
-        f"sha256       {ckpt.source.sha256 or '-'}",
+        f"mean {list(pre.mean)}, std {list(pre.std)}  [{PREPROCESSING_ORIGIN_TEXT[pre.origin]}]",
+        f"source       {source.format} {source.file_name or '-'} sha256 {source.sha256 or '-'}",
     ]
     if data["extras"]:
         lines.append(f"extras       {data['extras']} tensors kept verbatim under extras.*")
     if ckpt.info:
         lines.append(f"info         {json.dumps(ckpt.info, default=str)[:200]}")
     _emit(data, as_json, lines)
+
+
+PREPROCESSING_ORIGIN_TEXT = {
+    "read": "read from the file",
+    "assumed": "assumed: the file states none",
+    "set": "set at a conversion",
+}
+
+
+def _floats3(name: str) -> Any:
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, float, float] | None:
+        if value is None:
+            return None
+        try:
+            numbers = tuple(float(x) for x in value.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
+        if len(numbers) != 3 or not all(np.isfinite(numbers)):
+            raise click.BadParameter(f"expected three finite comma-separated numbers (R,G,B), got {value!r}")
+        if name == "std" and not all(x > 0 for x in numbers):
+            raise click.BadParameter(f"every std must be positive, got {value!r}")
+        return numbers  # type: ignore[return-value]
+    return parse
+
+
+def _check_input_size(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and (value < 32 or value % 32):
+        raise click.BadParameter(f"must be a positive multiple of 32 (the model downsamples by 32), got {value}")
+    return value
+
+
+def _check_crop_pct(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise click.BadParameter(f"must be in (0, 1], got {value}")
+    return value
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+CROP_MODES = ("center", "squash")
+
+
+def preprocessing_options(command: Any) -> Any:
+    """--input-size, --crop-pct, --interpolation, --crop-mode, --mean, --std: state the checkpoint's
+    preprocessing at a conversion (recorded with origin "set")."""
+    for option in reversed([
+        click.option("--input-size", type=int, default=None, callback=_check_input_size,
+                     help="Preprocessing: image size the checkpoint expects (multiple of 32)."),
+        click.option("--crop-pct", type=float, default=None, callback=_check_crop_pct,
+                     help="Preprocessing: centre-crop fraction in (0, 1] (1.0: no crop)."),
+        click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
+                     help="Preprocessing: resize interpolation."),
+        click.option("--crop-mode", type=click.Choice(CROP_MODES), default=None,
+                     help="Preprocessing: center (resize the short side, crop) or squash (resize both sides)."),
+        click.option("--mean", default=None, callback=_floats3("mean"), help="Preprocessing: per-channel mean R,G,B."),
+        click.option("--std", default=None, callback=_floats3("std"), help="Preprocessing: per-channel std R,G,B."),
+    ]):
+        command = option(command)
+    return command
+
+
+PREPROCESSING_KEYS = ("input_size", "crop_pct", "interpolation", "crop_mode", "mean", "std")
+
+
+def apply_preprocessing(ckpt: Any, given: dict[str, Any]) -> None:
+    """The preprocessing options the user gave, over what was read; origin "set" when any was given."""
+    import dataclasses
+
+    values = {key: given[key] for key in PREPROCESSING_KEYS if given.get(key) is not None}
+    if values:
+        ckpt.preprocessing = dataclasses.replace(ckpt.preprocessing, **values).with_origin("set")
 
 
 @click.command()
@@ -75,6 +153,9 @@ def inspect(path: Path, fmt: str, ema: bool, as_json: bool) -> None:
               help="Format of SRC (auto: detected by content).")
 @click.option("--variant", default=None, help="Expected size (atto..huge or custom:...); cross-checked against the shapes.")
 @click.option("--ema", is_flag=True, help="Original checkpoints: convert model_ema instead of model.")
+@click.option("--revision", default=None, metavar="NAME",
+              help="huggingface_hub cache folders (models--ORG--NAME): the branch, tag or commit to read "
+                   "(default: main).")
 @click.option("--layout", type=choices.ORIGINAL_LAYOUT, default=None,
               help="--to original: which original layout (default: the source's, else finetuned/fcmae).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
@@ -82,27 +163,61 @@ def inspect(path: Path, fmt: str, ema: bool, as_json: bool) -> None:
               help="Record SRC's sha256 in the output's metadata. It costs one more read of SRC, hashed on a "
                    "second core while the tensors stream (the Huge file: about 1.4 s of CPU). A digest SRC "
                    "already carries from an earlier conversion is always kept.")
+@click.option("--verify", is_flag=True,
+              help="Run SRC by its own runtime and the output (read back) by its own, on seeded images, against "
+                   "the float64 PyTorch referee; write only if both pass the parity rule. Always on for ONNX SRC.")
+@click.option("--strict", is_flag=True,
+              help="Refuse (exit 1, nothing written) when the target cannot carry something SRC holds, instead "
+                   "of warning.")
+@preprocessing_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str | None, ema: bool,
-            layout: str | None, overwrite: bool, source_digest: bool, as_json: bool) -> None:
-    """Convert SRC to another format, writing DST atomically."""
+            revision: str | None, layout: str | None, overwrite: bool, source_digest: bool, verify: bool, strict: bool, as_json: bool,
+            **preprocessing: Any) -> None:
+    """Convert SRC to another format, writing DST atomically.
+
+    Every output is read back by its own reader and compared bit for bit with what was meant to be written
+    before it is published; a difference is exit 1 with nothing written."""
     from convnextv2 import converters
+    from convnextv2.converters import verify as verification
     from convnextv2.converters.atomic import check_destination
 
     check_destination(dst, overwrite)  # fail before reading a large source
-    ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}))
+    if layout is not None and to_format != "original":
+        raise click.UsageError("--layout applies only to --to original")
+    ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}),
+                           **({"revision": revision} if revision is not None else {}))
     if not source_digest and ckpt.source.pending_digest() is not None:
         ckpt.source.sha256 = ""
+    summary: dict[str, Any] = {"source": str(src), "from": ckpt.file.format if ckpt.file else ckpt.source.format}
+    if summary["from"] == "onnx":
+        # An ONNX graph is read by recognising its operators; running it is the proof that the tensors
+        # recovered compute what the graph computes.
+        summary["onnx_import"] = verification.onnx_import(ckpt, src)
+    apply_preprocessing(ckpt, preprocessing)
     options: dict[str, Any] = {"overwrite": overwrite}
     if layout is not None:
-        if to_format != "original":
-            raise click.UsageError("--layout applies only to --to original")
         options["layout"] = layout
-    converters.save(ckpt, dst, format=to_format, **options)
-    summary = {"source": str(src), "from": ckpt.source.format, "output": str(dst), "to": to_format,
-               "variant": ckpt.config.variant, "num_classes": ckpt.config.num_classes,
-               "parameters": ckpt.parameter_count}
-    _emit(summary, as_json, [f"wrote {dst} ({to_format}, {ckpt.config.variant}, {ckpt.parameter_count:,} parameters)"])
+    result = converters.save(ckpt, dst, format=to_format, strict=strict, verify=verify,
+                             warn=lambda m: click.echo(f"warning: {m}", err=True), **options)
+    summary.update({"output": str(dst), "to": to_format, "variant": ckpt.config.variant,
+                    "num_classes": ckpt.config.num_classes, "parameters": ckpt.parameter_count,
+                    "preprocessing": {**ckpt.preprocessing.to_json_dict(), "origin": ckpt.preprocessing.origin},
+                    **result})
+    back = result["read_back"]
+    lines = [f"wrote {dst} ({to_format}, {ckpt.config.variant}, {ckpt.parameter_count:,} parameters)",
+             "read back: " + (f"{back['tensors']} tensors ({back['bytes']:,} bytes) identical bit for bit"
+                              if back["status"] == "exact" else "not readable (the format cannot be read back)")]
+    if "onnx_import" in summary:
+        check = summary["onnx_import"]
+        lines.append(f"onnx import: {check['runner']} vs the tensors read: {check['feature']} max|d| "
+                     f"{check['max_abs']:.3g} <= {check['tolerance']:.3g}")
+    if "verify" in result:
+        for side in ("source", "output"):
+            check = result["verify"][side]
+            lines.append(f"verify {side}: {check['runner']}: {check['feature']} max|d| {check['max_abs']:.3g} "
+                         f"<= {check['tolerance']:.3g} vs the float64 referee")
+    _emit(summary, as_json, lines)
 
 
 @click.command(short_help="Write a deterministic random checkpoint in any format.")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from convnextv2.converters.cli import choices
+from convnextv2.converters.cli.checkpoints import apply_preprocessing, preprocessing_options
 from convnextv2.converters.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, VIAS
 
 
@@ -30,10 +32,11 @@ from convnextv2.converters.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSE
 @click.option("--check-size", type=int, default=None,
               help="Image size of the parity check (default: the checkpoint's input size).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
+@preprocessing_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema: bool, via: str, opset: int | None,
                 dynamic_hw: bool, features: bool, fp16: bool, external_data: bool | None, check_size: int | None,
-                overwrite: bool, as_json: bool) -> None:
+                overwrite: bool, as_json: bool, **preprocessing: Any) -> None:
     """Export SRC to ONNX, check it in onnxruntime (ORT_ENABLE_ALL) against the float64 PyTorch referee,
     and only then write DST. Exit 1 when parity fails, 2 when a path cannot run here (the message says why)."""
     from convnextv2 import converters
@@ -46,6 +49,7 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
     if reason:
         raise MissingDependencyError(reason)
     ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}))
+    apply_preprocessing(ckpt, preprocessing)
     log = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     result = onnx_export.export(ckpt, dst, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
                                 external_data=external_data, overwrite=overwrite, check_size=check_size,

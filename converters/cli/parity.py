@@ -28,7 +28,8 @@ def _split(values: tuple[str, ...]) -> list[str]:
 
 
 def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list[str], bool]:
-    """(names, explicit): explicit names must all be able to run."""
+    """(names, explicit). Names given one by one are explicit: each must be able to run (else exit 2). 'all' and
+    the default are not: whatever cannot run here is listed as not available and the rest run."""
     from convnextv2.parity_tests import runtimes
 
     known = runtimes.runtime_names(kind)
@@ -55,7 +56,9 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
               help="torch, tensorflow, flax, onnxruntime (comma-separated or repeated; 'all' = default: every "
                    "installed one, the others listed as not available; 'none').")
 @click.option("--peers", "peer_values", multiple=True, metavar="LIST",
-              help="Independent implementations to compare too: timm, transformers-pt, transformers-tf, or all.")
+              help="Independent implementations to compare too: timm, transformers-pt, transformers-tf "
+                   "(comma-separated or repeated; 'all' = every one, those that cannot run here listed as not "
+                   "available).")
 @click.option("--image-size", type=int, default=None, help="Input size in pixels (default: the checkpoint's).")
 @click.option("--batch", type=int, default=parity_rule.DEFAULT_BATCH, show_default=True,
               help="Number of seeded random images (the parity rule's default, docs/parity.md).")
@@ -63,8 +66,10 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
               help="Seed of the random images (the same seed gives the same images on every machine).")
 @click.option("--images", "images_dir", type=click.Path(path_type=Path), default=None,
               help="Use the image files in DIR (put through the checkpoint's preprocessing) instead of random ones.")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]),
-              help="Precision(s) to run the runtimes in (default float32; float64 where the runtime supports it).")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(list(parity_rule.PRECISIONS)),
+              help="Precision(s) to run the runtimes in (repeatable; default float32). bfloat16/float16 are judged "
+                   "against the PyTorch reference at that precision with its norms in float32; a runtime that "
+                   "cannot run a precision is listed as not available at it.")
 @click.option("--atol", multiple=True, metavar="[DTYPE=]X",
               help="Absolute tolerance; replaces the derived rule. Per dtype: --atol float64=1e-12.")
 @click.option("--rtol", multiple=True, metavar="[DTYPE=]X",
@@ -92,16 +97,17 @@ def parity(src: Path, fmt: str, ema: bool, runtime_values: tuple[str, ...], peer
 
     # Everything a user can get wrong is checked before any model runs.
     runtime_names, runtimes_explicit = _select(runtime_values, "runtime", default_all=True)
-    peer_names, _ = _select(peer_values, "peer", default_all=False)
+    peer_names, peers_explicit = _select(peer_values, "peer", default_all=False)
     selected = runtime_names + peer_names
     if not selected:
         raise BadInputError("nothing to compare: --runtimes none and no --peers")
-    explicit = set(peer_names) | (set(runtime_names) if runtimes_explicit else set())
+    explicit = (set(peer_names) if peers_explicit else set()) | (set(runtime_names) if runtimes_explicit else set())
     for name in selected:
         if name in explicit:
             reason = runtimes.get(name).availability()
             if reason is not None:
-                raise BadInputError(f"runtime {name} is not available: {reason}")
+                what = "--peers: peer" if name in peer_names else "runtime"
+                raise BadInputError(f"{what} {name} is not available: {reason}")
     atol_by_dtype = parse_tolerances(list(atol), "--atol")
     rtol_by_dtype = parse_tolerances(list(rtol), "--rtol")
     report_paths = list(reports)

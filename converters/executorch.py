@@ -1,0 +1,190 @@
+"""ExecuTorch export (write-only): a ``.pte`` program with the XNNPACK delegate that the plain ExecuTorch
+runtime (``executorch.runtime.Runtime``) loads and runs without this package.
+
+Interface (docs/cli.md, "convert --to executorch"): method ``forward`` takes ``pixel_values`` float32 NCHW
+``[batch, 3, size, size]`` (``size`` the checkpoint's input size, fixed at export; batch 1 to ``MAX_BATCH``)
+and returns ``logits`` ``[batch, num_classes]``, or ``pooled`` ``[batch, C3]`` for a headless checkpoint.
+
+The canonical metadata (preprocessing, source, config) travels inside the program: a ``.pte`` holds constant
+methods, and method ``convnextv2_metadata`` returns one JSON string with the same keys as a canonical file's
+metadata plus ``export`` (input, layout, outputs, size, batch range). No companion file.
+
+The program is traced from a contiguous-format copy of the PyTorch reference (torch_model.contiguous_copy;
+the channels-last weights of the fast float32 model stop XNNPACK lowering) and runs GRN and LayerNorm in
+float32. It is run in the ExecuTorch runtime and judged by the parity rule before it is written; a program
+that fails is not written (exit 1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.atomic import atomic_file, check_destination
+from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.onnx_interface import INPUT_NAME, STRIDE, output_names
+from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
+
+NAME = "executorch"
+# read() exists only to refuse with a reason; the command line does not offer --from executorch.
+READABLE = False
+METHOD = "forward"
+METADATA_METHOD = "convnextv2_metadata"
+# ExecuTorch plans activation memory for the largest shape a program accepts, allocated when the method loads:
+# the batch bound is what every load pays for (base at 224, batch 16: about 0.5 GB).
+MAX_BATCH = 16
+# ExecuTorch's flatbuffer file identifier, bytes 4..8 of every .pte.
+_MAGIC = b"ET12"
+INSTALL_HINT = "pip install 'convnextv2-toolkit[executorch]'"
+
+
+def why_unavailable() -> str | None:
+    missing = [m for m in ("torch", "executorch") if importlib.util.find_spec(m) is None]
+    return f"the ExecuTorch export needs {', '.join(missing)}: {INSTALL_HINT}" if missing else None
+
+
+def sniff(path: Path) -> bool:
+    # Recognised so that `inspect`/`convert` on a .pte say why it cannot be read, instead of "unknown format".
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(8)[4:8] == _MAGIC
+
+
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
+    # variant is every reader's option; declared so the refusal below is what a caller passing it sees.
+    raise BadInputError(
+        f"{path}: reading ExecuTorch programs is not supported (a .pte holds a lowered, delegated graph whose "
+        "weights carry no ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
+
+
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
+    export(ckpt, path, overwrite=overwrite)
+
+
+def export(ckpt: Checkpoint, path: str | Path, *, overwrite: bool = False, size: int | None = None,
+           check_batch: int = 4) -> dict[str, Any]:
+    """Lower ``ckpt`` to a .pte at ``path``; run it in ExecuTorch against the float64 referee; only then publish
+    it. Returns the check's numbers."""
+    reason = why_unavailable()
+    if reason:
+        raise MissingDependencyError(reason)
+    dest = check_destination(path, overwrite)
+    ckpt.validate(f"exporting {dest}")
+    size = int(size or ckpt.preprocessing.input_size)
+    if size % STRIDE or size < STRIDE:
+        raise BadInputError(f"{dest}: image size {size} is not a positive multiple of {STRIDE}")
+    program = program_bytes(ckpt, size, features=False)
+    with atomic_file(dest, overwrite) as tmp:
+        Path(tmp).write_bytes(program)
+        check = check_program(Path(tmp), ckpt, size=size, batch=check_batch)
+        if not check["ok"]:
+            raise CheckFailedError(f"{dest}: ExecuTorch program fails parity, nothing written: {check['message']}")
+    return check
+
+
+def metadata(ckpt: Checkpoint, size: int, features: bool) -> str:
+    meta: dict[str, Any] = {k: v for k, v in ckpt.metadata().items() if k != "format"}
+    meta["export"] = json.dumps({"input": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "size": size,
+                                 "batch": [1, MAX_BATCH], "outputs": output_names(ckpt, features),
+                                 "delegate": "xnnpack"}, sort_keys=True, separators=(",", ":"))
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+
+def exportable_module(ckpt: Checkpoint, features: bool, *, channels_last: bool = False) -> Any:
+    """The PyTorch reference as the program's ``forward``: a tuple of the exported outputs, in
+    ``output_names`` order. ``channels_last=True`` keeps build_torch's layout (only to show why it fails)."""
+    from torch import nn
+
+    from convnextv2 import reference
+    from convnextv2.reference import torch_model
+
+    model = reference.build(ckpt, "torch")
+    if not channels_last:
+        model = torch_model.contiguous_copy(model)
+    names = output_names(ckpt, features)
+
+    class Program(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: Any) -> Any:
+            outputs = self.model.forward_features(pixel_values)
+            return tuple(outputs[name] for name in names)
+
+    return Program().eval()
+
+
+def program_bytes(ckpt: Checkpoint, size: int, *, features: bool, channels_last: bool = False) -> bytes:
+    """torch.export, then XNNPACK lowering and ExecuTorch serialisation: the .pte's bytes."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    module = exportable_module(ckpt, features, channels_last=channels_last)
+    # Batch 2, not 1: torch.export specialises a dimension whose example value is 1.
+    example = torch.zeros(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        exported = torch.export.export(module, (example,), dynamic_shapes={"pixel_values": {0: batch}})
+    lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                          constant_methods={METADATA_METHOD: metadata(ckpt, size, features)})
+    return bytes(lowered.to_executorch().buffer)
+
+
+def run_program(path: Path, images_nchw: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """Run the program's ``forward`` in the ExecuTorch runtime, in chunks of at most MAX_BATCH images."""
+    import torch
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(Path(path)).load_method(METHOD)
+    chunks: list[list[np.ndarray]] = []
+    images = np.ascontiguousarray(images_nchw, dtype=np.float32)
+    for start in range(0, len(images), MAX_BATCH):
+        outputs = method.execute([torch.from_numpy(images[start:start + MAX_BATCH].copy())])
+        chunks.append([np.ascontiguousarray(o.numpy()) for o in outputs])
+    return {name: np.concatenate([chunk[i] for chunk in chunks]) for i, name in enumerate(names)}
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata a program carries, read through the ExecuTorch runtime as any user would."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(Path(path))
+    value = program.load_method(METADATA_METHOD).execute([])[0]
+    data: dict[str, Any] = json.loads(value)
+    return data
+
+
+def check_program(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4) -> dict[str, Any]:
+    """The program in the ExecuTorch runtime against the float64 PyTorch referee, by the float32 parity rule."""
+    import gc
+
+    from convnextv2.converters.onnx_check import parity
+    from convnextv2.reference import parity_rule as rule
+
+    images = rule.seeded_images(batch, size)
+    referee = rule.referee_features(ckpt, images)
+    gc.collect()
+    baseline = rule.baseline_features(ckpt, images, "float32")
+    names = output_names(ckpt, features=False)
+    try:
+        got = run_program(path, images, names)
+    except Exception as exc:  # the runtime's own refusal is the check's finding
+        return {"ok": False, "message": f"the ExecuTorch runtime cannot run it: {type(exc).__name__}: {exc}"}
+    per_output = {name: parity(value, baseline[name], referee[name], "float32", name) for name, value in got.items()}
+    final = names[-1]
+    verdict = per_output[final]
+    failing = [name for name, v in per_output.items() if not v["passed"]]
+    message = (f"{final}: max|d| {verdict['max_abs']:.3e} vs float64 referee, PyTorch float32 "
+               f"{verdict['torch_baseline_max_abs']:.3e}"
+               + (f" (ratio {verdict['ratio']:.2f})" if verdict["ratio"] is not None else "")
+               + f", top-1 {'identical' if verdict.get('top1_same', True) else 'DIFFERENT'}"
+               + (f"; failing: {', '.join(failing)}" if failing else "")
+               + f"; bar: the float32 parity rule ({rule.describe('float32')}; docs/parity.md)")
+    return {"ok": not failing, "message": message, "images": [batch, 3, size, size], "outputs": per_output}

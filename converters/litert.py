@@ -1,0 +1,260 @@
+"""LiteRT (TensorFlow Lite) export (write-only): one ``.tflite`` flatbuffer, made from the Keras reference by
+``tf.lite.TFLiteConverter`` with builtin operators only, so plain ``ai_edge_litert`` (or ``tf.lite``) runs it
+without this package, TensorFlow's Flex delegate or custom ops.
+
+Signature ``serving_default``: input ``pixel_values`` float32 NCHW ``[batch, 3, S, S]`` (S the checkpoint's
+input size; batch dynamic: the signature runner resizes it), output ``logits`` ``[batch, num_classes]``
+(``pooled`` for a headless checkpoint). The graph transposes to NHWC itself, like the SavedModel export.
+
+Metadata: the flatbuffer's own place for it, a ``Model.metadata`` entry named ``convnextv2`` whose buffer holds
+UTF-8 JSON: the canonical metadata (config, preprocessing, source, ...; each value the JSON text a canonical
+safetensors file carries) and how the file was exported. docs/deploy.md shows how to read it with the schema
+module ai-edge-litert ships.
+
+``fp16=True`` stores the weights as float16 (half the file); LiteRT's CPU kernels dequantize them at load and
+compute in float32, so only the weight rounding is reduced precision.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.atomic import atomic_file, check_destination
+from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
+
+NAME = "litert"
+# read() exists only to refuse with a reason; the command line does not offer --from litert.
+READABLE = False
+SUFFIX = ".tflite"
+SIGNATURE = "serving_default"
+INPUT_NAME = "pixel_values"
+METADATA_NAME = "convnextv2"
+_IDENTIFIER = b"TFL3"
+
+
+def why_unavailable() -> str | None:
+    if importlib.util.find_spec("tensorflow") is None:
+        return "the LiteRT export converts the Keras reference: pip install 'convnextv2-toolkit[tf,litert]'"
+    return None
+
+
+def interpreter_name() -> str:
+    """The LiteRT interpreter this install runs: ai-edge-litert when installed, else TensorFlow's tf.lite."""
+    if importlib.util.find_spec("ai_edge_litert") is not None:
+        return "ai_edge_litert"
+    if importlib.util.find_spec("tensorflow") is not None:
+        return "tf.lite"
+    raise MissingDependencyError("running a .tflite file needs ai-edge-litert (or TensorFlow): pip install "
+                                 "'convnextv2-toolkit[litert]'")
+
+
+def sniff(path: Path) -> bool:
+    # Recognised so that `inspect`/`convert` on a .tflite say why it cannot be read, instead of "unknown format".
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(8)[4:8] == _IDENTIFIER
+
+
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
+    # variant is every reader's option; declared so the refusal below is what a caller passing it sees.
+    raise BadInputError(
+        f"{path}: reading LiteRT (.tflite) files is not supported (a .tflite file is a compiled graph: its "
+        "buffers carry no ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
+
+
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
+    export(ckpt, path, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------ export
+
+def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = False, features: bool = False,
+           fp16: bool = False, check_size: int | None = None, check_batch: int = 4,
+           log: Any = None) -> dict[str, Any]:
+    """Write the ``.tflite`` for ``ckpt`` once it passes the parity rule in LiteRT (float32 rule; float16 rule
+    with ``fp16``); CheckFailedError (exit 1) and nothing written otherwise. ``features`` adds the ``stem``,
+    ``stage1``..``stage4`` and ``pooled`` outputs (the parity harness compares them). Returns the check."""
+    dest = check_destination(path, overwrite)
+    reason = why_unavailable()
+    if reason:
+        raise MissingDependencyError(reason)
+    ckpt.validate(f"exporting {dest}")
+    size = int(check_size or ckpt.preprocessing.input_size)
+    say = log or (lambda _message: None)
+    say(f"converting the Keras reference to LiteRT (builtin ops{', float16 weights' if fp16 else ''})")
+    flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
+    flatbuffer = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
+    with atomic_file(dest, overwrite, expected_bytes=len(flatbuffer)) as tmp:
+        tmp.write_bytes(flatbuffer)
+        del flatbuffer
+        gc.collect()
+        say(f"checking {dest.name} in {interpreter_name()} vs the float64 referee")
+        check = check_file(tmp, ckpt, size=size, batch=check_batch, fp16=fp16)
+        if not check["ok"]:
+            raise CheckFailedError(f"{dest}: LiteRT file fails parity, nothing written: {check['message']}")
+    return check
+
+
+def convert(ckpt: Checkpoint, size: int, *, features: bool = False, fp16: bool = False) -> bytes:
+    """The flatbuffer, through a SavedModel of the Keras reference (the converter freezes its variables)."""
+    from convnextv2.reference.keras_model import SPATIAL_FEATURES, build_keras, feature_model, keras, tf
+
+    model = build_keras(ckpt.config, ckpt.model_tensors(), dtype="float32")
+    final = "logits" if ckpt.config.num_classes > 0 else "pooled"
+    outputs = feature_model(model) if features else model
+
+    def serve(pixel_values: Any) -> dict[str, Any]:
+        result = outputs(tf.transpose(pixel_values, (0, 2, 3, 1)), training=False)
+        if not features:
+            return {final: result}
+        return {name: tf.transpose(value, (0, 3, 1, 2)) if name in SPATIAL_FEATURES else value
+                for name, value in result.items()}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(SIGNATURE, serve,
+                         input_signature=[tf.TensorSpec((None, 3, size, size), tf.float32, name=INPUT_NAME)])
+    with tempfile.TemporaryDirectory(prefix="convnextv2-litert-") as tmp:
+        archive.write_out(tmp, verbose=False)
+        del archive
+        gc.collect()
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
+        # Builtins only: a graph that needed TensorFlow ops (Flex) would convert but not run in plain LiteRT.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if fp16:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        try:
+            return bytes(converter.convert())
+        except Exception as exc:  # the converter raises its own ConverterError with MLIR diagnostics
+            raise CheckFailedError("TFLiteConverter cannot convert the Keras reference to builtin ops: "
+                                   + converter_error(str(exc))) from exc
+
+
+def converter_error(text: str) -> str:
+    """The converter's first diagnostic without its MLIR location (``error: loc(...): 'tf.MatMul' op is
+    neither a custom op nor a flex op`` -> the part after the location)."""
+    lines = [line for line in text.splitlines() if "error:" in line] or [text.strip().splitlines()[0] if text.strip() else text]
+    message = lines[0].split("error:", 1)[-1].strip()
+    if message.startswith("loc("):
+        depth = 0
+        for index, char in enumerate(message):
+            depth += char == "("
+            depth -= char == ")"
+            if depth == 0 and char == ")":
+                message = message[index + 1:].lstrip(": ").strip()
+                break
+    return message
+
+
+def _metadata(ckpt: Checkpoint, features: bool, fp16: bool, size: int) -> bytes:
+    meta: dict[str, Any] = {k: v for k, v in ckpt.metadata().items() if k != "format"}
+    meta["export"] = json.dumps({"from": "keras", "features": features, "weights": "float16" if fp16 else "float32",
+                                 "input": INPUT_NAME, "layout": "NCHW", "image_size": size,
+                                 "signature": SIGNATURE}, sort_keys=True, separators=(",", ":"))
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _schema() -> Any:
+    # The TFLite flatbuffer schema, generated for Python; both packages ship the same one.
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+    return schema
+
+
+def with_metadata(flatbuffer: bytes, payload: bytes) -> bytes:
+    """``flatbuffer`` with a ``convnextv2`` metadata entry holding ``payload`` (replacing an earlier one)."""
+    import flatbuffers
+
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
+    model.metadata = [m for m in (model.metadata or []) if _text(m.name) != METADATA_NAME]
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(payload, dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata.append(entry)
+    builder = flatbuffers.Builder(len(flatbuffer) + len(payload) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[str, Any]:
+    """The ``convnextv2`` metadata of a .tflite file (what docs/deploy.md shows a user doing by hand)."""
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    model = _schema().Model.GetRootAs(data, 0)
+    for index in range(model.MetadataLength()):
+        entry = model.Metadata(index)
+        if _text(entry.Name()) == METADATA_NAME:
+            return dict(json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes().decode("utf-8")))
+    raise BadInputError(f"no {METADATA_NAME!r} metadata in this .tflite file")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value or "")
+
+
+# ------------------------------------------------------------------ running
+
+def interpreter(path_or_bytes: str | os.PathLike[str] | bytes, threads: int | None = None) -> Any:
+    """A LiteRT interpreter on the file (ai-edge-litert when installed, else tf.lite)."""
+    if interpreter_name() == "ai_edge_litert":
+        from ai_edge_litert.interpreter import Interpreter
+    else:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    source = ({"model_content": path_or_bytes} if isinstance(path_or_bytes, bytes)
+              else {"model_path": str(path_or_bytes)})
+    return Interpreter(**source, num_threads=threads)
+
+
+def run(interp: Any, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
+    runner = interp.get_signature_runner(SIGNATURE)
+    outputs = runner(**{INPUT_NAME: np.ascontiguousarray(images_nchw, dtype=np.float32)})
+    return {name: np.array(value, dtype=np.float32, copy=True) for name, value in outputs.items()}
+
+
+def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, fp16: bool = False,
+               seed: int | None = None) -> dict[str, Any]:
+    """The file run by the LiteRT interpreter against the float64 PyTorch referee, every output judged by the
+    parity rule (float32; float16 with ``fp16``); ``ok`` is the verdict."""
+    from convnextv2.converters.onnx_check import parity
+    from convnextv2.reference import parity_rule as rule
+
+    dtype = "float16" if fp16 else "float32"
+    images = rule.seeded_images(batch, size, rule.DEFAULT_SEED if seed is None else seed)
+    referee = rule.referee_features(ckpt, images)
+    gc.collect()
+    baseline = rule.baseline_features(ckpt, images, rule.baseline_precision(dtype))
+    gc.collect()
+    got = run(interpreter(path), images)
+    per_output = {name: parity(value, baseline[name], referee[name], dtype, name)
+                  for name, value in got.items() if name in referee}
+    final = "logits" if "logits" in got else "pooled"
+    if final not in per_output:
+        return {"ok": False, "message": f"the file has no {final!r} output (outputs: {sorted(got)})"}
+    failing = [name for name, v in per_output.items() if not v["passed"]]
+    verdict = per_output[final]
+    message = (f"{final}: max|d| {verdict['max_abs']:.3e} vs float64 referee, PyTorch {verdict['baseline_dtype']} "
+               f"{verdict['torch_baseline_max_abs']:.3e}"
+               + (f" (ratio {verdict['ratio']:.2f})" if verdict["ratio"] is not None else "")
+               + f", top-1 {'identical' if verdict.get('top1_same', True) else 'DIFFERENT'}"
+               + (f"; failing: {', '.join(failing)}" if failing else "")
+               + f"; run by {interpreter_name()}; bar: the {dtype} parity rule ({rule.describe(dtype)}; docs/parity.md)")
+    return {"ok": not failing, "message": message, "interpreter": interpreter_name(),
+            "images": [batch, 3, size, size], "outputs": per_output}

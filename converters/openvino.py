@@ -1,0 +1,242 @@
+"""OpenVINO IR export (write-only): ``model.xml`` + ``model.bin``, made from this toolkit's ONNX export and
+loadable by plain ``openvino.Core().read_model`` without this package.
+
+Interface: input ``pixel_values`` float32 NCHW ``[batch, 3, S, S]`` (S the checkpoint's input size, batch
+dynamic), output ``logits`` ``[batch, num_classes]`` (``pooled`` for a headless checkpoint); weights stay
+float32 in the ``.bin`` (``compress_to_fp16=False``: OpenVINO's default would halve them). The canonical
+metadata (config, preprocessing, source, ...) is in the model's ``rt_info`` under ``convnextv2``, one string
+per key, each the same JSON text a canonical safetensors file carries.
+
+Precision is the trap of this runtime: on a CPU with bfloat16 units (AVX512-BF16, AMX) the CPU plugin's
+default compile runs the model in bfloat16, about 10^4 times the float32 error, without a word. The hint
+cannot be stored in the file (an ``rt_info`` ``runtime_options/INFERENCE_PRECISION_HINT`` is not honoured by
+the CPU plugin), so every compile here passes ``INFERENCE_PRECISION_HINT`` explicitly and reads back the
+precision the plugin settled on (docs/deploy.md says what a user must do).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.atomic import atomic_file_with_companions, check_destination
+from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
+
+NAME = "openvino"
+# read() exists only to refuse with a reason; the command line does not offer --from openvino.
+READABLE = False
+SUFFIX = ".xml"
+INPUT_NAME = "pixel_values"
+RT_INFO_SECTION = "convnextv2"
+# Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values.
+PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_OV_TYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+# The ONNX graph the IR is converted from: opset 20 (GELU as one op), the default of export-onnx.
+ONNX_OPSET = 20
+# protobuf refuses messages of 2 GiB: larger models go through an external-data ONNX file.
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def bin_name(path: Path) -> str:
+    """The weights file OpenVINO writes and reads beside ``model.xml``: ``model.bin``."""
+    return path.with_suffix(".bin").name
+
+
+def why_unavailable() -> str | None:
+    missing = [m for m in ("openvino", "torch", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"the OpenVINO export needs {', '.join(missing)}: pip install "
+                "'convnextv2-toolkit[openvino,torch,onnx]'")
+    return None
+
+
+def sniff(path: Path) -> bool:
+    # Recognised so that `inspect`/`convert` on an IR say why it cannot be read, instead of "unknown format".
+    if not (path.is_file() and path.suffix.lower() == SUFFIX):
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    return b"<net " in head
+
+
+def read(path: Path, *, variant: str | None = None) -> Checkpoint:
+    # variant is every reader's option; declared so the refusal below is what a caller passing it sees.
+    raise BadInputError(
+        f"{path}: reading OpenVINO IR is not supported (an IR is a compiled graph: its constants carry no "
+        "ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
+
+
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
+    export(ckpt, path, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------ export
+
+def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = False, features: bool = False,
+           check_size: int | None = None, check_batch: int = 4, log: Any = None) -> dict[str, Any]:
+    """Write the IR for ``ckpt`` at ``path`` (``.xml``; the ``.bin`` beside it) once it passes the parity rule
+    in OpenVINO at float32; CheckFailedError (exit 1) and nothing written otherwise. ``features`` adds the
+    ``stem``, ``stage1``..``stage4`` and ``pooled`` outputs (the parity harness compares them). Returns the check."""
+    dest = check_destination(path, overwrite)
+    if dest.suffix.lower() != SUFFIX:
+        raise BadInputError(f"{dest}: an OpenVINO IR is written as NAME.xml (and NAME.bin beside it)")
+    reason = why_unavailable()
+    if reason:
+        raise MissingDependencyError(reason)
+    ckpt.validate(f"exporting {dest}")
+    size = int(check_size or ckpt.preprocessing.input_size)
+    say = log or (lambda _message: None)
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="convnextv2-openvino-") as tmp:
+        say(f"exporting ONNX (opset {ONNX_OPSET}) for OpenVINO's converter")
+        onnx_path, graph_names = _write_onnx(ckpt, Path(tmp), features, size)
+        say("converting to OpenVINO IR")
+        model = ov.convert_model(str(onnx_path))
+    _canonicalise(model, graph_names)
+    _attach_metadata(model, ckpt, features, size)
+    with atomic_file_with_companions(dest, (bin_name(dest),), overwrite) as work:
+        ov.save_model(model, str(work / dest.name), compress_to_fp16=False)
+        del model
+        gc.collect()
+        say(f"checking {dest.name} in OpenVINO (INFERENCE_PRECISION_HINT=f32) vs the float64 referee")
+        check = check_file(work / dest.name, ckpt, size=size, batch=check_batch)
+        if not check["ok"]:
+            raise CheckFailedError(f"{dest}: OpenVINO IR fails parity, nothing written: {check['message']}")
+    return check
+
+
+def _write_onnx(ckpt: Checkpoint, directory: Path, features: bool, size: int) -> tuple[Path, set[str]]:
+    """The ONNX export the IR is converted from, and every name in its graph (the names OpenVINO keeps)."""
+    import onnx
+
+    from convnextv2.converters import onnx_via_torch
+
+    proto = onnx_via_torch.build(ckpt, ONNX_OPSET, False, features, False, size)
+    graph = proto.graph
+    names = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+    names |= {t.name for t in graph.initializer} | {v.name for v in list(graph.input) + list(graph.output)}
+    target = directory / "model.onnx"
+    if ckpt.parameter_count * 4 > _EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024, convert_attribute=False)
+    else:
+        target.write_bytes(proto.SerializeToString(deterministic=True))
+    return target, names
+
+
+_GENERATED_NAME = re.compile(r"[A-Z][A-Za-z0-9]*_\d+")
+
+
+def _canonicalise(model: Any, graph_names: set[str]) -> None:
+    """Make the IR's bytes a function of the graph alone. OpenVINO names every node it creates after a
+    process-wide instance counter (``Constant_24518``; a folded constant inherits the name of the node it
+    replaced, ``Reshape_19629``), so the same model converted twice, or after another model in the same
+    process, is written with other names. Such a name (``Type_N``, not a name of the ONNX graph) is replaced
+    by the type and the rank of its first node in topological order; the suffix OpenVINO appends to a node
+    it splits (``/WithoutBiases``) is kept. The conversion record (the temporary ONNX file's name) is dropped."""
+    renamed: dict[str, str] = {}
+    for index, op in enumerate(model.get_ordered_ops()):
+        head, sep, tail = op.get_friendly_name().partition("/")
+        if head in graph_names or not _GENERATED_NAME.fullmatch(head):
+            continue
+        if head not in renamed:
+            renamed[head] = f"{head.rsplit('_', 1)[0]}_{index}"
+        op.set_friendly_name(renamed[head] + sep + tail)
+    model.set_friendly_name("convnextv2")
+    info = model.get_rt_info()
+    if "conversion_parameters" in list(info.keys()):
+        del info["conversion_parameters"]
+
+
+def _attach_metadata(model: Any, ckpt: Checkpoint, features: bool, size: int) -> None:
+    import openvino as ov
+
+    meta = {k: v for k, v in ckpt.metadata().items() if k != "format"}
+    meta["export"] = json.dumps({"from": "onnx", "opset": ONNX_OPSET, "features": features, "input": INPUT_NAME,
+                                 "layout": "NCHW", "image_size": size, "weights": "float32",
+                                 "outputs": [output.get_any_name() for output in model.outputs],
+                                 "precision_hint": "pass INFERENCE_PRECISION_HINT=f32 to compile_model: the CPU "
+                                                   "plugin's default on bfloat16 hardware is bfloat16"},
+                                sort_keys=True, separators=(",", ":"))
+    for key in sorted(meta):
+        model.set_rt_info(meta[key], [RT_INFO_SECTION, key])
+    model.inputs[0].get_node().set_layout(ov.Layout("NCHW"))
+
+
+# ------------------------------------------------------------------ running
+
+def compile_ir(path: str | os.PathLike[str], precision: str | None = "float32", threads: int = 0) -> tuple[Any, str]:
+    """Compile the IR on the CPU with ``precision`` as INFERENCE_PRECISION_HINT (None: the plugin's default);
+    returns the compiled model and the precision the plugin reports it runs at."""
+    try:
+        import openvino as ov
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError("running an OpenVINO IR needs openvino: pip install "
+                                     "'convnextv2-toolkit[openvino]'") from exc
+    config: dict[str, Any] = {}
+    if precision is not None:
+        if precision not in PRECISION_HINTS:
+            raise BadInputError(f"OpenVINO precision must be one of {', '.join(PRECISION_HINTS)}, got {precision!r}")
+        config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[precision]
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    return compiled, precision_of(compiled)
+
+
+def precision_of(compiled: Any) -> str:
+    """The precision a compiled model runs at, as the plugin reports it (``float32``, ``bfloat16``, ...)."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    name = value.to_string() if hasattr(value, "to_string") else str(value)
+    return _OV_TYPE_NAMES.get(name, name)
+
+
+def run(compiled: Any, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
+    request = compiled.create_infer_request()
+    request.infer({INPUT_NAME: np.ascontiguousarray(images_nchw, dtype=np.float32)})
+    return {output.get_any_name(): np.array(request.get_tensor(output).data, dtype=np.float32, copy=True)
+            for output in compiled.outputs}
+
+
+def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, seed: int | None = None) -> dict[str, Any]:
+    """The IR compiled at float32 (read back, not assumed) against the float64 PyTorch referee, every output
+    judged by the float32 parity rule; ``ok`` is the verdict."""
+    from convnextv2.converters.onnx_check import parity
+    from convnextv2.reference import parity_rule as rule
+
+    images = rule.seeded_images(batch, size, rule.DEFAULT_SEED if seed is None else seed)
+    referee = rule.referee_features(ckpt, images)
+    gc.collect()
+    baseline = rule.baseline_features(ckpt, images, "float32")
+    gc.collect()
+    compiled, precision = compile_ir(path, "float32")
+    if precision != "float32":
+        return {"ok": False, "message": f"OpenVINO compiled at {precision} although float32 was asked for"}
+    got = run(compiled, images)
+    del compiled
+    per_output = {name: parity(value, baseline[name], referee[name], "float32", name)
+                  for name, value in got.items() if name in referee}
+    final = "logits" if "logits" in got else "pooled"
+    if final not in per_output:
+        return {"ok": False, "message": f"the IR has no {final!r} output (outputs: {sorted(got)})"}
+    failing = [name for name, v in per_output.items() if not v["passed"]]
+    verdict = per_output[final]
+    message = (f"{final}: max|d| {verdict['max_abs']:.3e} vs float64 referee, PyTorch float32 "
+               f"{verdict['torch_baseline_max_abs']:.3e}"
+               + (f" (ratio {verdict['ratio']:.2f})" if verdict["ratio"] is not None else "")
+               + f", top-1 {'identical' if verdict.get('top1_same', True) else 'DIFFERENT'}"
+               + (f"; failing: {', '.join(failing)}" if failing else "")
+               + f"; ran at {precision}; bar: the float32 parity rule ({rule.describe('float32')}; docs/parity.md)")
+    return {"ok": not failing, "message": message, "precision": precision, "images": [batch, 3, size, size],
+            "outputs": per_output}

@@ -1,0 +1,359 @@
+"""Faults of the machine, produced for real: a full tmpfs, a read-only mount, a directory the writer may not
+enter, a destination directory removed mid-write, SIGTERM/SIGHUP/SIGINT/SIGKILL sent to a running conversion.
+
+Each fault must give one line naming the destination and the cause, the documented exit code (3 for the
+machine's refusals, 128+N for signal N) and nothing left behind. The mounts need root (or CAP_SYS_ADMIN); where
+mounting is impossible those tests skip and say so. Signals are sent to a conversion stopped (SIGSTOP) while
+its temporary output is open, so the signal lands mid-write every time, not by luck of timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from convnextv2 import converters, fixtures
+from convnextv2.converters import atomic
+
+CLI = [sys.executable, "-m", "convnextv2.converters"]
+ENV = {**os.environ, "CONVNEXTV2_PROGRESS": "0"}
+EXIT_ENVIRONMENT = 3
+
+# Runs the CLI with a fault armed from inside, where only the inside can place it at an exact moment.
+# FAULT: "no-precheck" (the free-space check is skipped, so the disk fills mid-write: the kernel's ENOSPC);
+# "vanish" (the destination's directory is removed when the first tensor is written); "named" (as on a
+# filesystem without O_TMPFILE) may be combined with either, comma-separated.
+DRIVER = r"""
+import os, shutil, sys
+from convnextv2.converters import atomic, streaming
+
+faults = set(os.environ["FAULT"].split(","))
+if "no-precheck" in faults:
+    atomic.require_space = lambda dest, expected_bytes: None
+if "named" in faults:
+    atomic._open_anonymous = lambda directory: None
+if "vanish" in faults:
+    target = os.path.dirname(os.path.abspath(sys.argv[sys.argv.index("-o") + 1]))
+    real = streaming.TensorStreamer.write_array
+    def write_array(self, array):
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        return real(self, array)
+    streaming.TensorStreamer.write_array = write_array
+from convnextv2.converters.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _cli(*args: str, fault: str | None = None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    command = [*prefix, sys.executable, "-c", DRIVER, *args] if fault else [*prefix, *CLI, *args]
+    return subprocess.run(command, env={**ENV, "FAULT": fault or ""}, capture_output=True, text=True, timeout=600)
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def _tmpfs(directory: Path, options: str):
+    directory.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no mount(8) here: the environment-fault tests mount a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def _payload_bytes(path: Path) -> int:
+    ckpt = converters.load(path)
+    return sum(int(a.size) * a.dtype.itemsize for _, a in ckpt.ordered_tensors())
+
+
+@pytest.fixture(scope="module")
+def atto(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / "atto.pt"
+    fixtures.write_fixture(path, "atto", "original", seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Large enough (115 MB) that a conversion is caught mid-write by polling."""
+    path = tmp_path_factory.mktemp("faults-tiny") / "tiny.pt"
+    fixtures.write_fixture(path, "tiny", "original", seed=3)
+    return path
+
+
+def _destination(directory: Path, fmt: str) -> Path:
+    return directory / ("out-dir" if fmt == "hf" else "out.safetensors" if fmt == "canonical" else "out.pt")
+
+
+# ------------------------------------------------------------------ full disk
+
+@pytest.mark.parametrize("fmt", ["canonical", "hf", pytest.param("original", marks=pytest.mark.slow)])
+def test_full_disk_is_refused_before_anything_is_written(tmp_path, atto, fmt):
+    with _tmpfs(tmp_path / "small", "size=4m") as small:
+        free = atomic.free_bytes(small)
+        dst = _destination(small, fmt)
+        result = _cli("convert", str(atto), "-o", str(dst), "--to", fmt)
+        assert result.returncode == EXIT_ENVIRONMENT, result.stderr[-3000:]
+        line = _one_error_line(result)
+        match = re.fullmatch(rf"error: {re.escape(str(dst))}: not enough space in {re.escape(str(small))}: the output "
+                             r"needs ([\d,]+) bytes and ([\d,]+) are free; nothing was written", line)
+        assert match, line
+        needed, said_free = (int(g.replace(",", "")) for g in match.groups())
+        # Free space as it was when checked (the temporary folder beside the destination holds a block or two).
+        assert needed >= _payload_bytes(atto) and free - 65536 <= said_free <= free
+        assert os.listdir(small) == [] and atomic.free_bytes(small) == free
+
+
+@pytest.mark.parametrize(("fmt", "fault"), [("canonical", "no-precheck"), ("canonical", "no-precheck,named"),
+                                            ("hf", "no-precheck"),
+                                            pytest.param("original", "no-precheck", marks=pytest.mark.slow)])
+def test_disk_filling_up_mid_write_leaves_nothing(tmp_path, atto, fmt, fault):
+    """The free-space check is skipped so the kernel itself says ENOSPC half-way through the tensors."""
+    with _tmpfs(tmp_path / "small", "size=6m") as small:
+        free = atomic.free_bytes(small)
+        dst = _destination(small, fmt)
+        result = _cli("convert", str(atto), "-o", str(dst), "--to", fmt, fault=fault)
+        assert result.returncode == EXIT_ENVIRONMENT, result.stderr[-3000:]
+        line = _one_error_line(result)
+        assert re.fullmatch(rf"error: {re.escape(str(dst))}: no space left in {re.escape(str(small))} \(.*bytes free"
+                            r".*\); nothing was written", line), line
+        # Nothing left: no name, and no space held by an unnamed file either.
+        assert os.listdir(small) == [] and atomic.free_bytes(small) == free
+
+
+# ------------------------------------------------------------------ read-only, permissions, a vanishing directory
+
+@pytest.mark.parametrize("command", ["convert-canonical", pytest.param("convert-hf", marks=pytest.mark.slow), "fixture",
+                                     "parity-report"])
+def test_read_only_filesystem(tmp_path, atto, command):
+    with _tmpfs(tmp_path / "ro", "ro,size=4m") as ro:
+        dst = ro / ("out-dir" if command == "convert-hf" else "report.json" if command == "parity-report"
+                    else "out.safetensors")
+        args = {"convert-canonical": ["convert", str(atto), "-o", str(dst), "--to", "canonical"],
+                "convert-hf": ["convert", str(atto), "-o", str(dst), "--to", "hf"],
+                "fixture": ["fixture", "-o", str(dst), "--format", "canonical"],
+                "parity-report": ["parity", str(atto), "--runtimes", "torch", "--report", str(dst)]}[command]
+        result = _cli(*args)
+        assert result.returncode == EXIT_ENVIRONMENT, result.stderr[-3000:]
+        assert _one_error_line(result) == (f"error: {dst}: {ro} is on a read-only filesystem; nothing was written")
+        assert os.listdir(ro) == []
+
+
+def _without_dac_override() -> tuple[str, ...]:
+    """A command prefix under which the write-permission bits bind: root bypasses them through the
+    CAP_DAC_OVERRIDE capability, so root drops it (and CAP_DAC_READ_SEARCH) for the command."""
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv(1): cannot drop CAP_DAC_OVERRIDE to make a 0555 directory bind")
+    return ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search")
+
+
+@pytest.mark.parametrize("fmt", ["canonical", pytest.param("hf", marks=pytest.mark.slow)])
+def test_permission_denied(tmp_path, atto, fmt):
+    prefix = _without_dac_override()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        dst = _destination(locked, fmt)
+        result = _cli("convert", str(atto), "-o", str(dst), "--to", fmt, prefix=prefix)
+        assert result.returncode == EXIT_ENVIRONMENT, result.stderr[-3000:]
+        assert _one_error_line(result) == (f"error: {dst}: {locked} is not writable (permission denied); "
+                                           "nothing was written")
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("fault", ["vanish", "vanish,named"])
+@pytest.mark.parametrize("fmt", ["canonical", "hf"])
+def test_destination_directory_vanishing_mid_write(tmp_path, atto, fmt, fault):
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = _destination(out, fmt)
+    result = _cli("convert", str(atto), "-o", str(dst), "--to", fmt, fault=fault)
+    assert result.returncode == EXIT_ENVIRONMENT, result.stderr[-3000:]
+    assert _one_error_line(result) == (f"error: {dst}: the output directory {out} vanished while it was being "
+                                       "written; nothing was written")
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ signals
+
+def _open_under(pid: int, directory: Path) -> bool:
+    """Whether process ``pid`` holds a file open under ``directory`` (an unnamed O_TMPFILE file shows as
+    ``<dir>/#<inode> (deleted)``)."""
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith(f"{directory}/") and (link.endswith(".safetensors") or "#" in link):
+                    return True
+    return False
+
+
+def _stopped_mid_write(args: list[str], directory: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen([*CLI, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not _open_under(process.pid, directory):
+        assert process.poll() is None, f"finished before it was caught writing: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "the output was never opened"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGSTOP)
+    return process
+
+
+@pytest.mark.parametrize(("fmt", "signum"), [("canonical", signal.SIGTERM), ("canonical", signal.SIGHUP),
+                                             ("canonical", signal.SIGINT), ("hf", signal.SIGTERM)],
+                         ids=["file-SIGTERM", "file-SIGHUP", "file-SIGINT", "folder-SIGTERM"])
+def test_signal_mid_write_exits_cleanly(tmp_path, tiny, fmt, signum):
+    work = tmp_path / "work"
+    work.mkdir()
+    dst = _destination(work, fmt)
+    process = _stopped_mid_write(["convert", str(tiny), "-o", str(dst), "--to", fmt], work)
+    process.send_signal(signum)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    name = signal.Signals(signum).name
+    assert _one_error_line(subprocess.CompletedProcess([], process.returncode, "", stderr)) == (
+        f"error: interrupted by {name} while writing {dst}; nothing was written")
+    assert os.listdir(work) == []
+
+
+def test_sigterm_during_overwrite_keeps_the_old_file(tmp_path, tiny, atto):
+    work = tmp_path / "work"
+    work.mkdir()
+    dst = work / "out.safetensors"
+    converters.save(converters.load(atto), dst, format="canonical")
+    old = dst.read_bytes()
+    process = _stopped_mid_write(["convert", str(tiny), "-o", str(dst), "--to", "canonical", "--overwrite"], work)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert dst.read_bytes() == old and os.listdir(work) == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("fmt", ["canonical", "hf"])
+def test_sigkill_leaves_one_marked_folder_that_the_next_conversion_removes(tmp_path, tiny, atto, fmt):
+    work = tmp_path / "work"
+    work.mkdir()
+    dst = _destination(work, fmt)
+    process = _stopped_mid_write(["convert", str(tiny), "-o", str(dst), "--to", fmt], work)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    left = os.listdir(work)
+    assert len(left) <= 1, left
+    for name in left:
+        assert re.fullmatch(rf"\.{re.escape(dst.name)}\.convnextv2-tmp\.{process.pid}\.[^/]+\.partial", name), name
+        record = json.loads((work / name / atomic.OWNER_FILE).read_text())
+        assert record["pid"] == process.pid
+    done = _cli("convert", str(atto), "-o", str(dst), "--to", fmt)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert os.listdir(work) == [dst.name]
+
+
+def test_sigkill_of_a_direct_file_write_leaves_nothing_at_all(tmp_path, tiny):
+    """A single file written through atomic_file (O_TMPFILE) has no name until it is complete."""
+    work = tmp_path / "work"
+    work.mkdir()
+    code = ("import sys; from pathlib import Path; from convnextv2 import converters; "
+            "from convnextv2.converters import canonical; "
+            "canonical.write(converters.load(Path(sys.argv[1])), Path(sys.argv[2]))")
+    process = subprocess.Popen([sys.executable, "-c", code, str(tiny), str(work / "out.safetensors")], env=ENV,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not _open_under(process.pid, work):
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert os.listdir(work) == []
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_parity_child_process_runs(tmp_path, atto):
+    from convnextv2.parity_tests import runtimes
+
+    reason = runtimes.get("transformers-tf").availability()
+    if reason is not None:
+        pytest.skip(f"the transformers-tf peer (the one run in a child process) is not available: {reason}")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    report = tmp_path / "report.json"
+    process = subprocess.Popen([*CLI, "parity", str(atto), "--runtimes", "none", "--peers", "transformers-tf",
+                                "--report", str(report)], env={**ENV, "TMPDIR": str(scratch)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900  # the parent computes the float64 referee first
+    children: list[int] = []
+    while not children:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no child process started"
+        with contextlib.suppress(OSError):
+            children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert _one_error_line(subprocess.CompletedProcess([], process.returncode, "", stderr)).startswith(
+        "error: interrupted by SIGTERM")
+    for child in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    assert not report.exists() and os.listdir(scratch) == []
+
+
+# ------------------------------------------------------------------ which leftovers are removed
+
+def test_only_provably_abandoned_folders_are_removed(tmp_path):
+    dest = tmp_path / "out-dir"
+    dead_pid = subprocess.Popen(["true"])  # a pid that no longer runs
+    dead_pid.wait()
+    me = atomic._owner_record()
+
+    def folder(tag: str, pid: int, record: object | None) -> Path:
+        path = tmp_path / f".out-dir.convnextv2-tmp.{pid}.{tag}.partial"
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+        if record is not None:
+            (path / atomic.OWNER_FILE).write_text(record if isinstance(record, str) else json.dumps(record))
+        return path
+
+    gone = [folder("dead", dead_pid.pid, {**me, "pid": dead_pid.pid}),
+            folder("reboot", os.getpid(), {**me, "boot_id": "another-boot"}),
+            folder("recycled", os.getpid(), {**me, "start_time": "1"})]
+    kept = [folder("alive", os.getpid(), me),
+            folder("unmarked", dead_pid.pid, None),
+            folder("garbled", dead_pid.pid, "{not json"),
+            folder("foreign", dead_pid.pid, {**me, "pid": dead_pid.pid, "tool": "something-else"}),
+            folder("renamed", dead_pid.pid + 1, {**me, "pid": dead_pid.pid})]
+    other = tmp_path / f".other.convnextv2-tmp.{dead_pid.pid}.x.partial"
+    other.mkdir()
+    (other / atomic.OWNER_FILE).write_text(json.dumps({**me, "pid": dead_pid.pid}))
+    removed = atomic.remove_stale_temporaries(dest)
+    assert sorted(removed) == sorted(gone)
+    assert all(not p.exists() for p in gone) and all(p.exists() for p in kept) and other.exists()
