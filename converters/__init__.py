@@ -154,7 +154,11 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     with verify_module.staged(dest) as work:
         staged = work / dest.name
         with verify_module.named_as(staged, dest):
-            module.write(ckpt, staged, **staged_options)
+            # The writer is given what the target will hold (the eps it fixes, without the extras it drops),
+            # so that its own metadata records the function it computes. A weights rounding the user asked for
+            # (fp16) is left to the writer, whose check then still measures it against the source weights.
+            module.write(changes_module.as_written(ckpt, [c for c in found if c.field != "weights"]), staged,
+                         **staged_options)
         if readable(format):
             summary["read_back"], written = verify_module.read_back(expected, staged, format)
         else:

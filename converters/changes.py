@@ -1,7 +1,8 @@
 """What a target format cannot carry of a checkpoint, declared as data so that no conversion changes a
 checkpoint without saying so.
 
-A format module may define ``unrepresentable(ckpt, path, **write_options) -> list[Change]``; ``converters.save``
+Each format module that cannot carry everything defines ``unrepresentable(ckpt, path, **write_options) ->
+list[Change]``; ``converters.save``
 collects the list, warns with each change (and, for a change of the function, by how much the float64 logits
 move on the parity rule's seeded inputs), puts them in its summary and, with ``strict=True``, refuses to write.
 The helpers below are the shared vocabulary of those declarations, so every format words the same loss the same
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,60 +86,14 @@ def replaced_preprocessing(ckpt: Checkpoint, target: str, written: Preprocessing
                    "assumes the new values)", ckpt.preprocessing, written, functional=False)]
 
 
-# ------------------------------------------------------------------ what each format cannot carry
-
-def _original(ckpt: Checkpoint, path: Any, options: Mapping[str, Any]) -> list[Change]:
-    from convnextv2.converters import original
-
-    layout = options.get("layout") or original.default_layout(ckpt)
-    target = f"the original {layout} layout"
-    found = []
-    if layout != "fcmae-sparse":  # the sparse layout has no final norm at all; its writer refuses one
-        found += fixed_head_norm_eps(ckpt, target)
-    kept = [n for n in ckpt.extras() if n.startswith(original.EXTRAS_NAMESPACE)] if layout == "fcmae-sparse" else []
-    found += dropped_extras(ckpt, target, kept)
-    # A .pt file states no preprocessing; its reader infers it from a resolution in the file name.
-    found += replaced_preprocessing(ckpt, "an original .pt file", original.preprocessing_from_name(Path(path).name))
-    return found
-
-
-def _without_extras(target: str) -> Callable[[Checkpoint, Any, Mapping[str, Any]], list[Change]]:
-    def declare(ckpt: Checkpoint, path: Any, options: Mapping[str, Any]) -> list[Change]:
-        return dropped_extras(ckpt, target)
-    return declare
-
-
-def _onnx(ckpt: Checkpoint, path: Any, options: Mapping[str, Any]) -> list[Change]:
-    found = dropped_extras(ckpt, "an ONNX graph")
-    if options.get("fp16"):
-        rounded = {name: np.asarray(value).astype(np.float16).astype(np.float32)
-                   for name, value in ckpt.model_tensors().items()}
-        found.append(Change("weights", "weights rounded to float16 (fp16 export)", ckpt.dtype, "float16",
-                            functional=True, values=rounded))
-    return found
-
-
-# Formats whose module declares no ``unrepresentable`` of its own; canonical, keras and flax carry everything
-# (tensors, extras, config, preprocessing) and are absent.
-DECLARED: dict[str, Callable[[Checkpoint, Any, Mapping[str, Any]], list[Change]]] = {
-    "original": _original,
-    "hf": _without_extras("a transformers model"),
-    "timm": _without_extras("a timm model"),
-    "onnx": _onnx,
-    "savedmodel": _without_extras("a SavedModel"),
-}
-
-
 def unrepresentable(format: str, ckpt: Checkpoint, path: Any, options: Mapping[str, Any]) -> list[Change]:
-    """Every change writing ``ckpt`` to ``path`` in ``format`` with ``options`` makes: the format module's own
-    ``unrepresentable(ckpt, path, **options)`` when it has one, else its entry in DECLARED."""
+    """Every change writing ``ckpt`` to ``path`` in ``format`` with ``options`` makes, as the format module
+    declares it (``unrepresentable(ckpt, path, **options)``); a module without one carries everything
+    (canonical, keras, flax: tensors, extras, config and preprocessing)."""
     from convnextv2.converters import format_module
 
     own = getattr(format_module(format), "unrepresentable", None)
-    if own is not None:
-        return list(own(ckpt, Path(path), **options))
-    declare = DECLARED.get(format)
-    return declare(ckpt, path, options) if declare is not None else []
+    return list(own(ckpt, Path(path), **options)) if own is not None else []
 
 
 # ------------------------------------------------------------------ applying them
@@ -198,5 +153,5 @@ def _head(ckpt: Checkpoint, stage4: np.ndarray) -> np.ndarray:
     return x.numpy()
 
 
-__all__ = ["DECLARED", "FIELDS", "Change", "as_written", "dropped_extras", "fixed_head_norm_eps",
+__all__ = ["FIELDS", "Change", "as_written", "dropped_extras", "fixed_head_norm_eps",
            "logits_difference", "replaced_preprocessing", "unrepresentable"]

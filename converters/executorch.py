@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file, check_destination
+from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.onnx_interface import INPUT_NAME, STRIDE, output_names
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
@@ -61,6 +62,9 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
         f"{path}: reading ExecuTorch programs is not supported (a .pte holds a lowered, delegated graph whose "
         "weights carry no ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
 
+
+def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+    return dropped_extras(ckpt, "an ExecuTorch program")
 
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     export(ckpt, path, overwrite=overwrite)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory
+from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
 from convnextv2.converters.progress import byte_progress
@@ -454,6 +455,11 @@ def canonical_to_state_dict(ckpt: Checkpoint) -> collections.OrderedDict[str, np
         entries[key if rule is CLASSIFIER else prefix + key] = rule.transform.to_foreign(array)
     return entries
 
+
+def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+    # config.json's layer_norm_eps holds the final norm's eps and preprocessor_config.json the preprocessing;
+    # only the extras have no place.
+    return dropped_extras(ckpt, "a transformers model")
 
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     check_transformers_version()

@@ -28,6 +28,7 @@ from typing import Any, TypeGuard, cast
 
 import numpy as np
 
+from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import sha256_of
 from convnextv2.reference import schema
@@ -814,6 +815,15 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     check_variant(config, variant, where)
     return ckpt
 
+
+def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+    found = dropped_extras(ckpt, "an ONNX graph")
+    if options.get("fp16"):
+        rounded = {name: np.asarray(value).astype(np.float16).astype(np.float32)
+                   for name, value in ckpt.model_tensors().items()}
+        found.append(Change("weights", "weights rounded to float16 (fp16 export)", ckpt.dtype, "float16",
+                            functional=True, values=rounded))
+    return found
 
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "torch", opset: int | None = None,
           dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,

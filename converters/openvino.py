@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file_with_companions, check_destination
+from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
@@ -74,6 +75,9 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
         f"{path}: reading OpenVINO IR is not supported (an IR is a compiled graph: its constants carry no "
         "ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
 
+
+def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+    return dropped_extras(ckpt, "an OpenVINO IR")
 
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     export(ckpt, path, overwrite=overwrite)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
+from convnextv2.converters.changes import Change, dropped_extras, fixed_head_norm_eps, replaced_preprocessing
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.progress import byte_progress
@@ -249,6 +250,19 @@ def default_layout(ckpt: Checkpoint) -> str:
         return str(ckpt.source.layout["layout"])
     return "finetuned" if ckpt.config.num_classes > 0 else "fcmae"
 
+
+def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+    """What an original .pt cannot hold: another final-norm eps, extras (but the sparse layout's own), and any
+    preprocessing other than the one a reader infers from the file name."""
+    layout = options.get("layout") or default_layout(ckpt)
+    target = f"the original {layout} layout"
+    found = []
+    if layout != "fcmae-sparse":  # the sparse layout has no final norm at all; its writer refuses one
+        found += fixed_head_norm_eps(ckpt, target)
+    kept = [n for n in ckpt.extras() if n.startswith(EXTRAS_NAMESPACE)] if layout == "fcmae-sparse" else []
+    found += dropped_extras(ckpt, target, kept)
+    found += replaced_preprocessing(ckpt, "an original .pt file", preprocessing_from_name(Path(path).name))
+    return found
 
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str | None = None) -> None:
     ckpt.validate(f"writing {path}")

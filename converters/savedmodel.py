@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.converters.atomic import atomic_directory
+from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.reference.errors import BadInputError
 
@@ -43,6 +44,9 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
         "variables carry no ConvNeXt V2 names to map back). Convert from the .keras archive or the canonical "
         "file it was exported from")
 
+
+def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+    return dropped_extras(ckpt, "a SavedModel")
 
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     ckpt.validate(f"writing {path}")

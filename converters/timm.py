@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory, atomic_file, check_destination
+from convnextv2.converters.changes import Change, dropped_extras, fixed_head_norm_eps
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
 from convnextv2.converters.progress import byte_progress
@@ -318,6 +319,11 @@ def timm_config_json(ckpt: Checkpoint, conv_mlp: bool) -> dict[str, Any]:
                                "timm.models.convnext.ConvNeXt(**model_args) and load the state dict")
     return data
 
+
+def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+    # timm's ConvNeXt has one norm_eps for every LayerNorm (1e-6 unless set); a final norm with another eps
+    # (transformers' layer_norm_eps) cannot be stated without changing all the others.
+    return fixed_head_norm_eps(ckpt, "a timm model") + dropped_extras(ckpt, "a timm model")
 
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bool | None = None) -> None:
     """``X.safetensors`` gets ``X.json`` beside it; any other path becomes a timm hub-style folder

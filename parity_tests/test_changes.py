@@ -65,13 +65,16 @@ def _transformers_eps_difference(folder: Path, headless: bool) -> float:
     return float(np.max(np.abs(outs[0] - outs[1])))
 
 
-@pytest.mark.parametrize("layout", ["finetuned", "fcmae"])
-def test_hub_eps_into_the_original_layout_warns_with_the_move_and_strict_refuses(tmp_path, layout):
+# timm's ConvNeXt has one norm_eps for all its LayerNorms, so it cannot hold a final norm with its own eps either.
+@pytest.mark.parametrize("target", ["original-finetuned", "original-fcmae", "timm"])
+def test_hub_eps_into_a_format_without_a_place_warns_with_the_move_and_strict_refuses(tmp_path, target):
+    fmt, _, layout = target.partition("-")
     headless = layout == "fcmae"
     folder = _hf_folder(tmp_path, num_labels=None if headless else 10)
-    out = tmp_path / "out.pt"
-    result = CliRunner().invoke(main, ["convert", str(folder), "--to", "original", "--layout", layout,
-                                       "-o", str(out), "--json"])
+    suffix = ".pt" if fmt == "original" else ".safetensors"
+    out = tmp_path / f"out{suffix}"
+    options = ["--layout", layout] if layout else []
+    result = CliRunner().invoke(main, ["convert", str(folder), "--to", fmt, *options, "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert "final LayerNorm eps 1e-12 -> 1e-06" in result.stderr
     summary = json.loads(result.stdout)
@@ -82,14 +85,15 @@ def test_hub_eps_into_the_original_layout_warns_with_the_move_and_strict_refuses
     assert expected > 1e-7  # the move is real, not rounding
     assert figure["max_abs"] == pytest.approx(expected, rel=1e-6)
     assert f"{figure['max_abs']:.3g}" in result.stderr
-    assert converters.load(out).config.head_norm_eps == 1e-6
+    assert converters.load(out).config.head_norm_eps == 1e-6  # the file records the function it computes
+    written = sorted(p.name for p in tmp_path.iterdir())
 
-    strict_out = tmp_path / "strict.pt"
-    result = CliRunner().invoke(main, ["convert", str(folder), "--to", "original", "--layout", layout,
-                                       "-o", str(strict_out), "--strict"])
+    strict_out = tmp_path / f"strict{suffix}"
+    result = CliRunner().invoke(main, ["convert", str(folder), "--to", fmt, *options, "-o", str(strict_out),
+                                       "--strict"])
     assert result.exit_code == 1, result.output
     assert "--strict" in result.stderr and "eps 1e-12 -> 1e-06" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out.pt"], "a refused conversion wrote something"
+    assert sorted(p.name for p in tmp_path.iterdir()) == written, "a refused conversion wrote something"
 
 
 def test_hub_eps_has_no_place_in_the_sparse_layout_and_is_refused_by_name(tmp_path):

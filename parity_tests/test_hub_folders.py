@@ -89,6 +89,9 @@ def test_save_pretrained_folders_read_back_bit_for_bit(tmp_path, safe, sharded, 
             param.add_(0.05 * torch.randn_like(param))
     folder = tmp_path / "peer"
     model.save_pretrained(folder, safe_serialization=safe, **({"max_shard_size": "8KB"} if sharded else {}))
+    if not safe and not any(folder.glob("pytorch_model*.bin")):
+        pytest.skip(f"transformers {transformers.__version__} writes safetensors only (safe_serialization=False "
+                    "is ignored since 5.0); the .bin cases run under 4.x")
     index = folder / ("model.safetensors.index.json" if safe else "pytorch_model.bin.index.json")
     assert index.is_file() == sharded
     if sharded:
