@@ -310,19 +310,22 @@ def test_cache_symlink_out_of_the_cache_is_refused(hub_cache, tmp_path):
     assert result.returncode == 2 and "symlink points outside the cache folder" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["inspect", "convert"])
+@pytest.mark.parametrize("command", ["inspect", "convert", "parity"])
 def test_cli_revision_option(hub_cache, tmp_path, command):
     root = hub_cache["root"]
-    extra = ["-o", str(tmp_path / "out.safetensors"), "--to", "canonical"] if command == "convert" else []
+    extra = {"convert": ["-o", str(tmp_path / "out.safetensors"), "--to", "canonical"],
+             "parity": ["--runtimes", "torch", "--batch", "2"], "inspect": []}[command]
     result = run_cli(command, str(root), "--revision", "v1.0", "--json", *extra)
     assert result.returncode == 0, result.stderr
     if command == "inspect":
         assert json.loads(result.stdout)["num_classes"] == 0
-    else:
+    elif command == "convert":
         assert_same_tensors(dict(converters.load(tmp_path / "out.safetensors").tensors),
                             dict(hub_cache["v1.0"].tensors))
-    bad = run_cli(command, str(root), "--revision", "nope",
-                  *(["-o", str(tmp_path / "not-written.safetensors"), "--to", "canonical"] if extra else []))
+    else:  # the parity report names the snapshot it checked
+        assert json.loads(result.stdout)["passed"]
+    bad_extra = ["-o", str(tmp_path / "not-written.safetensors"), "--to", "canonical"] if command == "convert" else []
+    bad = run_cli(command, str(root), "--revision", "nope", *bad_extra)
     assert bad.returncode == 2 and "revision 'nope' is neither in refs/ nor a snapshot" in bad.stderr
     assert "v1.0 ->" in bad.stderr and not (tmp_path / "not-written.safetensors").exists()
 

@@ -52,8 +52,11 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
 @click.option("--from", "fmt", type=choices.FROM, default="auto", show_default=True,
               help="Format of SRC (auto: detected by content).")
 @click.option("--ema", is_flag=True, help="Original checkpoints: check model_ema instead of model.")
+@click.option("--revision", default=None, metavar="NAME",
+              help="huggingface_hub cache folders (models--ORG--NAME): the branch, tag or commit to read "
+                   "(default: main).")
 @click.option("--runtimes", "runtime_values", multiple=True, metavar="LIST",
-              help="torch, tensorflow, flax, onnxruntime (comma-separated or repeated; 'all' = default: every "
+              help="torch, tensorflow, flax, onnxruntime, openvino, litert, executorch (comma-separated or repeated; 'all' = default: every "
                    "installed one, the others listed as not available; 'none').")
 @click.option("--peers", "peer_values", multiple=True, metavar="LIST",
               help="Independent implementations to compare too: timm, transformers-pt, transformers-tf "
@@ -78,7 +81,7 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
               help="Write a report; the extension picks the kind: .json .md .xml (JUnit) .html .png.")
 @click.option("--overwrite", is_flag=True, help="Replace existing report files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
-def parity(src: Path, fmt: str, ema: bool, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
+def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
            image_size: int | None, batch: int, seed: int, images_dir: Path | None, dtypes: tuple[str, ...],
            atol: tuple[str, ...], rtol: tuple[str, ...], reports: tuple[Path, ...], overwrite: bool,
            as_json: bool) -> None:
@@ -119,7 +122,8 @@ def parity(src: Path, fmt: str, ema: bool, runtime_values: tuple[str, ...], peer
     if images_dir is not None and not images_dir.is_dir():
         raise BadInputError(f"--images {images_dir}: not a directory")
 
-    ckpt = converters.load(src, format=fmt, **({"ema": True} if ema else {}))
+    ckpt = converters.load(src, format=fmt, **({"ema": True} if ema else {}),
+                           **({"revision": revision} if revision is not None else {}))
 
     def say(message: str) -> None:
         click.echo(f"  {message}", err=True)
