@@ -491,6 +491,28 @@ def _finish_named_file(tmp: Path, dest: Path, overwrite: bool) -> None:
         _mark_written(dest)
 
 
+# Destinations whose output file is already being built by anonymous_output: a writer's own atomic_file(dest)
+# inside that block writes straight into it instead of making a second temporary.
+_adopted: dict[str, Path] = {}
+
+
+@contextlib.contextmanager
+def anonymous_output(path: str | os.PathLike[str], overwrite: bool = False, *,
+                     expected_bytes: int | None = None) -> Iterator[Path]:
+    """:func:`atomic_file` for a caller that checks the output before it is published (converters.save reads
+    every output back): yields the unnamed file's path (``/proc/self/fd/N``, or the named fallback), which a
+    writer's own ``atomic_file(path)`` inside the block fills; published as ``path`` when the block succeeds,
+    so a process killed before that leaves nothing at all. Only for files a reader recognises by content:
+    the path has no name of its own to read back."""
+    key = os.fspath(path)
+    with atomic_file(path, overwrite, expected_bytes=expected_bytes) as target:
+        _adopted[key] = target
+        try:
+            yield target
+        finally:
+            _adopted.pop(key, None)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expected_bytes: int | None = None,
                 named: bool = False) -> Iterator[Path]:
@@ -502,6 +524,11 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expect
     must (``named=True``), and filesystems without ``O_TMPFILE``, get ``<temporary folder>/<name>`` instead.
     ``expected_bytes``, where the writer knows its output size, is checked against the free space first.
     """
+    adopted = _adopted.get(os.fspath(path))
+    if adopted is not None:  # the caller of anonymous_output publishes it; the writer only fills it
+        require_space(Path(path), expected_bytes)
+        yield adopted
+        return
     dest = check_destination(path, overwrite)
     with _output(dest, expected_bytes):
         with signals_deferred():

@@ -16,6 +16,9 @@ from convnextv2.reference.variants import check_variant
 NAME = "canonical"
 SUFFIXES = (".safetensors",)
 
+# One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
+READ_BY_CONTENT = True
+
 
 def sniff(path: Path) -> bool:
     found = sniff_header(path)

@@ -45,6 +45,9 @@ _BLOCK_KERNEL = re.compile(r"^stages\.\d+\.blocks\.\d+\.dwconv\.kernel$")
 def _is_ours(meta: Mapping[str, Any]) -> bool:
     return meta.get(MARKER_KEY) == MARKER_VALUE
 
+# One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
+READ_BY_CONTENT = True
+
 
 def sniff(path: Path) -> bool:
     found = sniff_header(path)

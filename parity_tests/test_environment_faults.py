@@ -257,7 +257,18 @@ def test_sigterm_during_overwrite_keeps_the_old_file(tmp_path, tiny, atto):
     assert dst.read_bytes() == old and os.listdir(work) == ["out.safetensors"]
 
 
-@pytest.mark.parametrize("fmt", ["canonical", "hf"])
+def test_sigkill_of_a_single_file_conversion_leaves_nothing_at_all(tmp_path, tiny, atto):
+    """A conversion to one file read back by content is built, read back and checked in an unnamed file."""
+    work = tmp_path / "work"
+    work.mkdir()
+    dst = _destination(work, "canonical")
+    process = _stopped_mid_write(["convert", str(tiny), "-o", str(dst), "--to", "canonical"], work)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert os.listdir(work) == []
+
+
+@pytest.mark.parametrize("fmt", ["original", "hf"], ids=["file-read-back-by-name", "folder"])
 def test_sigkill_leaves_one_marked_folder_that_the_next_conversion_removes(tmp_path, tiny, atto, fmt):
     work = tmp_path / "work"
     work.mkdir()

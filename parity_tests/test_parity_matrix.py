@@ -101,7 +101,9 @@ def pytest_generate_tests(metafunc: Any) -> None:
                 if not full and runtime in QUICK_ATTO_ONLY and variant != "atto":
                     continue
                 marks = [getattr(pytest.mark, group)]
-                if variant in ("large", "huge") or size > 224:
+                if variant in ("large", "huge") or size > 224 or (not full and runtime in QUICK_ATTO_ONLY):
+                    # The quick ExecuTorch case is slow-marked too: test_executorch.py already lowers and runs atto
+                    # in the default suite, and a second lowering would cost another minute of it.
                     marks.append(pytest.mark.slow)
                 if variant == "huge":
                     marks.append(pytest.mark.xdist_group("huge"))  # one huge model in memory at a time
