@@ -461,6 +461,7 @@ def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change
     # only the extras have no place.
     return dropped_extras(ckpt, "a transformers model")
 
+
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     check_transformers_version()
     ckpt.validate(f"writing {path}")

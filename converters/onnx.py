@@ -825,6 +825,7 @@ def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change
                             functional=True, values=rounded))
     return found
 
+
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "torch", opset: int | None = None,
           dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
           check_size: int | None = None, check_batch: int = 4, source_path: str | os.PathLike[str] | None = None,

@@ -79,6 +79,7 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
 def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
     return dropped_extras(ckpt, "an OpenVINO IR")
 
+
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     export(ckpt, path, overwrite=overwrite)
 

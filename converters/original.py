@@ -264,6 +264,7 @@ def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change
     found += replaced_preprocessing(ckpt, "an original .pt file", preprocessing_from_name(Path(path).name))
     return found
 
+
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str | None = None) -> None:
     ckpt.validate(f"writing {path}")
     layout = layout or default_layout(ckpt)

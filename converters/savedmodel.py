@@ -48,6 +48,7 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
 def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
     return dropped_extras(ckpt, "a SavedModel")
 
+
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     ckpt.validate(f"writing {path}")
     from convnextv2.reference.keras_model import build_keras, keras, tf

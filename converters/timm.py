@@ -325,6 +325,7 @@ def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change
     # (transformers' layer_norm_eps) cannot be stated without changing all the others.
     return fixed_head_norm_eps(ckpt, "a timm model") + dropped_extras(ckpt, "a timm model")
 
+
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bool | None = None) -> None:
     """``X.safetensors`` gets ``X.json`` beside it; any other path becomes a timm hub-style folder
     (``model.safetensors`` + ``config.json``) for ``timm.create_model("local-dir:PATH", pretrained=True)``."""
