@@ -181,12 +181,16 @@ def test_ort_optimised_toolkit_export_atto(tmp_path):
 @pytest.mark.peers
 @pytest.mark.parametrize("dynamo", [True, False])
 def test_ort_optimised_timm_tiny(tmp_path, dynamo):
-    """timm's tiny has Linear MLPs: at EXTENDED onnxruntime fuses their bias into BiasGelu."""
+    """timm's tiny has Linear MLPs (1x1 convolutions below it): each onnxruntime level reads exactly or is
+    refused by name."""
     ckpt = make_checkpoint("tiny", seed=44, fmt="original")
     model = foreign.timm_model(_timm(), ckpt, tmp_path, "convnextv2_tiny")
     source = foreign.torch_export(model, tmp_path / "timm_tiny.onnx", SIZE, opset=20 if dynamo else 17,
                                   dynamo=dynamo)
-    _check_ort_levels(source, tmp_path, ckpt.model_tensors(), ("com.microsoft", "BiasGelu"))
+    # Both exporters write timm's Linear as a Gemm (bias inside), which onnxruntime does not fuse with the GELU
+    # (our own export's MatMul + Add becomes BiasGelu, test_ort_optimised_toolkit_export): what EXTENDED
+    # leaves must still read exactly.
+    _check_ort_levels(source, tmp_path, ckpt.model_tensors(), None)
 
 
 # -------------------------------------------------------------------- simplifiers, fresh weights
