@@ -308,30 +308,14 @@ RUNNERS: dict[str, tuple[str, Any]] = {
 
 
 def _import_peer(name: str) -> Any:
-    # The only torchvision for this torch is a CUDA build whose import fails beside CPU torch on one fake-kernel
-    # registration; timm and transformers import it. Skipping that registration is harmless (ConvNeXt V2 uses
-    # none of torchvision's compiled ops). converters cannot import parity_tests.peers, which does the same.
     os.environ.setdefault("USE_TF", "0")
     os.environ.setdefault("USE_FLAX", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import importlib
 
-    import torch
-    import torch.library
+    from convnextv2.converters.peer_imports import import_torchvision_guarded
 
-    original = torch.library.register_fake
-
-    def register_fake(op: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(op, str) and op.startswith("torchvision::"):
-            return lambda fn=None, *a, **k: fn
-        return original(op, *args, **kwargs)
-
-    torch.library.register_fake = register_fake  # type: ignore[assignment]
-    try:
-        with contextlib.suppress(ImportError):
-            import torchvision  # noqa: F401
-    finally:
-        torch.library.register_fake = original  # type: ignore[assignment]
+    import_torchvision_guarded()
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
