@@ -155,14 +155,18 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     # its own metadata records the function it computes. A weights rounding the user asked for (fp16) is left
     # to the writer, whose check then still measures it against the source weights.
     to_write = changes_module.as_written(ckpt, [c for c in found if c.field != "weights"])
-    if getattr(module, "READ_BY_CONTENT", False):
+    if _unnamed_build(module, to_write, dest, options):
         # One file its reader knows by content: built and checked in an unnamed file, so a process killed
         # before publishing leaves nothing at all (converters/atomic.py).
         from convnextv2.converters.atomic import anonymous_output
 
-        with anonymous_output(dest, overwrite) as target, verify_module.named_as(target, dest):
+        with (anonymous_output(dest, overwrite, stale_companions=_companions(format, dest)) as target,
+              verify_module.named_as(target, dest)):
             module.write(to_write, dest, **staged_options)
-            summary["read_back"], written = verify_module.read_back(expected, target, format)
+            if readable(format):
+                summary["read_back"], written = verify_module.read_back(expected, target, format, named=dest)
+            else:
+                summary["read_back"], written = {"status": "not readable"}, expected
             if verify:
                 summary["verify"] = _functional(ckpt, target, format, written)
         return summary
@@ -179,6 +183,15 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
             summary["verify"] = _functional(ckpt, staged, format, written)
         verify_module.publish(work, dest, overwrite, _companions(format, dest))
     return summary
+
+
+def _unnamed_build(module: Any, ckpt: Checkpoint, dest: Path, options: Mapping[str, Any]) -> bool:
+    """A format module's ``UNNAMED_BUILD``: True when its output is one file that the writer, the reader (if
+    any) and the runtime that checks it all open without needing its name, so it is built and checked unnamed,
+    then linked into place; a predicate of the checkpoint, destination and options where that depends on them
+    (ONNX: unless the weights go to a ``.data`` file the graph refers to by name; Keras: not a weights-only .h5)."""
+    by_content = getattr(module, "UNNAMED_BUILD", False)
+    return bool(by_content(ckpt, dest, dict(options)) if callable(by_content) else by_content)
 
 
 def _functional(ckpt: Checkpoint, output: Path, format: str, written: Checkpoint) -> dict[str, Any]:

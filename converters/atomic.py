@@ -33,6 +33,7 @@ from convnextv2.reference.errors import BadInputError, EnvironmentFaultError, In
 TEMP_TAG = "convnextv2-tmp"
 OLD_TAG = "convnextv2-old"
 OWNER_FILE = ".convnextv2-owner"
+PENDING_OWNER_FILE = OWNER_FILE + ".pending"
 # Room for the tag, pid, random part and suffix inside the 255-byte name limit of common filesystems.
 _NAME_ROOM = 180
 
@@ -317,30 +318,55 @@ def remove_stale_temporaries(dest: Path) -> list[Path]:
                 continue
             folder = Path(entry.path)
             record = _read_owner(folder)
-            if record is not None and owner_gone(record):
+            if (record is not None and owner_gone(record)) or (record is None and _unfinished_and_abandoned(folder)):
                 _remove_folder(folder)
                 removed.append(folder)
     return removed
 
 
 def _make_temp_folder(dest: Path) -> Path:
-    with signals_deferred():  # never a folder without its owner record
+    with signals_deferred():  # a signal never leaves a folder without its owner record
         folder = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(dest)}{os.getpid()}.", suffix=".partial",
                                        dir=dest.parent))
+        pending = folder / PENDING_OWNER_FILE
         try:
-            fd = os.open(folder / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # Written aside and renamed: a SIGKILL can leave the folder without its record (see
+            # _unfinished_and_abandoned), never with half of one.
+            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, json.dumps(_owner_record()).encode())
                 os.fsync(fd)  # a record lost in a power cut would keep the folder forever
             finally:
                 os.close(fd)
+            os.rename(pending, folder / OWNER_FILE)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(folder / OWNER_FILE)
+            for name in (PENDING_OWNER_FILE, OWNER_FILE):
+                with contextlib.suppress(OSError):
+                    os.unlink(folder / name)
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
             raise
     return folder
+
+
+def _unfinished_and_abandoned(folder: Path) -> bool:
+    """A folder killed before its owner record was in place: it holds nothing but (part of) the pending
+    record, and the pid in its name, the process that made it, no longer runs. (A recycled pid keeps it.)"""
+    try:
+        if not set(os.listdir(folder)) <= {PENDING_OWNER_FILE}:
+            return False
+        pid = int(folder.name.split(".")[-3])
+    except (OSError, ValueError, IndexError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _remove_folder(folder: Path) -> None:
@@ -478,7 +504,16 @@ def _refuse_directory(dest: Path) -> None:
         raise BadInputError(f"{dest} is a directory; refusing to replace it with a file")
 
 
-def _finish_named_file(tmp: Path, dest: Path, overwrite: bool) -> None:
+def _remove_companions(dest: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    # After the main file is in place: a crash before this leaves the new file and a stray old companion,
+    # never an old main file without its companion.
+    if overwrite:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                dest.with_name(name).unlink()
+
+
+def _finish_named_file(tmp: Path, dest: Path, overwrite: bool, stale_companions: tuple[str, ...] = ()) -> None:
     """Publish ``tmp``, a complete file inside one of our temporary folders, as ``dest``."""
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -487,6 +522,7 @@ def _finish_named_file(tmp: Path, dest: Path, overwrite: bool) -> None:
     _refuse_directory(dest)
     with signals_deferred():
         _publish_file(tmp, dest, overwrite)
+        _remove_companions(dest, stale_companions, overwrite)
         _fsync_dir(dest.parent)
         _mark_written(dest)
 
@@ -498,14 +534,14 @@ _adopted: dict[str, Path] = {}
 
 @contextlib.contextmanager
 def anonymous_output(path: str | os.PathLike[str], overwrite: bool = False, *,
-                     expected_bytes: int | None = None) -> Iterator[Path]:
+                     expected_bytes: int | None = None, stale_companions: tuple[str, ...] = ()) -> Iterator[Path]:
     """:func:`atomic_file` for a caller that checks the output before it is published (converters.save reads
     every output back): yields the unnamed file's path (``/proc/self/fd/N``, or the named fallback), which a
     writer's own ``atomic_file(path)`` inside the block fills; published as ``path`` when the block succeeds,
     so a process killed before that leaves nothing at all. Only for files a reader recognises by content:
     the path has no name of its own to read back."""
     key = os.fspath(path)
-    with atomic_file(path, overwrite, expected_bytes=expected_bytes) as target:
+    with atomic_file(path, overwrite, expected_bytes=expected_bytes, stale_companions=stale_companions) as target:
         _adopted[key] = target
         try:
             yield target
@@ -515,7 +551,7 @@ def anonymous_output(path: str | os.PathLike[str], overwrite: bool = False, *,
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expected_bytes: int | None = None,
-                named: bool = False) -> Iterator[Path]:
+                named: bool = False, stale_companions: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a path to write the output to; it becomes ``path`` on success only.
 
     The path is ``/proc/self/fd/N`` of an anonymous file in the destination's directory where the
@@ -523,6 +559,8 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expect
     library's ``save(path)``) but do not rename anything onto it or derive sibling names from it. Writers that
     must (``named=True``), and filesystems without ``O_TMPFILE``, get ``<temporary folder>/<name>`` instead.
     ``expected_bytes``, where the writer knows its output size, is checked against the free space first.
+    ``stale_companions`` (bare file names) are files the replaced output may have had beside it (an ONNX
+    model's ``.data``) and this one has not: with ``overwrite`` they are removed once the new file is in place.
     """
     adopted = _adopted.get(os.fspath(path))
     if adopted is not None:  # the caller of anonymous_output publishes it; the writer only fills it
@@ -545,6 +583,7 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expect
                         if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
                             raise
                         _publish_copy(fd, dest, overwrite)  # a filesystem refusing links to /proc files
+                    _remove_companions(dest, stale_companions, overwrite)
                     _fsync_dir(dest.parent)
                     _mark_written(dest)
             finally:
@@ -553,9 +592,31 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expect
         folder = _make_temp_folder(dest)
         try:
             yield folder / dest.name
-            _finish_named_file(folder / dest.name, dest, overwrite)
+            _finish_named_file(folder / dest.name, dest, overwrite, stale_companions)
         finally:
             _remove_folder(folder)
+
+
+@contextlib.contextmanager
+def scratch_file(beside: str | os.PathLike[str]) -> Iterator[Path]:
+    """An unnamed scratch file on the filesystem of ``beside``, for a library's intermediate output that the
+    writer reads and discards: yields a path to open by name (``/proc/self/fd/N``), like :func:`atomic_file`'s.
+    A process killed while it exists leaves nothing. Where the filesystem has no ``O_TMPFILE`` it is a file in
+    a marked temporary folder, which the next write to ``beside`` removes."""
+    dest = Path(beside)
+    with signals_deferred():
+        fd = _open_anonymous(dest.parent)
+    if fd is not None:
+        try:
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    folder = _make_temp_folder(dest)
+    try:
+        yield folder / "scratch"
+    finally:
+        _remove_folder(folder)
 
 
 def _publish_copy(fd: int, dest: Path, overwrite: bool) -> None:
@@ -697,11 +758,7 @@ def _finish_companions(work: Path, dest: Path, companions: tuple[str, ...], over
         for name in written:
             os.replace(work / name, dest.with_name(name))
         _publish_file(main, dest, overwrite)
-        if overwrite:
-            for name in companions:
-                if name not in written:
-                    with contextlib.suppress(FileNotFoundError):
-                        dest.with_name(name).unlink()
+        _remove_companions(dest, tuple(name for name in companions if name not in written), overwrite)
         _fsync_dir(dest.parent)
         _mark_written(dest)
 

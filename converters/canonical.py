@@ -17,7 +17,7 @@ NAME = "canonical"
 SUFFIXES = (".safetensors",)
 
 # One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
-READ_BY_CONTENT = True
+UNNAMED_BUILD = True
 
 
 def sniff(path: Path) -> bool:

@@ -31,6 +31,9 @@ from convnextv2.converters.onnx_interface import INPUT_NAME, STRIDE, output_name
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "executorch"
+
+# One program file that the ExecuTorch runtime checking it opens by content: conversions build it unnamed.
+UNNAMED_BUILD = True
 # read() exists only to refuse with a reason; the command line does not offer --from executorch.
 READABLE = False
 METHOD = "forward"

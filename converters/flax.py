@@ -46,7 +46,7 @@ def _is_ours(meta: Mapping[str, Any]) -> bool:
     return meta.get(MARKER_KEY) == MARKER_VALUE
 
 # One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
-READ_BY_CONTENT = True
+UNNAMED_BUILD = True
 
 
 def sniff(path: Path) -> bool:

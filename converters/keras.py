@@ -25,13 +25,12 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_file, staging_folder
+from convnextv2.converters.atomic import atomic_file, scratch_file, staging_folder
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
@@ -43,6 +42,12 @@ from convnextv2.reference.variants import ModelConfig, check_variant
 
 NAME = "keras"
 SUFFIXES = (".keras", ".weights.h5")
+
+
+def UNNAMED_BUILD(ckpt: Checkpoint, path: Path, options: dict[str, Any]) -> bool:  # noqa: N802 - read by converters.save
+    """A .keras archive is built and read back unnamed (the reader knows it by content); a weights-only .h5
+    cannot be, Keras saves those only under a .weights.h5 name."""
+    return not (path.name.endswith(".h5") or path.name.endswith(".hdf5"))
 CONFIG_ENTRY = "config.json"
 METADATA_ENTRY = "metadata.json"
 WEIGHTS_ENTRY = "model.weights.h5"
@@ -330,14 +335,6 @@ def file_metadata(ckpt: Checkpoint) -> str:
     return json.dumps(decoded, sort_keys=True, separators=(",", ":"))
 
 
-@contextmanager
-def _scratch(beside: Path) -> Iterator[Path]:
-    # Beside the destination: the large intermediate files stay on the destination's filesystem.
-    # A marked temporary folder: after a SIGKILL the next write to the destination removes it.
-    with staging_folder(beside) as directory:
-        yield directory
-
-
 def _zip_entry(name: str, compress_type: int) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
     info.compress_type = compress_type
@@ -346,7 +343,7 @@ def _zip_entry(name: str, compress_type: int) -> zipfile.ZipInfo:
     return info
 
 
-def _rewrite_archive(keras_file: Path, out: Path, ckpt: Checkpoint, scratch: Path) -> None:
+def _rewrite_archive(keras_file: Path, out: Path, ckpt: Checkpoint, beside: Path) -> None:
     """Copy Keras' archive with fixed timestamps and no save date, adding our metadata and extras."""
     with zipfile.ZipFile(keras_file) as src, zipfile.ZipFile(out, "w") as dst:
         for info in src.infolist():
@@ -361,11 +358,11 @@ def _rewrite_archive(keras_file: Path, out: Path, ckpt: Checkpoint, scratch: Pat
         dst.writestr(_zip_entry(OUR_METADATA_ENTRY, zipfile.ZIP_STORED), file_metadata(ckpt))
         extras = ckpt.extras()
         if extras:
-            extras_file = scratch / "extras.safetensors"
-            write_safetensors(extras_file, sorted(extras.items()))
-            with open(extras_file, "rb") as reader, dst.open(
-                    _zip_entry(OUR_EXTRAS_ENTRY, zipfile.ZIP_STORED), "w", force_zip64=True) as writer:
-                shutil.copyfileobj(reader, writer, 16 * 1024 * 1024)
+            with scratch_file(beside) as extras_file:
+                write_safetensors(extras_file, sorted(extras.items()))
+                with open(extras_file, "rb") as reader, dst.open(
+                        _zip_entry(OUR_EXTRAS_ENTRY, zipfile.ZIP_STORED), "w", force_zip64=True) as writer:
+                    shutil.copyfileobj(reader, writer, 16 * 1024 * 1024)
 
 
 def _annotate_weights_h5(weights_file: Path, ckpt: Checkpoint) -> None:
@@ -400,17 +397,38 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     dtype = _model_dtype(ckpt, where)
     from convnextv2.reference.keras_model import build_keras
 
-    # named: the .weights.h5 branch renames Keras's own file onto the temporary path.
-    with atomic_file(path, overwrite, named=True) as tmp, _scratch(path) as scratch:
-        model = build_keras(ckpt.config, ckpt.model_tensors(), dtype=dtype)
-        if path.name.endswith(".h5") or path.name.endswith(".hdf5"):
-            # Keras insists on the .weights.h5 suffix; save under it, then move the file into the temp path.
+    if path.name.endswith(".h5") or path.name.endswith(".hdf5"):
+        # Keras saves weights only under a name ending in .weights.h5, so this file is made under that name in
+        # a marked temporary folder beside the destination (after a SIGKILL the next write removes it), then
+        # renamed onto the output: named=True.
+        with atomic_file(path, overwrite, named=True) as tmp, staging_folder(path) as scratch:
+            model = build_keras(ckpt.config, ckpt.model_tensors(), dtype=dtype)
             weights_file = scratch / "model.weights.h5"
             model.save_weights(weights_file)
             _annotate_weights_h5(weights_file, ckpt)
             os.replace(weights_file, tmp)
-        else:
-            keras_file = scratch / "model.keras"
-            model.save(keras_file)
-            _rewrite_archive(keras_file, tmp, ckpt, scratch)
+        return
+    # Keras's archive goes to an unnamed scratch file and ours (deterministic, with our metadata) to the unnamed
+    # output, so a killed conversion leaves nothing.
+    with atomic_file(path, overwrite) as tmp, scratch_file(path) as keras_file:
+        model = build_keras(ckpt.config, ckpt.model_tensors(), dtype=dtype)
+        with open(keras_file, "w+b") as handle:
+            _save_archive(model, handle, path)
+        _rewrite_archive(keras_file, tmp, ckpt, path)
+
+
+def _save_archive(model: Any, handle: Any, beside: Path) -> None:
+    # keras.saving.save_model takes only names ending in .keras; the function behind it (Keras 3's saving_lib)
+    # writes the same archive into an open file, which an unnamed file needs.
+    try:
+        from keras.src.saving import saving_lib
+    except ImportError:
+        saving_lib = None
+    if saving_lib is not None and hasattr(saving_lib, "save_model"):
+        saving_lib.save_model(model, handle)
+        return
+    with staging_folder(beside) as scratch:  # a Keras without it: by name, in a marked folder
+        model.save(scratch / "model.keras")
+        with open(scratch / "model.keras", "rb") as saved:
+            shutil.copyfileobj(saved, handle, 16 * 1024 * 1024)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +34,9 @@ from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "litert"
+
+# One flatbuffer that the LiteRT interpreter checking it opens by content: conversions build it unnamed.
+UNNAMED_BUILD = True
 # read() exists only to refuse with a reason; the command line does not offer --from litert.
 READABLE = False
 SUFFIX = ".tflite"
@@ -40,6 +44,8 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "pixel_values"
 METADATA_NAME = "convnextv2"
 _IDENTIFIER = b"TFL3"
+# Weights past this size are stored after the flatbuffer (which cannot pass 2 GB), not inside it.
+BUFFER_OFFSET_BYTES = 1_800_000_000
 
 
 def why_unavailable() -> str | None:
@@ -98,10 +104,12 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = 
     say = log or (lambda _message: None)
     say(f"converting the Keras reference to LiteRT (builtin ops{', float16 weights' if fp16 else ''})")
     flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
-    flatbuffer = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
-    with atomic_file(dest, overwrite, expected_bytes=len(flatbuffer)) as tmp:
-        tmp.write_bytes(flatbuffer)
-        del flatbuffer
+    head, weights_after = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
+    with atomic_file(dest, overwrite, expected_bytes=len(head) + len(weights_after)) as tmp:
+        with open(tmp, "wb") as out:
+            out.write(head)
+            out.write(weights_after)
+        del flatbuffer, head, weights_after
         gc.collect()
         say(f"checking {dest.name} in {interpreter_name()} vs the float64 referee")
         check = check_file(tmp, ckpt, size=size, batch=check_batch, fp16=fp16)
@@ -139,6 +147,10 @@ def convert(ckpt: Checkpoint, size: int, *, features: bool = False, fp16: bool =
         if fp16:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
+        if ckpt.parameter_count * (2 if fp16 else 4) > BUFFER_OFFSET_BYTES:
+            # A flatbuffer stops at 2 GB. TensorFlow 2.21's (private) switch stores the weights after it, each
+            # buffer holding its offset in the file; LiteRT runs such files.
+            converter._experimental_use_buffer_offset = True
         try:
             return bytes(converter.convert())
         except Exception as exc:  # the converter raises its own ConverterError with MLIR diagnostics
@@ -179,12 +191,24 @@ def _schema() -> Any:
     return schema
 
 
-def with_metadata(flatbuffer: bytes, payload: bytes) -> bytes:
-    """``flatbuffer`` with a ``convnextv2`` metadata entry holding ``payload`` (replacing an earlier one)."""
+def _data_start(model: Any) -> int | None:
+    """Where the weights begin in a file whose buffers are stored after the flatbuffer (see BUFFER_OFFSET_BYTES),
+    or None when every buffer is inside it."""
+    offsets = [model.Buffers(i).Offset() for i in range(model.BuffersLength())]
+    stored_after = [o for o in offsets if o > 1]  # 0 and 1 are the schema's "no offset" values
+    return min(stored_after) if stored_after else None
+
+
+def with_metadata(flatbuffer: bytes, payload: bytes) -> tuple[bytes, memoryview]:
+    """``flatbuffer`` with a ``convnextv2`` metadata entry holding ``payload`` (replacing an earlier one), as the
+    file's two parts: the flatbuffer, and the weights stored after it (empty when they are inside it)."""
     import flatbuffers
 
     schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
+    start = _data_start(schema.Model.GetRootAs(flatbuffer, 0))
+    # Only the flatbuffer itself is repacked; weights stored after it stay where they are in memory.
+    head = memoryview(flatbuffer)[:start] if start is not None else memoryview(flatbuffer)
+    model = schema.ModelT.InitFromPackedBuf(bytearray(head), 0)
     model.metadata = [m for m in (model.metadata or []) if _text(m.name) != METADATA_NAME]
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(payload, dtype=np.uint8)
@@ -193,14 +217,37 @@ def with_metadata(flatbuffer: bytes, payload: bytes) -> bytes:
     entry.name = METADATA_NAME
     entry.buffer = len(model.buffers) - 1
     model.metadata.append(entry)
-    builder = flatbuffers.Builder(len(flatbuffer) + len(payload) + 4096)
-    builder.Finish(model.Pack(builder), file_identifier=_IDENTIFIER)
-    return bytes(builder.Output())
+    old_offsets = [b.offset for b in model.buffers]
+
+    def pack(shift: int) -> bytes:
+        for held, old in zip(model.buffers, old_offsets, strict=True):
+            if old > 1:
+                held.offset = old + shift
+        builder = flatbuffers.Builder(len(head) + len(payload) + 4096)
+        builder.Finish(model.Pack(builder), file_identifier=_IDENTIFIER)
+        return bytes(builder.Output())
+
+    if start is None:
+        return pack(0), memoryview(b"")
+    # The offsets count from the start of the file, so the weights move by the flatbuffer's growth, rounded
+    # up to 64 bytes to keep every buffer's alignment; the offsets' own size does not depend on their values.
+    shift = -(-(len(pack(0)) - start) // 64) * 64
+    packed = pack(shift)
+    if len(packed) > start + shift:
+        raise AssertionError("the repacked flatbuffer overlaps the weights stored after it")
+    return packed + b"\0" * (start + shift - len(packed)), memoryview(flatbuffer)[start:]
 
 
 def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[str, Any]:
     """The ``convnextv2`` metadata of a .tflite file (what docs/deploy.md shows a user doing by hand)."""
-    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    if isinstance(path_or_bytes, bytes):
+        return _metadata_entry(path_or_bytes)
+    # Mapped, not read: past 2 GB the weights follow the flatbuffer in the same file.
+    with open(path_or_bytes, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _metadata_entry(data)
+
+
+def _metadata_entry(data: Any) -> dict[str, Any]:
     model = _schema().Model.GetRootAs(data, 0)
     for index in range(model.MetadataLength()):
         entry = model.Metadata(index)

@@ -826,6 +826,14 @@ def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change
     return found
 
 
+def UNNAMED_BUILD(ckpt: Checkpoint, path: Path, options: dict[str, Any]) -> bool:  # noqa: N802 - the attribute converters.save reads
+    """A self-contained graph is one file the reader knows by content; one with a ``.data`` file is not (the
+    graph names its data file)."""
+    from convnextv2.converters import onnx_export
+
+    return not onnx_export.writes_external_data(ckpt, bool(options.get("fp16")), options.get("external_data"))
+
+
 def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "torch", opset: int | None = None,
           dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
           check_size: int | None = None, check_batch: int = 4, source_path: str | os.PathLike[str] | None = None,

@@ -10,15 +10,17 @@ metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from convnextv2.converters import onnx_via_flax, onnx_via_tensorflow, onnx_via_torch
-from convnextv2.converters.atomic import atomic_file_with_companions, check_destination, require_space
+from convnextv2.converters.atomic import atomic_file, atomic_file_with_companions, check_destination, require_space
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.digests import sha256_of
 from convnextv2.converters.onnx_check import check_file
@@ -105,19 +107,40 @@ def _finish_proto(proto: Any, ckpt: Checkpoint, via: str, opset: int, fp16: bool
         entry.key, entry.value = key, meta[key]
 
 
-def _save_proto(proto: Any, directory: Path, file_name: str, external: bool) -> Path | None:
+@contextlib.contextmanager
+def _output_file(dest: Path, external: bool, overwrite: bool, weight_bytes: int) -> Iterator[Path]:
+    """Where the graph is written and checked before it is published. A self-contained graph is one file, built
+    unnamed (a killed export leaves nothing); one with a ``.data`` file needs both under their final names
+    (the graph refers to its data by name), so the pair is built in a marked temporary folder."""
+    data_name = data_file_name(dest)
+    if external:
+        with atomic_file_with_companions(dest, (data_name,), overwrite, expected_bytes=weight_bytes) as work:
+            yield work / dest.name
+        return
+    with atomic_file(dest, overwrite, expected_bytes=weight_bytes, stale_companions=(data_name,)) as target:
+        yield target
+
+
+def _save_proto(proto: Any, target: Path, external: bool) -> None:
     import onnx
 
-    target = directory / file_name
     if not external:
-        for tensor in proto.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(directory))
         target.write_bytes(proto.SerializeToString(deterministic=True))
-        return None
+        return
     onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_file_name(target), size_threshold=1024, convert_attribute=False)
-    return directory / data_file_name(target)
+
+
+def graph_weight_bytes(ckpt: Checkpoint, fp16: bool) -> int:
+    # The graph holds float32 weights (float16 with --fp16) whatever the checkpoint's dtype.
+    return ckpt.parameter_count * (2 if fp16 else 4)
+
+
+def writes_external_data(ckpt: Checkpoint, fp16: bool = False, external_data: bool | None = None) -> bool:
+    """Whether the export puts its weights in a ``.data`` file beside the graph (asked for, or past 2 GB)."""
+    if external_data is not None:
+        return bool(external_data)
+    return graph_weight_bytes(ckpt, fp16) > EXTERNAL_DATA_THRESHOLD
 
 
 def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch", opset: int | None = None,
@@ -148,12 +171,11 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch"
     source_sha256 = sha256_of(source_path) if source_path else ckpt.source.sha256
     say = log or (lambda _msg: None)
 
-    # The graph holds float32 weights (float16 with --fp16) whatever the checkpoint's dtype.
-    weight_bytes = ckpt.parameter_count * (2 if fp16 else 4)
+    weight_bytes = graph_weight_bytes(ckpt, fp16)
     if external_data is False and weight_bytes > EXTERNAL_DATA_THRESHOLD:
         raise BadInputError(f"--no-external-data: the model holds {weight_bytes / 1e9:.2f} GB of weights and a "
                             "protobuf file stops at 2 GB; let the weights go to the .data file")
-    external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    external = writes_external_data(ckpt, fp16, external_data)
     require_space(dest, weight_bytes)  # before the minutes an export takes, not after
 
     say(f"exporting through {via} (opset {opset}{', fp16' if fp16 else ''}{', features' if features else ''})")
@@ -162,11 +184,11 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch"
 
     # Data first, model last (a model file in place always finds its complete data file); with --overwrite a
     # stale .data file of the replaced model is removed when the new one has none.
-    with atomic_file_with_companions(dest, (data_dest.name,), overwrite, expected_bytes=weight_bytes) as work:
-        _save_proto(proto, work, dest.name, external)
+    with _output_file(dest, external, overwrite, weight_bytes) as target:
+        _save_proto(proto, target, external)
         del proto
         say(f"checking {dest.name}: onnx.checker, then onnxruntime (ORT_ENABLE_ALL) vs the float64 referee")
-        check = check_file(work / dest.name, ckpt, size=size, batch=check_batch, fp16=fp16)
+        check = check_file(target, ckpt, size=size, batch=check_batch, fp16=fp16)
         if not check["ok"]:
             raise CheckFailedError(f"{dest}: exported graph fails parity, nothing written: {check['message']}")
     return ExportResult(dest, data_dest if external else None, via, opset, output_names(ckpt, features), check)

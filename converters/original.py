@@ -37,6 +37,10 @@ from convnextv2.reference.variants import check_variant
 
 NAME = "original"
 SUFFIXES = (".pt", ".pth", ".bin")
+
+# One torch zip read by content (read_named supplies the name its preprocessing comes from): conversions
+# build and check it unnamed.
+UNNAMED_BUILD = True
 LAYOUTS = ("finetuned", "fcmae", "fcmae-sparse")
 EXTRAS_NAMESPACE = "extras.fcmae."
 
@@ -185,6 +189,12 @@ def preprocessing_from_name(file_name: str) -> Preprocessing:
 
 
 def read(path: Path, *, variant: str | None = None, ema: bool = False) -> Checkpoint:
+    return read_named(path, path.name, variant=variant, ema=ema)
+
+
+def read_named(path: Path, file_name: str, *, variant: str | None = None, ema: bool = False) -> Checkpoint:
+    """``read`` of a file as though it were called ``file_name``: the preprocessing a .pt file implies comes
+    from its name, and a conversion reads its output back before the output has one."""
     where = str(path)
     obj = read_torch_zip(path)
     state, info = select_state_dict(obj, ema, where)
@@ -193,10 +203,10 @@ def read(path: Path, *, variant: str | None = None, ema: bool = False) -> Checkp
     ckpt = Checkpoint(
         config=config,
         tensors=tensors,
-        preprocessing=preprocessing_from_name(path.name),
+        preprocessing=preprocessing_from_name(file_name),
         source=Source(
             format=NAME,
-            file_name=path.name,
+            file_name=file_name,
             digest=lazy_sha256(path),  # a full read: done when needed
             layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema},
         ),

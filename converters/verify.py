@@ -103,7 +103,7 @@ def publish(work: Path, dest: Path, overwrite: bool, companions: tuple[str, ...]
 
 # ------------------------------------------------------------------ read-back
 
-def read_back(expected: Checkpoint, path: Path, format: str) -> tuple[dict[str, Any], Checkpoint]:
+def read_back(expected: Checkpoint, path: Path, format: str, named: Path | None = None) -> tuple[dict[str, Any], Checkpoint]:
     """Read ``path`` with ``format``'s reader and compare it with ``expected`` bit for bit: the figures and the
     checkpoint read, or CheckFailedError naming the first differences. A dtype the format widens exactly (bfloat16 into ONNX's float32)
     compares equal when narrowing it back gives the very same bits."""
@@ -117,7 +117,11 @@ def read_back(expected: Checkpoint, path: Path, format: str) -> tuple[dict[str, 
         # source already, or is announced as a change.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = converters.format_module(format).read(path)
+            module = converters.format_module(format)
+            # An unnamed output (``named``: the path it will be published as) is read under its coming name by
+            # a reader whose result depends on the name.
+            read_named = getattr(module, "read_named", None)
+            got = read_named(path, named.name) if named is not None and read_named else module.read(path)
     except BadInputError as exc:
         raise CheckFailedError(f"{path}: the {format} reader cannot read back what was just written: {exc}") from None
     problems: list[str] = []

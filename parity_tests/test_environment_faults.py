@@ -102,8 +102,12 @@ def tiny(tmp_path_factory) -> Path:
     return path
 
 
+DESTINATIONS = {"hf": "out-dir", "canonical": "out.safetensors", "original": "out.pt", "keras": "out.keras",
+                "keras-h5": "out.weights.h5", "onnx": "out.onnx"}
+
+
 def _destination(directory: Path, fmt: str) -> Path:
-    return directory / ("out-dir" if fmt == "hf" else "out.safetensors" if fmt == "canonical" else "out.pt")
+    return directory / DESTINATIONS[fmt]
 
 
 # ------------------------------------------------------------------ full disk
@@ -202,22 +206,22 @@ def test_destination_directory_vanishing_mid_write(tmp_path, atto, fmt, fault):
 
 # ------------------------------------------------------------------ signals
 
-def _open_under(pid: int, directory: Path) -> bool:
-    """Whether process ``pid`` holds a file open under ``directory`` (an unnamed O_TMPFILE file shows as
-    ``<dir>/#<inode> (deleted)``)."""
+def _open_under(pid: int, directory: Path, min_bytes: int = 0) -> bool:
+    """Whether process ``pid`` holds a file of at least ``min_bytes`` open under ``directory`` (an unnamed
+    O_TMPFILE file shows as ``<dir>/#<inode> (deleted)``)."""
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith(f"{directory}/") and (link.endswith(".safetensors") or "#" in link):
+                if (os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{directory}/")
+                        and os.stat(f"/proc/{pid}/fd/{fd}").st_size >= min_bytes):
                     return True
     return False
 
 
-def _stopped_mid_write(args: list[str], directory: Path) -> subprocess.Popen[str]:
+def _stopped_mid_write(args: list[str], directory: Path, min_bytes: int = 0) -> subprocess.Popen[str]:
     process = subprocess.Popen([*CLI, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not _open_under(process.pid, directory):
+    while not _open_under(process.pid, directory, min_bytes):
         assert process.poll() is None, f"finished before it was caught writing: {process.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, "the output was never opened"
         time.sleep(0.002)
@@ -257,22 +261,29 @@ def test_sigterm_during_overwrite_keeps_the_old_file(tmp_path, tiny, atto):
     assert dst.read_bytes() == old and os.listdir(work) == ["out.safetensors"]
 
 
-def test_sigkill_of_a_single_file_conversion_leaves_nothing_at_all(tmp_path, tiny, atto):
-    """A conversion to one file read back by content is built, read back and checked in an unnamed file."""
+@pytest.mark.parametrize("fmt", ["canonical", "original", pytest.param("keras", marks=pytest.mark.slow),
+                                 pytest.param("onnx", marks=pytest.mark.slow)])
+def test_sigkill_of_a_single_file_conversion_leaves_nothing_at_all(tmp_path, tiny, atto, fmt):
+    """A conversion to one file (its scratch files too) is built, read back and checked unnamed; the stop lands
+    once 10 MB of it are in the destination's directory."""
     work = tmp_path / "work"
     work.mkdir()
-    dst = _destination(work, "canonical")
-    process = _stopped_mid_write(["convert", str(tiny), "-o", str(dst), "--to", "canonical"], work)
+    dst = _destination(work, fmt)
+    process = _stopped_mid_write(["convert", str(tiny), "-o", str(dst), "--to", fmt], work, min_bytes=10 << 20)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert os.listdir(work) == []
 
 
-@pytest.mark.parametrize("fmt", ["original", "hf"], ids=["file-read-back-by-name", "folder"])
+@pytest.mark.parametrize("fmt", ["hf", pytest.param("keras-h5", marks=pytest.mark.slow)],
+                         ids=["folder", "file-made-by-name"])
 def test_sigkill_leaves_one_marked_folder_that_the_next_conversion_removes(tmp_path, tiny, atto, fmt):
+    """Outputs that need names while they are made (a folder; Keras's weights-only .h5, saved only under a
+    .weights.h5 name) leave at most one marked folder, which the next conversion removes."""
     work = tmp_path / "work"
     work.mkdir()
     dst = _destination(work, fmt)
+    fmt = fmt.split("-")[0]
     process = _stopped_mid_write(["convert", str(tiny), "-o", str(dst), "--to", fmt], work)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
@@ -280,8 +291,10 @@ def test_sigkill_leaves_one_marked_folder_that_the_next_conversion_removes(tmp_p
     assert len(left) <= 1, left
     for name in left:
         assert re.fullmatch(rf"\.{re.escape(dst.name)}\.convnextv2-tmp\.{process.pid}\.[^/]+\.partial", name), name
-        record = json.loads((work / name / atomic.OWNER_FILE).read_text())
-        assert record["pid"] == process.pid
+        if (work / name / atomic.OWNER_FILE).exists():
+            assert json.loads((work / name / atomic.OWNER_FILE).read_text())["pid"] == process.pid
+        else:  # stopped while the record was being written: only the pending record is in it
+            assert set(os.listdir(work / name)) <= {atomic.PENDING_OWNER_FILE}
     done = _cli("convert", str(atto), "-o", str(dst), "--to", fmt)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.listdir(work) == [dst.name]
@@ -362,6 +375,17 @@ def test_only_provably_abandoned_folders_are_removed(tmp_path):
             folder("garbled", dead_pid.pid, "{not json"),
             folder("foreign", dead_pid.pid, {**me, "pid": dead_pid.pid, "tool": "something-else"}),
             folder("renamed", dead_pid.pid + 1, {**me, "pid": dead_pid.pid})]
+    # Killed while its owner record was being written: nothing in it but the pending record.
+    unfinished = [tmp_path / f".out-dir.convnextv2-tmp.{pid}.{tag}.partial"
+                  for tag, pid in (("empty", dead_pid.pid), ("pending", dead_pid.pid), ("pending-alive", os.getpid()),
+                                   ("pending-and-more", dead_pid.pid))]
+    for path in unfinished:
+        path.mkdir()
+    for path in unfinished[1:]:
+        (path / atomic.PENDING_OWNER_FILE).write_text('{"tool": "conv')
+    (unfinished[3] / "model.safetensors").write_bytes(b"half")
+    gone += unfinished[:2]
+    kept += unfinished[2:]
     other = tmp_path / f".other.convnextv2-tmp.{dead_pid.pid}.x.partial"
     other.mkdir()
     (other / atomic.OWNER_FILE).write_text(json.dumps({**me, "pid": dead_pid.pid}))

@@ -99,6 +99,36 @@ def test_tflite_runs_in_plain_litert_and_matches_the_referee(atto_tflite):
 
 
 @pytest.mark.torch
+def test_weights_stored_after_the_flatbuffer_run_in_plain_litert(monkeypatch, tmp_path):
+    """Past 2 GB (huge) a flatbuffer cannot hold the weights: they go after it, each buffer naming its offset,
+    and our metadata entry is added without moving them out of place. Forced here at a small size; the plain
+    runtime must run the file and agree with the float64 referee, and read the metadata."""
+    pytest.importorskip("ai_edge_litert", reason="ai-edge-litert is not installed")
+    from convnextv2.converters import litert
+
+    monkeypatch.setattr(litert, "BUFFER_OFFSET_BYTES", 0)
+    ckpt = make_checkpoint("atto", seed=0, fmt="canonical")
+    path = tmp_path / "offsets.tflite"
+    litert.export(ckpt, path, check_size=64, check_batch=2)
+    data = path.read_bytes()
+    model = litert._schema().Model.GetRootAs(data, 0)
+    start = litert._data_start(model)
+    assert start is not None and start < len(data) // 10, "the weights were not stored after the flatbuffer"
+    assert start % 16 == 0  # the converter aligns its buffers to 16 bytes; the shift keeps that
+    images = parity_rule.seeded_images(2, 64)
+    np.save(tmp_path / "images.npy", images)
+    done = subprocess.run([sys.executable, "-I", "-c", _RUNNER, str(path), str(tmp_path / "images.npy")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert json.loads(report["meta"]["config"]) == ckpt.config.to_json_dict()
+    assert litert.read_metadata(path)["config"] == report["meta"]["config"]
+    referee = parity_rule.referee_features(ckpt, images)["logits"]
+    baseline = parity_rule.scale_aware_error(parity_rule.baseline_features(ckpt, images)["logits"], referee)
+    assert parity_rule.judge("logits", np.load(f"{path}.npy"), referee, baseline).passed
+
+
+@pytest.mark.torch
 def test_same_checkpoint_gives_the_same_bytes(atto_tflite, tmp_path):
     work, ckpt = atto_tflite
     from convnextv2.converters import litert
