@@ -106,9 +106,7 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = 
     flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
     head, weights_after = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
     with atomic_file(dest, overwrite, expected_bytes=len(head) + len(weights_after)) as tmp:
-        with open(tmp, "wb") as out:
-            out.write(head)
-            out.write(weights_after)
+        _write_parts(tmp, head, weights_after)
         del flatbuffer, head, weights_after
         gc.collect()
         say(f"checking {dest.name} in {interpreter_name()} vs the float64 referee")
@@ -156,6 +154,23 @@ def convert(ckpt: Checkpoint, size: int, *, features: bool = False, fp16: bool =
         except Exception as exc:  # the converter raises its own ConverterError with MLIR diagnostics
             raise CheckFailedError("TFLiteConverter cannot convert the Keras reference to builtin ops: "
                                    + converter_error(str(exc))) from exc
+
+
+def _write_parts(path: Path, head: bytes, weights_after: memoryview) -> None:
+    with open(path, "wb") as out:
+        out.write(head)
+        out.write(weights_after)
+
+
+def write_unchecked(ckpt: Checkpoint, target: Path, *, size: int, features: bool = False, fp16: bool = False) -> None:
+    """The file :func:`export` writes, at ``target``, without the export's own check and without publishing:
+    for the parity harness, which runs it in a folder of its own and judges its outputs itself."""
+    reason = why_unavailable()
+    if reason:
+        raise MissingDependencyError(reason)
+    flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
+    head, weights_after = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
+    _write_parts(target, head, weights_after)
 
 
 def converter_error(text: str) -> str:

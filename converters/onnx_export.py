@@ -143,6 +143,21 @@ def writes_external_data(ckpt: Checkpoint, fp16: bool = False, external_data: bo
     return graph_weight_bytes(ckpt, fp16) > EXTERNAL_DATA_THRESHOLD
 
 
+def write_unchecked(ckpt: Checkpoint, target: Path, *, size: int, features: bool = False, fp16: bool = False,
+                    via: str = "torch", opset: int | None = None) -> None:
+    """The graph :func:`export` writes, at ``target`` (its ``.data`` file beside it past 2 GB), without the
+    export's own onnxruntime check and without publishing: for the parity harness, which runs it in a
+    folder of its own and judges its outputs by the parity rule itself, on more images."""
+    exporter = _exporter(via)
+    opset = DEFAULT_OPSET[via] if opset is None else int(opset)
+    reason = why_unavailable(via)
+    if reason:
+        raise MissingDependencyError(reason)
+    proto = exporter.build(ckpt, opset, False, features, fp16, size)
+    _finish_proto(proto, ckpt, via, opset, fp16, features, False, ckpt.source.sha256 or "")
+    _save_proto(proto, target, writes_external_data(ckpt, fp16))
+
+
 def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch", opset: int | None = None,
            dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
            overwrite: bool = False, check_size: int | None = None, check_batch: int = 4,

@@ -43,8 +43,6 @@ PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _OV_TYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 # The ONNX graph the IR is converted from: opset 20 (GELU as one op), the default of export-onnx.
 ONNX_OPSET = 20
-# protobuf refuses messages of 2 GiB: larger models go through an external-data ONNX file.
-_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def bin_name(path: Path) -> str:
@@ -104,11 +102,9 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = 
 
     with tempfile.TemporaryDirectory(prefix="convnextv2-openvino-") as tmp:
         say(f"exporting ONNX (opset {ONNX_OPSET}) for OpenVINO's converter")
-        onnx_path, graph_names = _write_onnx(ckpt, Path(tmp), features, size)
+        onnx_path = _write_onnx(ckpt, Path(tmp), features, size)
         say("converting to OpenVINO IR")
-        model = ov.convert_model(str(onnx_path))
-    _canonicalise(model, graph_names)
-    _attach_metadata(model, ckpt, features, size)
+        model = ir_model(ckpt, onnx_path, features, size)
     with atomic_file_with_companions(dest, (bin_name(dest),), overwrite) as work:
         ov.save_model(model, str(work / dest.name), compress_to_fp16=False)
         del model
@@ -120,23 +116,37 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = 
     return check
 
 
-def _write_onnx(ckpt: Checkpoint, directory: Path, features: bool, size: int) -> tuple[Path, set[str]]:
-    """The ONNX export the IR is converted from, and every name in its graph (the names OpenVINO keeps)."""
+def _write_onnx(ckpt: Checkpoint, directory: Path, features: bool, size: int) -> Path:
+    """The ONNX export the IR is converted from (the torch export at ONNX_OPSET, as export-onnx writes it)."""
+    from convnextv2.converters import onnx_export
+
+    target = directory / "model.onnx"
+    onnx_export.write_unchecked(ckpt, target, size=size, features=features, opset=ONNX_OPSET)
+    return target
+
+
+def ir_model(ckpt: Checkpoint, onnx_path: Path, features: bool, size: int) -> Any:
+    """The OpenVINO model converted from the ONNX export at ``onnx_path``, its generated names made
+    deterministic and the canonical metadata attached; not yet checked or saved."""
     import onnx
+    import openvino as ov
 
-    from convnextv2.converters import onnx_via_torch
-
-    proto = onnx_via_torch.build(ckpt, ONNX_OPSET, False, features, False, size)
-    graph = proto.graph
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    # Every name in the ONNX graph: the names OpenVINO keeps.
     names = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
     names |= {t.name for t in graph.initializer} | {v.name for v in list(graph.input) + list(graph.output)}
-    target = directory / "model.onnx"
-    if ckpt.parameter_count * 4 > _EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024, convert_attribute=False)
-    else:
-        target.write_bytes(proto.SerializeToString(deterministic=True))
-    return target, names
+    model = ov.convert_model(str(onnx_path))
+    _canonicalise(model, names)
+    _attach_metadata(model, ckpt, features, size)
+    return model
+
+
+def write_unchecked(ckpt: Checkpoint, onnx_path: Path, target: Path, *, features: bool, size: int) -> None:
+    """The IR (``target``: NAME.xml, and NAME.bin) converted from an existing ONNX export, without the export's
+    own check and without publishing: for the parity harness, which judges its outputs itself."""
+    import openvino as ov
+
+    ov.save_model(ir_model(ckpt, onnx_path, features, size), str(target), compress_to_fp16=False)
 
 
 _GENERATED_NAME = re.compile(r"[A-Z][A-Za-z0-9]*_\d+")
@@ -148,7 +158,7 @@ def _canonicalise(model: Any, graph_names: set[str]) -> None:
     replaced, ``Reshape_19629``), so the same model converted twice, or after another model in the same
     process, is written with other names. Such a name (``Type_N``, not a name of the ONNX graph) is replaced
     by the type and the rank of its first node in topological order; the suffix OpenVINO appends to a node
-    it splits (``/WithoutBiases``) is kept. The conversion record (the temporary ONNX file's name) is dropped."""
+    it splits (``/WithoutBiases``) is kept."""
     renamed: dict[str, str] = {}
     for index, op in enumerate(model.get_ordered_ops()):
         head, sep, tail = op.get_friendly_name().partition("/")
@@ -159,8 +169,11 @@ def _canonicalise(model: Any, graph_names: set[str]) -> None:
         op.set_friendly_name(renamed[head] + sep + tail)
     model.set_friendly_name("convnextv2")
     info = model.get_rt_info()
-    if "conversion_parameters" in list(info.keys()):
-        del info["conversion_parameters"]
+    # The conversion record (the temporary ONNX file's name) and the ONNX file's own metadata_props, which
+    # OpenVINO copies under "framework": the IR carries the canonical metadata once, in its own section.
+    for section in ("conversion_parameters", "framework"):
+        if section in list(info.keys()):
+            del info[section]
 
 
 def _attach_metadata(model: Any, ckpt: Checkpoint, features: bool, size: int) -> None:

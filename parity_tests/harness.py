@@ -21,6 +21,8 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.parity_tests import runtimes as runtime_registry
+from convnextv2.parity_tests.artifacts import ParityCache, RuntimeRecord, checkpoint_digest, images_digest
+from convnextv2.parity_tests.artifacts import active as artifacts_active
 from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images
 from convnextv2.parity_tests.runtimes import Runtime
 from convnextv2.reference import parity_rule as rule
@@ -109,6 +111,9 @@ class RuntimeResult:
     first_divergence: str | None = None
     seconds: float = 0.0
     features: list[FeatureResult] = dataclasses.field(default_factory=list)
+    # Where the seconds went (import, export, build, compile, forward) and each export cached or built.
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def feature(self, name: str) -> FeatureResult | None:
         return next((f for f in self.features if f.name == name), None)
@@ -122,6 +127,8 @@ class ParityReport:
     baseline: dict[str, Any]
     tolerance: dict[str, Any]
     runtimes: list[RuntimeResult]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    cache: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -158,6 +165,8 @@ class ParityReport:
                  "features": [dataclasses.asdict(f) for f in r.features]}
                 for r in self.runtimes
             ],
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            **({"cache": self.cache} if self.cache is not None else {}),
         }
 
 
@@ -269,14 +278,34 @@ def run_parity(
     checkpoint_path: str | None = None,
     referee_source: str | None = None,
     progress: Any = None,
+    cache: ParityCache | None = None,
 ) -> ParityReport:
     """Compare ``runtimes`` on ``ckpt`` against the float64 PyTorch referee.
 
     ``referee_ckpt`` lets a caller build the referee from an independent copy of the weights (the matrix
     builds it from the in-memory fixture, so a converter bug in the file under test cannot hide by
     appearing on both sides). ``referee_features``/``baseline_features`` reuse earlier float64/float32
-    PyTorch runs on the same images.
+    PyTorch runs on the same images. ``cache`` (parity_tests/artifacts.py) keeps the exports and the
+    referee's features for the next run; without it they are shared within this run only.
     """
+    own_cache = cache is None
+    cache = cache or ParityCache(None)
+    try:
+        return _run_parity(ckpt, runtimes, dtypes, images, inputs_info, image_size, batch, seed, images_dir, atol,
+                           rtol, referee_ckpt, referee_features, baseline_features, checkpoint_path, referee_source,
+                           progress, cache)
+    finally:
+        if own_cache:
+            cache.close()
+
+
+def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Sequence[str],
+                images: np.ndarray | None, inputs_info: Mapping[str, Any] | None, image_size: int | None, batch: int,
+                seed: int, images_dir: Path | None, atol: Mapping[str, float] | None,
+                rtol: Mapping[str, float] | None, referee_ckpt: Checkpoint | None,
+                referee_features: Mapping[str, np.ndarray] | None, baseline_features: Mapping[str, np.ndarray] | None,
+                checkpoint_path: str | None, referee_source: str | None, progress: Any,
+                cache: ParityCache) -> ParityReport:
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -288,12 +317,23 @@ def run_parity(
                                     "seed": None, "directory": None, "files": [], "preprocessing": None})
     source = referee_ckpt or ckpt
     say = progress or (lambda message: None)
+    timings: dict[str, float] = {}
+    seen = {"checkpoint": checkpoint_digest(source), "images": images_digest(images)}
+
+    def reference_run(dtype: str) -> dict[str, np.ndarray]:
+        # The PyTorch reference on these weights and images: computed once, then taken from the cache.
+        start = time.perf_counter()
+        try:
+            return cache.arrays("torch-features", {**seen, "dtype": dtype}, lambda: torch_features(source, images, dtype))
+        finally:
+            timings[f"torch {dtype}"] = timings.get(f"torch {dtype}", 0.0) + time.perf_counter() - start
+
     if referee_features is None:
         say("referee: torch float64")
-        referee_features = torch_features(source, images, "float64")
+        referee_features = reference_run("float64")
     if baseline_features is None:
         say("baseline: torch float32")
-        baseline_features = torch_features(source, images, "float32")
+        baseline_features = reference_run("float32")
     referee = {k: np.asarray(v, dtype=np.float64) for k, v in referee_features.items()}
     features = [name for name in FEATURES if name in referee]
     baseline = {name: rule.scale_aware_error(baseline_features[name], referee[name]) for name in features}
@@ -302,14 +342,14 @@ def run_parity(
     for dtype in dtypes:
         if dtype in rule.REDUCED_PRECISIONS and dtype not in baselines:
             say(f"baseline: torch {dtype} (norms in float32)")
-            reduced = torch_features(source, images, dtype)
+            reduced = reference_run(dtype)
             baselines[dtype] = {name: rule.scale_aware_error(reduced[name], referee[name]) for name in features}
 
     results: list[RuntimeResult] = []
     for runtime in resolved:
         for dtype in dtypes:
             results.append(_run_one(runtime, dtype, ckpt, images, referee, features, baselines[dtype],
-                                    tolerances[dtype], say))
+                                    tolerances[dtype], say, cache))
 
     return ParityReport(
         checkpoint=_checkpoint_info(ckpt, checkpoint_path),
@@ -325,11 +365,14 @@ def run_parity(
                        "atol": t.atol, "rtol": t.rtol, "factor": rule.FACTOR, "floor": rule.FLOOR[d]}
                    for d, t in tolerances.items() if d in dtypes},
         runtimes=results,
+        timings=timings,
+        cache=cache.summary(),
     )
 
 
 def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray, referee: dict[str, np.ndarray],
-             features: list[str], baseline: dict[str, float], tolerance: Tolerance, say: Any) -> RuntimeResult:
+             features: list[str], baseline: dict[str, float], tolerance: Tolerance, say: Any,
+             cache: ParityCache) -> RuntimeResult:
     result = RuntimeResult(runtime.name, runtime.kind, dtype, "pass")
     reason = runtime.availability()
     if reason is not None:
@@ -344,8 +387,10 @@ def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray,
         return result
     say(f"running {runtime.name} ({dtype})")
     start = time.perf_counter()
+    record = RuntimeRecord(cache, result.phases, result.artifacts)
     try:
-        produced = runtime.features(ckpt, images, dtype)
+        with artifacts_active(record):
+            produced = runtime.features(ckpt, images, dtype)
     except MissingDependencyError as exc:
         result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available: {exc}"
         return result

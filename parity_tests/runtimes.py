@@ -10,6 +10,7 @@ module lands later is picked up without changing this file's callers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -17,13 +18,14 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.parity_tests.artifacts import checkpoint_digest, current_cache, phase
 
 FeatureFn = Callable[[Checkpoint, np.ndarray, str], dict[str, np.ndarray]]
 
@@ -114,34 +116,57 @@ def child_main(argv: list[str]) -> None:
 
 # ------------------------------------------------------------------ our runtimes
 
+# The framework each reference imports first (timed apart from building the model).
+_FRAMEWORK_MODULES = {"torch": "torch", "tensorflow": "tensorflow", "flax": "flax.nnx"}
+
+
 def _reference_features(framework: str) -> FeatureFn:
     def run(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
         from convnextv2 import reference
         from convnextv2.reference import parity_rule
 
+        with phase("import"):
+            importlib.import_module(_FRAMEWORK_MODULES[framework])
         if framework == "torch" and dtype in parity_rule.REDUCED_PRECISIONS:
             # The recipe every deployment runtime is measured against (norms in float32): at reduced precision
             # the PyTorch reference is its own baseline, as it is at float32.
-            return parity_rule.baseline_features(ckpt, images, dtype)
-        model = reference.build(ckpt, framework, dtype=dtype)
-        return reference.run_features(model, framework, images.astype(dtype))
+            with phase("forward"):
+                return parity_rule.baseline_features(ckpt, images, dtype)
+        with phase("build"):
+            model = reference.build(ckpt, framework, dtype=dtype)
+        with phase("forward"):
+            return reference.run_features(model, framework, images.astype(dtype))
     return run
 
 
+@contextlib.contextmanager
+def _onnx_graph(ckpt: Checkpoint, size: int, fp16: bool) -> Iterator[Path]:
+    """The torch export with every stage as an output (model.onnx in the folder yielded), through the parity
+    cache: onnxruntime and OpenVINO read the same graph, so one run exports it once."""
+    from convnextv2.converters import onnx_export
+
+    parts = {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True, "fp16": fp16, "via": "torch",
+             "opset": onnx_export.DEFAULT_OPSET["torch"]}
+    with current_cache() as cache, cache.folder("onnx", parts, lambda folder: onnx_export.write_unchecked(
+            ckpt, folder / "model.onnx", size=size, features=True, fp16=fp16)) as folder:
+        yield folder / "model.onnx"
+
+
 def _onnx_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
-    """A fresh ONNX export of the checkpoint with every stage as an output, run by onnxruntime at the full
+    """The torch ONNX export of the checkpoint with every stage as an output, run by onnxruntime at the full
     optimisation level (where onnxruntime's BiasGelu fusion has broken ConvNeXt V2 exports before,
     facebookresearch/ConvNeXt-V2 issue #68)."""
-    from convnextv2.converters import onnx_check, onnx_export
+    with phase("import"):
+        import onnxruntime  # noqa: F401
 
-    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-onnx-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        # The exporter refuses to write a graph that fails its own one-image check; that surfaces here as an
-        # error of this runtime, with the exporter's message.
-        onnx_export.export(ckpt, path, features=True, fp16=dtype == "float16", check_size=int(images.shape[-1]),
-                           check_batch=1)
-        session = onnx_check.ort_session(path, threads=2)
-        outputs = onnx_check.run_ort(session, images)
+        from convnextv2.converters import onnx_check
+    with contextlib.ExitStack() as stack:
+        with phase("export"):
+            path = stack.enter_context(_onnx_graph(ckpt, int(images.shape[-1]), dtype == "float16"))
+        with phase("compile"):
+            session = onnx_check.ort_session(path, threads=2)
+        with phase("forward"):
+            outputs = onnx_check.run_ort(session, images)
     return _onnx_outputs_to_features(outputs)
 
 
@@ -158,24 +183,34 @@ register(Runtime("tensorflow", "runtime", "Keras 3 / TensorFlow reference (refer
                  dtypes=("float32", "float64")))
 register(Runtime("flax", "runtime", "Flax NNX reference (reference/flax_model.py)", _reference_features("flax"),
                  requires=("jax", "flax"), extra="flax", dtypes=("float32", "float64")))
-register(Runtime("onnxruntime", "runtime", "onnxruntime on a fresh ONNX export (converters/onnx_export.py)",
+register(Runtime("onnxruntime", "runtime", "onnxruntime on the ONNX export (converters/onnx_export.py)",
                  _onnx_features, requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx",
                  dtypes=("float32", "float16")))
 
 
 def _executorch_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
-    """A fresh .pte of the checkpoint (XNNPACK delegate, every stage as an output) run by the ExecuTorch
-    runtime, as a user loads it: from the file."""
-    from convnextv2.converters import executorch
-    from convnextv2.converters.onnx_interface import output_names
+    """A .pte of the checkpoint (XNNPACK delegate, every stage as an output) run by the ExecuTorch runtime, as
+    a user loads it: from the file."""
+    with phase("import"):
+        import executorch.runtime  # noqa: F401
 
-    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-executorch-") as tmp:
-        path = Path(tmp) / "model.pte"
-        path.write_bytes(executorch.program_bytes(ckpt, int(images.shape[-1]), features=True))
-        return executorch.run_program(path, images, output_names(ckpt, features=True))
+        from convnextv2.converters import executorch
+        from convnextv2.converters.onnx_interface import output_names
+    size = int(images.shape[-1])
+
+    def build(folder: Path) -> None:
+        (folder / "model.pte").write_bytes(executorch.program_bytes(ckpt, size, features=True))
+
+    with contextlib.ExitStack() as stack:
+        with phase("export"):
+            cache = stack.enter_context(current_cache())
+            folder = stack.enter_context(cache.folder(
+                "executorch", {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True}, build))
+        with phase("forward"):
+            return executorch.run_program(folder / "model.pte", images, output_names(ckpt, features=True))
 
 
-register(Runtime("executorch", "runtime", "ExecuTorch (XNNPACK delegate) on a fresh .pte (converters/executorch.py)",
+register(Runtime("executorch", "runtime", "ExecuTorch (XNNPACK delegate) on the .pte export (converters/executorch.py)",
                  _executorch_features, requires=("torch", "executorch"), extra="executorch"))
 
 
@@ -189,56 +224,79 @@ def _detail(text: str) -> np.ndarray:
 
 
 def _openvino_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
-    """A fresh OpenVINO IR of the checkpoint (from the ONNX export, every stage as an output), compiled on the
-    CPU with INFERENCE_PRECISION_HINT pinned to ``dtype`` and read back: a plugin that settles on another
-    precision makes the runtime unavailable at ``dtype`` rather than judged at the wrong one. At float32 the
-    plugin's default compile runs too, so the report shows what a user who passes no hint gets."""
-    import openvino
+    """An OpenVINO IR of the checkpoint (converted from the torch ONNX export, every stage as an output),
+    compiled on the CPU with INFERENCE_PRECISION_HINT pinned to ``dtype`` and read back: a plugin that settles
+    on another precision makes the runtime unavailable at ``dtype`` rather than judged at the wrong one. At
+    float32 the plugin's default compile runs too, so the report shows what a user who passes no hint gets.
+    One IR serves every precision (the hint is a compile option)."""
+    with phase("import"):
+        import openvino
 
-    from convnextv2.converters import openvino as ov_export
+        from convnextv2.converters import openvino as ov_export
     from convnextv2.reference import parity_rule
     from convnextv2.reference.errors import MissingDependencyError
 
-    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-openvino-") as tmp:
-        path = Path(tmp) / "model.xml"
-        ov_export.export(ckpt, path, features=True, check_size=int(images.shape[-1]), check_batch=1)
-        compiled, precision = ov_export.compile_ir(path, dtype)
+    size = int(images.shape[-1])
+
+    def build(folder: Path) -> None:
+        with _onnx_graph(ckpt, size, False) as onnx_path:
+            ov_export.write_unchecked(ckpt, onnx_path, folder / "model.xml", features=True, size=size)
+
+    with contextlib.ExitStack() as stack:
+        with phase("export"):
+            cache = stack.enter_context(current_cache())
+            folder = stack.enter_context(cache.folder(
+                "openvino", {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True}, build))
+        path = folder / "model.xml"
+        with phase("compile"):
+            compiled, precision = ov_export.compile_ir(path, dtype)
         if precision != dtype:
             raise MissingDependencyError(f"OpenVINO's CPU plugin here runs {precision} when asked for {dtype} "
                                          f"(INFERENCE_PRECISION_HINT={ov_export.PRECISION_HINTS[dtype]})")
-        features = ov_export.run(compiled, images)
+        with phase("forward"):
+            features = ov_export.run(compiled, images)
         del compiled
         note = (f"OpenVINO {openvino.get_version().split('-')[0]} CPU, INFERENCE_PRECISION_HINT="
                 f"{ov_export.PRECISION_HINTS[dtype]}: ran at {precision} (read back)")
         if dtype == "float32":
-            default, default_precision = ov_export.compile_ir(path, None)
-            final = "logits" if "logits" in features else "pooled"
-            moved = parity_rule.scale_aware_error(ov_export.run(default, images)[final], features[final])
+            with phase("default compile"):
+                default, default_precision = ov_export.compile_ir(path, None)
+                final = "logits" if "logits" in features else "pooled"
+                moved = parity_rule.scale_aware_error(ov_export.run(default, images)[final], features[final])
             note += (f"; without a hint it runs at {default_precision} here, {final} off the pinned run by "
                      f"{moved:.2e} scale-aware")
     return {**_onnx_outputs_to_features(features), DETAIL_KEY: _detail(note)}
 
 
 def _litert_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
-    """A fresh .tflite of the checkpoint (builtin ops, every stage as an output) run by the LiteRT interpreter,
-    as a user loads it: from the file. float16: float16 weights, which LiteRT's CPU kernels dequantize."""
-    from convnextv2.converters import litert
+    """A .tflite of the checkpoint (builtin ops, every stage as an output) run by the LiteRT interpreter, as a
+    user loads it: from the file. float16: float16 weights, which LiteRT's CPU kernels dequantize."""
+    with phase("import"):
+        from convnextv2.converters import litert
+        from convnextv2.reference import keras_model  # noqa: F401  (TensorFlow, for the converter)
 
     fp16 = dtype == "float16"
-    with tempfile.TemporaryDirectory(prefix="convnextv2-parity-litert-") as tmp:
-        path = Path(tmp) / "model.tflite"
-        litert.export(ckpt, path, features=True, fp16=fp16, check_size=int(images.shape[-1]), check_batch=1)
-        features = litert.run(litert.interpreter(path), images)
+    size = int(images.shape[-1])
+    parts = {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True, "fp16": fp16}
+    with contextlib.ExitStack() as stack:
+        with phase("export"):
+            cache = stack.enter_context(current_cache())
+            folder = stack.enter_context(cache.folder("litert", parts, lambda folder: litert.write_unchecked(
+                ckpt, folder / "model.tflite", size=size, features=True, fp16=fp16)))
+        with phase("compile"):
+            interpreter = litert.interpreter(folder / "model.tflite")
+        with phase("forward"):
+            features = litert.run(interpreter, images)
     note = f"{litert.interpreter_name()} interpreter, " + (
         "float16 weights dequantized to float32 at load" if fp16 else "float32")
     return {**_onnx_outputs_to_features(features), DETAIL_KEY: _detail(note)}
 
 
-register(Runtime("openvino", "runtime", "OpenVINO CPU on a fresh IR export, precision hint pinned "
+register(Runtime("openvino", "runtime", "OpenVINO CPU on the IR export, precision hint pinned "
                  "(converters/openvino.py)", _openvino_features,
                  requires=("openvino", "torch", "onnx", "onnxscript"), extra="openvino",
                  dtypes=("float32", "bfloat16", "float16")))
-register(Runtime("litert", "runtime", "LiteRT interpreter on a fresh .tflite export (converters/litert.py)",
+register(Runtime("litert", "runtime", "LiteRT interpreter on the .tflite export (converters/litert.py)",
                  _litert_features, requires=("tensorflow", "ai_edge_litert"), extra="litert",
                  dtypes=("float32", "float16")))
 

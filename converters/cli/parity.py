@@ -81,21 +81,28 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
               help="Write a report; the extension picks the kind: .json .md .xml (JUnit) .html .png.")
 @click.option("--overwrite", is_flag=True, help="Replace existing report files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@click.option("--no-cache", is_flag=True,
+              help="Build every export and the referee afresh, keeping nothing (default: reuse and keep them under "
+                   "$XDG_CACHE_HOME/convnextv2, keyed by the checkpoint's bytes, the images and the toolkit).")
 def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
            image_size: int | None, batch: int, seed: int, images_dir: Path | None, dtypes: tuple[str, ...],
            atol: tuple[str, ...], rtol: tuple[str, ...], reports: tuple[Path, ...], overwrite: bool,
-           as_json: bool) -> None:
+           as_json: bool, no_cache: bool) -> None:
     """Check SRC on every runtime against a float64 PyTorch referee, stage by stage.
 
     The default tolerance is derived from the PyTorch float32 error in the same run (6x, scale-aware,
     per stage); see docs/parity.md.
     """
     import json
+    import time
 
     from convnextv2 import converters
     from convnextv2.converters.atomic import check_destination
     from convnextv2.parity_tests import runtimes
+    from convnextv2.parity_tests.artifacts import ParityCache, process_age
     from convnextv2.parity_tests.harness import parse_tolerances, run_parity
+
+    started = process_age()
     from convnextv2.parity_tests.report import check_report_paths, terminal_table, write_report
 
     # Everything a user can get wrong is checked before any model runs.
@@ -122,17 +129,27 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values:
     if images_dir is not None and not images_dir.is_dir():
         raise BadInputError(f"--images {images_dir}: not a directory")
 
+    loading = time.perf_counter()
     ckpt = converters.load(src, format=fmt, **({"ema": True} if ema else {}),
                            **({"revision": revision} if revision is not None else {}))
+    loaded = time.perf_counter() - loading
 
     def say(message: str) -> None:
         click.echo(f"  {message}", err=True)
 
-    report = run_parity(ckpt, selected, dtypes=list(dtypes) or ["float32"], image_size=image_size, batch=batch,
-                        seed=seed, images_dir=images_dir, atol=atol_by_dtype, rtol=rtol_by_dtype,
-                        checkpoint_path=str(src), progress=say)
+    cache = ParityCache(None) if no_cache else ParityCache.default()
+    try:
+        report = run_parity(ckpt, selected, dtypes=list(dtypes) or ["float32"], image_size=image_size, batch=batch,
+                            seed=seed, images_dir=images_dir, atol=atol_by_dtype, rtol=rtol_by_dtype,
+                            checkpoint_path=str(src), progress=say, cache=cache)
+    finally:
+        cache.close()
+    # The run's own time outside the runtimes: interpreter start and the command line's imports, the read.
+    report.timings = {"startup": started, "load": loaded, **report.timings}
+    writing = time.perf_counter()
     for path in report_paths:
         write_report(report, path, overwrite=overwrite)
+    report.timings["reports"] = time.perf_counter() - writing
     if as_json:
         click.echo(json.dumps(report.to_json_dict(), indent=2, sort_keys=True))
     else:

@@ -1,0 +1,287 @@
+"""What a parity run makes on the way (each runtime's export, the PyTorch referee's features), cached on disk, and
+where its time goes.
+
+A second ``convnextv2 parity`` of the same checkpoint skips the exports and the float64 referee: both are
+functions of the checkpoint, the input images and the code, and the cache key is a digest of exactly those: the
+checkpoint's config, metadata and every tensor's bytes; the images' bytes; the toolkit's own source files and
+the installed versions of every framework it drives. A changed checkpoint, input set, toolkit or framework can
+therefore never hit an old entry. The runtimes themselves always run: parity is their output on this machine.
+
+The cache lives under ``$XDG_CACHE_HOME/convnextv2`` (default ``~/.cache/convnextv2``), one folder per entry,
+published atomically (a killed run leaves at most a marked temporary folder, removed by the next run); least
+recently used entries go once the cache passes ``CONVNEXTV2_CACHE_MAX_GB`` (default 10). ``--no-cache`` (a
+:class:`ParityCache` without a root) builds every artifact afresh in a temporary folder. A cache folder that
+cannot be written (read-only, full) is reported once and the run goes on without it.
+
+:func:`phase` records how long each step of a runtime takes (import, export, compile, forward); the harness puts
+the figures in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.converters.checkpoint import Checkpoint
+
+# Distributions whose version changes what an artifact or the referee holds.
+FRAMEWORKS = ("numpy", "torch", "onnx", "onnxscript", "onnxruntime", "openvino", "tensorflow", "keras",
+              "ai-edge-litert", "executorch", "torchao", "jax", "flax", "safetensors")
+DEFAULT_MAX_GB = 10.0
+# The package folders whose code an artifact may depend on (the whole toolkit: a writer change must miss).
+_CODE_FOLDERS = ("reference", "converters", "parity_tests", "fixtures")
+_ENTRY_RECORD = "entry.json"
+
+
+def process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports, when asked early), from /proc;
+    0 where there is no /proc."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def default_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "convnextv2"
+
+
+@functools.lru_cache(maxsize=1)
+def toolkit_fingerprint() -> str:
+    """The toolkit's source files and the installed framework versions, as one digest."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent.parent
+    for folder in _CODE_FOLDERS:
+        for path in sorted((package / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in FRAMEWORKS:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        digest.update(f"{name}={version}\0".encode())
+    return digest.hexdigest()
+
+
+def checkpoint_digest(ckpt: Checkpoint) -> str:
+    """The checkpoint as an artifact sees it: config, metadata, every tensor's name, dtype, shape and bytes.
+    Remembered on the checkpoint object, so one run hashes its tensors once."""
+    cached = getattr(ckpt, "_parity_digest", None)
+    if cached is not None:
+        return str(cached)
+    digest = hashlib.sha256(json.dumps(ckpt.metadata(), sort_keys=True).encode())
+    for name, array in ckpt.ordered_tensors():
+        array = np.ascontiguousarray(array)
+        digest.update(f"\0{name}\0{array.dtype.str}\0{list(array.shape)}\0".encode())
+        digest.update(memoryview(array.reshape(-1).view(np.uint8)))
+    value = digest.hexdigest()
+    ckpt._parity_digest = value  # type: ignore[attr-defined]
+    return value
+
+
+def images_digest(images: np.ndarray) -> str:
+    images = np.ascontiguousarray(images)
+    digest = hashlib.sha256(f"{images.dtype.str}{list(images.shape)}".encode())
+    digest.update(memoryview(images.reshape(-1).view(np.uint8)))
+    return digest.hexdigest()
+
+
+class ParityCache:
+    """Artifacts keyed by what they are made from, under ``root``. ``root=None`` (``--no-cache``) keeps them in a
+    temporary folder for this run only, removed by :meth:`close`: runtimes that read the same export still
+    share it, and nothing survives the run."""
+
+    def __init__(self, root: Path | None, max_bytes: int | None = None) -> None:
+        self.persistent = root is not None
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        if root is None:
+            self._temporary = tempfile.TemporaryDirectory(prefix="convnextv2-parity-")
+            root = Path(self._temporary.name)
+        self.root: Path | None = root
+        if max_bytes is None:
+            max_bytes = int(float(os.environ.get("CONVNEXTV2_CACHE_MAX_GB", DEFAULT_MAX_GB)) * 1e9)
+        self.max_bytes = max_bytes
+        self.hits: list[str] = []
+        self.misses: list[str] = []
+        self._broken: str | None = None
+
+    @classmethod
+    def default(cls) -> ParityCache:
+        return cls(default_root())
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None and self._broken is None
+
+    def close(self) -> None:
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
+            self.root = None
+
+    def summary(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"persistent": self.persistent, "root": str(self.root) if self.persistent else None,
+                                  "hits": list(self.hits), "misses": list(self.misses)}
+        if self._broken:
+            record["note"] = f"not used: {self._broken}"
+        return record
+
+    def key(self, kind: str, parts: Mapping[str, Any]) -> str:
+        text = json.dumps({"kind": kind, "toolkit": toolkit_fingerprint(), **parts}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    @contextlib.contextmanager
+    def folder(self, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]) -> Iterator[Path]:
+        """A folder holding the artifact ``build`` writes into an empty folder: the cached one when it exists,
+        else built now (and kept when the cache is on)."""
+        if not self.enabled:
+            _note(kind, "built")
+            with tempfile.TemporaryDirectory(prefix=f"convnextv2-parity-{kind}-") as tmp:
+                build(Path(tmp))
+                yield Path(tmp)
+            return
+        assert self.root is not None
+        entry = self.root / kind / self.key(kind, parts)
+        if (entry / _ENTRY_RECORD).is_file():
+            self.hits.append(kind)
+            _note(kind, "cached")
+            with contextlib.suppress(OSError):
+                os.utime(entry / _ENTRY_RECORD)  # least recently used goes first
+            yield entry
+            return
+        self.misses.append(kind)
+        _note(kind, "built")
+        from convnextv2.reference.errors import EnvironmentFaultError
+
+        try:
+            published = self._publish(entry, kind, parts, build)
+        except (OSError, EnvironmentFaultError) as exc:
+            # The cache's own folder (read-only, full, not ours): once more without it, so a real fault of the
+            # build itself is raised from there.
+            self._give_up(exc)
+            with tempfile.TemporaryDirectory(prefix=f"convnextv2-parity-{kind}-") as tmp:
+                build(Path(tmp))
+                yield Path(tmp)
+            return
+        yield published
+
+    def arrays(self, kind: str, parts: Mapping[str, Any], compute: Callable[[], dict[str, np.ndarray]]
+               ) -> dict[str, np.ndarray]:
+        """Named arrays (the referee's features) computed once per key."""
+        made: dict[str, dict[str, np.ndarray]] = {}
+
+        def build(directory: Path) -> None:
+            made["value"] = compute()
+            np.savez(directory / "arrays.npz", **made["value"])  # type: ignore[arg-type]
+
+        with self.folder(kind, parts, build) as directory:
+            if "value" in made:
+                return made["value"]
+            with np.load(directory / "arrays.npz") as data:
+                return {name: data[name] for name in data.files}
+
+    def _publish(self, entry: Path, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
+        from convnextv2.converters import atomic
+        from convnextv2.reference.errors import BadInputError
+
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with atomic.atomic_directory(entry) as work:
+                build(work)
+                (work / _ENTRY_RECORD).write_text(json.dumps(
+                    {"kind": kind, "parts": parts, "toolkit": toolkit_fingerprint(), "created": time.time()},
+                    sort_keys=True, default=str) + "\n", encoding="utf-8")
+        except BadInputError:
+            if not (entry / _ENTRY_RECORD).is_file():  # another run published the same entry first: use it
+                raise
+        self._evict(keep=entry)
+        return entry
+
+    def _evict(self, keep: Path) -> None:
+        assert self.root is not None
+        entries = []
+        for record in self.root.glob(f"*/*/{_ENTRY_RECORD}"):
+            with contextlib.suppress(OSError):
+                size = sum(f.stat().st_size for f in record.parent.rglob("*") if f.is_file())
+                entries.append((record.stat().st_mtime, size, record.parent))
+        total = sum(size for _, size, _ in entries)
+        for _, size, folder in sorted(entries, key=lambda item: item[0]):
+            if total <= self.max_bytes:
+                break
+            if folder == keep:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+
+    def _give_up(self, exc: Exception) -> None:
+        self._broken = f"{self.root}: {getattr(exc, 'strerror', None) or exc}"
+        warnings.warn(f"parity cache {self._broken}; running without the cache", UserWarning, stacklevel=4)
+
+
+@dataclasses.dataclass
+class RuntimeRecord:
+    """What one runtime's run used: its cache, the seconds of each phase, each artifact cached or built."""
+
+    cache: ParityCache
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+_ACTIVE: list[RuntimeRecord] = []
+
+
+@contextlib.contextmanager
+def active(record: RuntimeRecord) -> Iterator[RuntimeRecord]:
+    """Around one runtime's run: the cache its artifacts go through, where its timings go."""
+    _ACTIVE.append(record)
+    try:
+        yield record
+    finally:
+        _ACTIVE.pop()
+
+
+def _note(kind: str, state: str) -> None:
+    if _ACTIVE:
+        _ACTIVE[-1].artifacts.setdefault(kind, state)
+
+
+@contextlib.contextmanager
+def current_cache() -> Iterator[ParityCache]:
+    """The cache of the runtime being run, or (a runtime called on its own) one for this call only."""
+    if _ACTIVE:
+        yield _ACTIVE[-1].cache
+        return
+    cache = ParityCache(None)
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Time one step of a runtime (import, export, build, compile, forward); repeated steps add up."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if _ACTIVE:
+            phases = _ACTIVE[-1].phases
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,23 @@
+"""Test-session isolation: the parity cache (parity_tests/artifacts.py, under $XDG_CACHE_HOME/convnextv2) of a
+test run is a fresh folder of its own, so no test sees what an earlier run or the user's own parity runs left,
+and nothing is left in the user's cache. Each process (xdist worker) gets its folder; subprocesses inherit it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+_made: list[str] = []
+
+
+def pytest_configure(config: Any) -> None:
+    folder = tempfile.mkdtemp(prefix="convnextv2-test-cache-")
+    _made.append(folder)
+    os.environ["XDG_CACHE_HOME"] = folder
+
+
+def pytest_unconfigure(config: Any) -> None:
+    for folder in _made:
+        shutil.rmtree(folder, ignore_errors=True)
