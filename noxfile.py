@@ -153,6 +153,8 @@ def bench(session: nox.Session) -> None:
     _timed(session, python, "-m", "benchmarks", *session.posargs)
     # Deployment runtimes (OpenVINO, LiteRT, ExecuTorch) beside the PyTorch reference: docs/benchmarks.md.
     _timed(session, python, "-m", "benchmarks.deploy")
+    # Where a single-checkpoint parity run spends its time, cold and warm: docs/benchmarks.md.
+    _timed(session, python, "-m", "benchmarks.parity_speed")
 
 
 @nox.session(venv_backend="none")

@@ -180,11 +180,12 @@ def markdown(results: dict[str, Any]) -> str:
         "at the end (a shared machine: compare rows of one run, not runs). Each runtime runs the file our "
         "exporter writes, loaded as its users load it. JSON: `benchmarks/results/deploy.json`.",
         "",
-        "| size | runtime | " + " | ".join(f"batch {b}: ms | GFLOP/s" for b in batches) + " | prepare s |",
-        "|---|---|" + "---:|---:|" * len(batches) + "---:|",
+        "| size | runtime | " + " | ".join(f"batch {b}: ms | x torch | GFLOP/s" for b in batches) + " | prepare s |",
+        "|---|---|" + "---:|---:|---:|" * len(batches) + "---:|",
     ]
     skipped: list[str] = []
     for entry in results["variants"]:
+        reference = entry["runtimes"].get("torch", {})
         for name, row in entry["runtimes"].items():
             if row["status"] != "ok":
                 skipped.append(f"- {entry['variant']} {name}: {row['status']}: {row['reason']}")
@@ -192,7 +193,10 @@ def markdown(results: dict[str, Any]) -> str:
             cells = []
             for b in batches:
                 cell = row["batches"][b]
-                cells.append(f"{cell['median_ms']:.1f} | {cell['gflops']:.1f}")
+                # The ratio to our PyTorch reference measured in the same rounds: what survives a noisy machine.
+                base = reference.get("batches", {}).get(b) if reference.get("status") == "ok" else None
+                ratio = f"{cell['median_ms'] / base['median_ms']:.2f}" if base else "-"
+                cells.append(f"{cell['median_ms']:.1f} | {ratio} | {cell['gflops']:.1f}")
             lines.append(f"| {entry['variant']} | {LABELS[name]} | " + " | ".join(cells)
                          + f" | {row['prepare_s']:.0f} |")
     if skipped:
@@ -200,14 +204,14 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, text: str) -> None:
+def write_section(doc: Path, text: str, section: str = SECTION) -> None:
     """Replace the section (from its heading to the next ``## ``) or append it."""
     content = doc.read_text() if doc.exists() else ""
-    start = content.find(SECTION + "\n")
+    start = content.find(section + "\n")
     if start < 0:
         content = content.rstrip("\n") + "\n\n" + text
     else:
-        following = content.find("\n## ", start + len(SECTION))
+        following = content.find("\n## ", start + len(section))
         content = content[:start] + text + ("\n" + content[following + 1:] if following >= 0 else "")
     doc.write_text(content)
 
