@@ -61,6 +61,16 @@ _RUNNER = textwrap.dedent("""
 """)
 
 
+def _run_in_plain_litert(path: Path, images: np.ndarray) -> dict:
+    """_RUNNER on the file: its report; the output lands in PATH.npy."""
+    np.save(path.parent / "images.npy", images)
+    # -I: no user site, no PYTHONPATH; the refusing finder covers the editable install's path hook.
+    done = subprocess.run([sys.executable, "-I", "-c", _RUNNER, str(path), str(path.parent / "images.npy")],
+                          capture_output=True, text=True, timeout=600, cwd=path.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def atto_tflite(tmp_path_factory):
     """atto through the command line, as a user converts it (224 px, the checkpoint's input size)."""
@@ -79,12 +89,7 @@ def test_tflite_runs_in_plain_litert_and_matches_the_referee(atto_tflite):
     work, ckpt = atto_tflite
     path = work / "atto.tflite"
     images = parity_rule.seeded_images(4, 224)
-    np.save(work / "images.npy", images)
-    # -I: no user site, no PYTHONPATH; the refusing finder covers the editable install's path hook.
-    done = subprocess.run([sys.executable, "-I", "-c", _RUNNER, str(path), str(work / "images.npy")],
-                          capture_output=True, text=True, timeout=600, cwd=work)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _run_in_plain_litert(path, images)
     assert report["leaked"] == [] and report["output"] == "logits"
     assert report["signatures"] == {"serving_default": {"inputs": ["pixel_values"], "outputs": ["logits"]}}
     assert not [op for op in report["ops"] if "FLEX" in op.upper() or op == "CUSTOM"], report["ops"]
@@ -116,11 +121,7 @@ def test_weights_stored_after_the_flatbuffer_run_in_plain_litert(monkeypatch, tm
     assert start is not None and start < len(data) // 10, "the weights were not stored after the flatbuffer"
     assert start % 16 == 0  # the converter aligns its buffers to 16 bytes; the shift keeps that
     images = parity_rule.seeded_images(2, 64)
-    np.save(tmp_path / "images.npy", images)
-    done = subprocess.run([sys.executable, "-I", "-c", _RUNNER, str(path), str(tmp_path / "images.npy")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _run_in_plain_litert(path, images)
     assert json.loads(report["meta"]["config"]) == ckpt.config.to_json_dict()
     assert litert.read_metadata(path)["config"] == report["meta"]["config"]
     referee = parity_rule.referee_features(ckpt, images)["logits"]
