@@ -325,27 +325,41 @@ def remove_stale_temporaries(dest: Path) -> list[Path]:
 
 
 def _make_temp_folder(dest: Path) -> Path:
-    with signals_deferred():  # a signal never leaves a folder without its owner record
-        folder = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(dest)}{os.getpid()}.", suffix=".partial",
-                                       dir=dest.parent))
-        pending = folder / PENDING_OWNER_FILE
+    folder: Path | None = None
+    try:
+        with signals_deferred():  # a signal never leaves a folder without its owner record
+            folder = _new_temp_folder(dest)
+    except BaseException:
+        # A signal held while the folder was made is raised as the block ends, before the caller holds the
+        # folder to remove it.
+        if folder is not None:
+            _remove_folder(folder)
+        raise
+    return folder
+
+
+def _new_temp_folder(dest: Path) -> Path:
+    """A temporary folder beside ``dest`` with its owner record; removed again if the record cannot be made."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(dest)}{os.getpid()}.", suffix=".partial",
+                                   dir=dest.parent))
+    pending = folder / PENDING_OWNER_FILE
+    try:
+        # Written aside and renamed: a SIGKILL can leave the folder without its record (see
+        # _unfinished_and_abandoned), never with half of one.
+        fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            # Written aside and renamed: a SIGKILL can leave the folder without its record (see
-            # _unfinished_and_abandoned), never with half of one.
-            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, json.dumps(_owner_record()).encode())
-                os.fsync(fd)  # a record lost in a power cut would keep the folder forever
-            finally:
-                os.close(fd)
-            os.rename(pending, folder / OWNER_FILE)
-        except BaseException:
-            for name in (PENDING_OWNER_FILE, OWNER_FILE):
-                with contextlib.suppress(OSError):
-                    os.unlink(folder / name)
+            os.write(fd, json.dumps(_owner_record()).encode())
+            os.fsync(fd)  # a record lost in a power cut would keep the folder forever
+        finally:
+            os.close(fd)
+        os.rename(pending, folder / OWNER_FILE)
+    except BaseException:
+        for name in (PENDING_OWNER_FILE, OWNER_FILE):
             with contextlib.suppress(OSError):
-                os.rmdir(folder)
-            raise
+                os.unlink(folder / name)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+        raise
     return folder
 
 

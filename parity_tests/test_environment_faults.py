@@ -229,6 +229,25 @@ def _stopped_mid_write(args: list[str], directory: Path, min_bytes: int = 0) -> 
     return process
 
 
+def test_a_signal_held_while_a_temporary_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A signal arriving while a temporary folder and its owner record are made is held until they are, then
+    raised before the caller holds the folder: the folder must still go."""
+    from convnextv2.reference.errors import Interrupted
+
+    made = atomic._new_temp_folder
+
+    def signalled(dest: Path) -> Path:
+        folder = made(dest)
+        atomic.on_signal(signal.SIGTERM)  # deferred: folders are made with signals held
+        return folder
+
+    monkeypatch.setattr(atomic, "_new_temp_folder", signalled)
+    with atomic.handling_signals(), pytest.raises(Interrupted):
+        with atomic.atomic_directory(tmp_path / "out-dir"):
+            pytest.fail("the block must not run")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(("fmt", "signum"), [("canonical", signal.SIGTERM), ("canonical", signal.SIGHUP),
                                              ("canonical", signal.SIGINT), ("hf", signal.SIGTERM)],
                          ids=["file-SIGTERM", "file-SIGHUP", "file-SIGINT", "folder-SIGTERM"])
