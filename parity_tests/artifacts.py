@@ -81,19 +81,13 @@ def toolkit_fingerprint() -> str:
 
 
 def checkpoint_digest(ckpt: Checkpoint) -> str:
-    """The checkpoint as an artifact sees it: config, metadata, every tensor's name, dtype, shape and bytes.
-    Remembered on the checkpoint object, so one run hashes its tensors once."""
-    cached = getattr(ckpt, "_parity_digest", None)
-    if cached is not None:
-        return str(cached)
+    """The checkpoint as an artifact sees it: config, metadata, every tensor's name, dtype, shape and bytes."""
     digest = hashlib.sha256(json.dumps(ckpt.metadata(), sort_keys=True).encode())
     for name, array in ckpt.ordered_tensors():
         array = np.ascontiguousarray(array)
         digest.update(f"\0{name}\0{array.dtype.str}\0{list(array.shape)}\0".encode())
         digest.update(memoryview(array.reshape(-1).view(np.uint8)))
-    value = digest.hexdigest()
-    ckpt._parity_digest = value  # type: ignore[attr-defined]
-    return value
+    return digest.hexdigest()
 
 
 def images_digest(images: np.ndarray) -> str:
@@ -121,6 +115,15 @@ class ParityCache:
         self.hits: list[str] = []
         self.misses: list[str] = []
         self._broken: str | None = None
+        # One run's digests (a cache object lives for one run): each checkpoint hashed once, however many
+        # runtimes key an export by it. The checkpoint is held so that its id cannot be reused meanwhile.
+        self._digests: dict[int, tuple[Checkpoint, str]] = {}
+
+    def digest(self, ckpt: Checkpoint) -> str:
+        known = self._digests.get(id(ckpt))
+        if known is None or known[0] is not ckpt:
+            known = self._digests[id(ckpt)] = (ckpt, checkpoint_digest(ckpt))
+        return known[1]
 
     @classmethod
     def default(cls) -> ParityCache:

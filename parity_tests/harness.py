@@ -21,7 +21,7 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.parity_tests import runtimes as runtime_registry
-from convnextv2.parity_tests.artifacts import ParityCache, RuntimeRecord, checkpoint_digest, images_digest
+from convnextv2.parity_tests.artifacts import ParityCache, RuntimeRecord, images_digest
 from convnextv2.parity_tests.artifacts import active as artifacts_active
 from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images
 from convnextv2.parity_tests.runtimes import Runtime
@@ -318,13 +318,12 @@ def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Seq
     source = referee_ckpt or ckpt
     say = progress or (lambda message: None)
     timings: dict[str, float] = {}
-    seen = {"checkpoint": checkpoint_digest(source), "images": images_digest(images)}
-
     def reference_run(dtype: str) -> dict[str, np.ndarray]:
         # The PyTorch reference on these weights and images: computed once, then taken from the cache.
         start = time.perf_counter()
+        parts = {"checkpoint": cache.digest(source), "images": images_digest(images), "dtype": dtype}
         try:
-            return cache.arrays("torch-features", {**seen, "dtype": dtype}, lambda: torch_features(source, images, dtype))
+            return cache.arrays("torch-features", parts, lambda: torch_features(source, images, dtype))
         finally:
             timings[f"torch {dtype}"] = timings.get(f"torch {dtype}", 0.0) + time.perf_counter() - start
 

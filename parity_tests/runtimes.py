@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.parity_tests.artifacts import checkpoint_digest, current_cache, phase
+from convnextv2.parity_tests.artifacts import current_cache, phase
 
 FeatureFn = Callable[[Checkpoint, np.ndarray, str], dict[str, np.ndarray]]
 
@@ -145,11 +145,12 @@ def _onnx_graph(ckpt: Checkpoint, size: int, fp16: bool) -> Iterator[Path]:
     cache: onnxruntime and OpenVINO read the same graph, so one run exports it once."""
     from convnextv2.converters import onnx_export
 
-    parts = {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True, "fp16": fp16, "via": "torch",
-             "opset": onnx_export.DEFAULT_OPSET["torch"]}
-    with current_cache() as cache, cache.folder("onnx", parts, lambda folder: onnx_export.write_unchecked(
-            ckpt, folder / "model.onnx", size=size, features=True, fp16=fp16)) as folder:
-        yield folder / "model.onnx"
+    with current_cache() as cache:
+        parts = {"checkpoint": cache.digest(ckpt), "size": size, "features": True, "fp16": fp16, "via": "torch",
+                 "opset": onnx_export.DEFAULT_OPSET["torch"]}
+        with cache.folder("onnx", parts, lambda folder: onnx_export.write_unchecked(
+                ckpt, folder / "model.onnx", size=size, features=True, fp16=fp16)) as folder:
+            yield folder / "model.onnx"
 
 
 def _onnx_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
@@ -205,7 +206,7 @@ def _executorch_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> di
         with phase("export"):
             cache = stack.enter_context(current_cache())
             folder = stack.enter_context(cache.folder(
-                "executorch", {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True}, build))
+                "executorch", {"checkpoint": cache.digest(ckpt), "size": size, "features": True}, build))
         with phase("forward"):
             return executorch.run_program(folder / "model.pte", images, output_names(ckpt, features=True))
 
@@ -246,7 +247,7 @@ def _openvino_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict
         with phase("export"):
             cache = stack.enter_context(current_cache())
             folder = stack.enter_context(cache.folder(
-                "openvino", {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True}, build))
+                "openvino", {"checkpoint": cache.digest(ckpt), "size": size, "features": True}, build))
         path = folder / "model.xml"
         with phase("compile"):
             compiled, precision = ov_export.compile_ir(path, dtype)
@@ -277,10 +278,10 @@ def _litert_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[s
 
     fp16 = dtype == "float16"
     size = int(images.shape[-1])
-    parts = {"checkpoint": checkpoint_digest(ckpt), "size": size, "features": True, "fp16": fp16}
     with contextlib.ExitStack() as stack:
         with phase("export"):
             cache = stack.enter_context(current_cache())
+            parts = {"checkpoint": cache.digest(ckpt), "size": size, "features": True, "fp16": fp16}
             folder = stack.enter_context(cache.folder("litert", parts, lambda folder: litert.write_unchecked(
                 ckpt, folder / "model.tflite", size=size, features=True, fp16=fp16)))
         with phase("compile"):

@@ -242,9 +242,8 @@ def test_a_signal_held_while_a_temporary_folder_is_made_leaves_nothing(tmp_path,
         return folder
 
     monkeypatch.setattr(atomic, "_new_temp_folder", signalled)
-    with atomic.handling_signals(), pytest.raises(Interrupted):
-        with atomic.atomic_directory(tmp_path / "out-dir"):
-            pytest.fail("the block must not run")
+    with atomic.handling_signals(), pytest.raises(Interrupted), atomic.atomic_directory(tmp_path / "out-dir"):
+        pytest.fail("the block must not run")
     assert os.listdir(tmp_path) == []
 
 
