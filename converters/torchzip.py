@@ -70,8 +70,13 @@ class StorageType:
 
     def __init__(self, name: str):
         self.name = name
-        code = STORAGE_DTYPES[name]
-        self.dtype = _bfloat16() if code == "bf16" else np.dtype(code)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        # Resolved when a storage is read: ml_dtypes (bfloat16) costs about a second to import, which every
+        # command would pay at start-up through the table of allowed globals.
+        code = STORAGE_DTYPES[self.name]
+        return _bfloat16() if code == "bf16" else np.dtype(code)
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"

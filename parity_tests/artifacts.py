@@ -125,9 +125,32 @@ class ParityCache:
             known = self._digests[id(ckpt)] = (ckpt, checkpoint_digest(ckpt))
         return known[1]
 
+    def adopt_digest(self, ckpt: Checkpoint, digest: str) -> None:
+        """``ckpt``'s digest as computed by the process that handed it over (a worker's copy holds the same bytes):
+        not hashed twice."""
+        self._digests[id(ckpt)] = (ckpt, digest)
+
     @classmethod
     def default(cls) -> ParityCache:
         return cls(default_root())
+
+    @classmethod
+    def attach(cls, root: Path | None, *, persistent: bool) -> ParityCache:
+        """The cache another process of the same run opened (a parity worker): the same folder, which this
+        object never removes. ``root=None``: that run has no usable cache folder, so neither has this one."""
+        cache = cls(root if root is not None else Path(tempfile.gettempdir()))
+        cache.persistent = persistent
+        if root is None:
+            cache._broken = "the parent run has no usable cache folder"
+        return cache
+
+    def merge(self, summary: Mapping[str, Any]) -> None:
+        """Take in what a worker's cache did (its hits, misses, a folder it could not write)."""
+        self.hits.extend(summary.get("hits", []))
+        self.misses.extend(summary.get("misses", []))
+        note = summary.get("note")
+        if note and self.enabled:
+            self._stop_using(note.removeprefix("not used: "))
 
     @property
     def enabled(self) -> bool:
@@ -234,8 +257,11 @@ class ParityCache:
             total -= size
 
     def _give_up(self, exc: Exception) -> None:
-        self._broken = f"{self.root}: {getattr(exc, 'strerror', None) or exc}"
-        warnings.warn(f"parity cache {self._broken}; running without the cache", UserWarning, stacklevel=4)
+        self._stop_using(f"{self.root}: {getattr(exc, 'strerror', None) or exc}")
+
+    def _stop_using(self, reason: str) -> None:
+        self._broken = reason
+        warnings.warn(f"parity cache {reason}; running without the cache", UserWarning, stacklevel=5)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,10 @@
 """Test-session isolation: the parity cache (parity_tests/artifacts.py, under $XDG_CACHE_HOME/convnextv2) of a
 test run is a fresh folder of its own, so no test sees what an earlier run or the user's own parity runs left,
-and nothing is left in the user's cache. Each process (xdist worker) gets its folder; subprocesses inherit it."""
+and nothing is left in the user's cache. Each process (xdist worker) gets its folder; subprocesses inherit it.
+
+Parity runs here run their runtimes in the test's own process (``CONVNEXTV2_PARITY_JOBS=1``): the tests already
+keep every core busy, and a worker interpreter per run would import each framework again. The worker path has
+tests of its own (test_parity_workers.py), which ask for it by name."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ def pytest_configure(config: Any) -> None:
     folder = tempfile.mkdtemp(prefix="convnextv2-test-cache-")
     _made.append(folder)
     os.environ["XDG_CACHE_HOME"] = folder
+    os.environ.setdefault("CONVNEXTV2_PARITY_JOBS", "1")
 
 
 def pytest_unconfigure(config: Any) -> None:

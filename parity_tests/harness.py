@@ -10,6 +10,7 @@ order is where the runtime diverges.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import traceback
@@ -25,6 +26,7 @@ from convnextv2.parity_tests.artifacts import ParityCache, RuntimeRecord, images
 from convnextv2.parity_tests.artifacts import active as artifacts_active
 from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images
 from convnextv2.parity_tests.runtimes import Runtime
+from convnextv2.parity_tests.workers import Outcome, Pool, Task, groups_of, hand_off, plan_jobs
 from convnextv2.reference import parity_rule as rule
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
@@ -279,6 +281,7 @@ def run_parity(
     referee_source: str | None = None,
     progress: Any = None,
     cache: ParityCache | None = None,
+    jobs: int | None = None,
 ) -> ParityReport:
     """Compare ``runtimes`` on ``ckpt`` against the float64 PyTorch referee.
 
@@ -286,14 +289,16 @@ def run_parity(
     builds it from the in-memory fixture, so a converter bug in the file under test cannot hide by
     appearing on both sides). ``referee_features``/``baseline_features`` reuse earlier float64/float32
     PyTorch runs on the same images. ``cache`` (parity_tests/artifacts.py) keeps the exports and the
-    referee's features for the next run; without it they are shared within this run only.
+    referee's features for the next run; without it they are shared within this run only. ``jobs`` worker
+    processes run the runtimes side by side (parity_tests/workers.py; default: one per core, as memory allows;
+    1: every runtime in this process).
     """
     own_cache = cache is None
     cache = cache or ParityCache(None)
     try:
         return _run_parity(ckpt, runtimes, dtypes, images, inputs_info, image_size, batch, seed, images_dir, atol,
                            rtol, referee_ckpt, referee_features, baseline_features, checkpoint_path, referee_source,
-                           progress, cache)
+                           progress, cache, jobs)
     finally:
         if own_cache:
             cache.close()
@@ -305,7 +310,7 @@ def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Seq
                 rtol: Mapping[str, float] | None, referee_ckpt: Checkpoint | None,
                 referee_features: Mapping[str, np.ndarray] | None, baseline_features: Mapping[str, np.ndarray] | None,
                 checkpoint_path: str | None, referee_source: str | None, progress: Any,
-                cache: ParityCache) -> ParityReport:
+                cache: ParityCache, jobs: int | None) -> ParityReport:
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -327,6 +332,37 @@ def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Seq
         finally:
             timings[f"torch {dtype}"] = timings.get(f"torch {dtype}", 0.0) + time.perf_counter() - start
 
+    # Runtimes from the registry go to worker processes when there is more than one group of them and more than
+    # one core: they start now, and the referee below is computed while they run.
+    delegated = [(runtime, dtype) for runtime in resolved for dtype in dtypes
+                 if runtime_registry.RUNTIMES.get(runtime.name) is runtime and runtime.availability() is None
+                 and dtype in runtime.dtypes]
+    by_name: dict[str, list[Task]] = {}
+    for runtime, dtype in delegated:
+        by_name.setdefault(runtime.name, []).append(Task(runtime.name, dtype))
+    groups = [[task for name in group for task in by_name[name]] for group in groups_of(list(by_name))]
+    pool: Pool | None = None
+    stack = contextlib.ExitStack()
+    with stack:
+        planned = plan_jobs(jobs, len(groups), sum(a.nbytes for _, a in ckpt.ordered_tensors())) if groups else 1
+        if len(groups) > 1 and planned > 1:
+            started = time.perf_counter()
+            work = stack.enter_context(hand_off(ckpt, images))
+            timings["hand-off"] = time.perf_counter() - started
+            pool = Pool(work, cache.digest(ckpt), cache.root if cache.enabled else None, cache.persistent, groups,
+                        planned, say)
+            stack.callback(pool.stop)
+            pool.start()
+        return _judge_all(ckpt, resolved, dtypes, images, info, atol, rtol, source, referee_features,
+                          baseline_features, checkpoint_path, referee_source, say, cache, timings, reference_run, pool)
+
+
+def _judge_all(ckpt: Checkpoint, resolved: list[Runtime], dtypes: Sequence[str], images: np.ndarray,
+               info: dict[str, Any], atol: Mapping[str, float] | None, rtol: Mapping[str, float] | None,
+               source: Checkpoint, referee_features: Mapping[str, np.ndarray] | None,
+               baseline_features: Mapping[str, np.ndarray] | None, checkpoint_path: str | None,
+               referee_source: str | None, say: Any, cache: ParityCache, timings: dict[str, float],
+               reference_run: Any, pool: Pool | None) -> ParityReport:
     if referee_features is None:
         say("referee: torch float64")
         referee_features = reference_run("float64")
@@ -344,17 +380,34 @@ def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Seq
             reduced = reference_run(dtype)
             baselines[dtype] = {name: rule.scale_aware_error(reduced[name], referee[name]) for name in features}
 
+    outcomes: dict[tuple[str, str], Outcome] = {}
+    if pool is not None:
+        waiting = time.perf_counter()
+        outcomes = pool.results()
+        timings["waiting for workers"] = time.perf_counter() - waiting
+        for report in pool.cache_reports:
+            cache.merge(report)
     results: list[RuntimeResult] = []
     for runtime in resolved:
         for dtype in dtypes:
-            results.append(_run_one(runtime, dtype, ckpt, images, referee, features, baselines[dtype],
-                                    tolerances[dtype], say, cache))
+            outcome = outcomes.get((runtime.name, dtype))
+            if outcome is None:
+                result, produced = produce(runtime, dtype, ckpt, images, cache, say)
+            else:
+                result = RuntimeResult(runtime.name, runtime.kind, dtype, outcome.status, outcome.reason,
+                                       seconds=outcome.seconds, phases=outcome.phases, artifacts=outcome.artifacts)
+                produced = outcome.features if outcome.status == "produced" else None
+                if produced is None:
+                    say(result.reason)
+            if produced is not None:
+                judge(result, produced, referee, features, baselines[dtype], tolerances[dtype])
+            results.append(result)
 
     return ParityReport(
         checkpoint=_checkpoint_info(ckpt, checkpoint_path),
         inputs=info,
         referee={"runtime": "torch", "dtype": "float64",
-                 "built_from": referee_source or ("an independent copy of the weights" if referee_ckpt is not None
+                 "built_from": referee_source or ("an independent copy of the weights" if source is not ckpt
                                                   else "the checkpoint under test")},
         baseline={"runtime": "torch", "dtype": "float32", "scale_aware_error": baseline,
                   **({"reduced": {d: {"dtype": d, "norms": "float32", "scale_aware_error": baselines[d]}
@@ -369,21 +422,22 @@ def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Seq
     )
 
 
-def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray, referee: dict[str, np.ndarray],
-             features: list[str], baseline: dict[str, float], tolerance: Tolerance, say: Any,
-             cache: ParityCache) -> RuntimeResult:
+def produce(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray, cache: ParityCache,
+            say: Any = None) -> tuple[RuntimeResult, dict[str, np.ndarray] | None]:
+    """Run one runtime: its result so far (unavailable and error are final) and its features, or None."""
+    say = say or (lambda message: None)
     result = RuntimeResult(runtime.name, runtime.kind, dtype, "pass")
     reason = runtime.availability()
     if reason is not None:
         result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available: {reason}"
         say(result.reason)
-        return result
+        return result, None
     if dtype not in runtime.dtypes:
         # Not a failure: the runtime has no way to run this precision (say, Flax in float16).
         result.status = "unavailable"
         result.reason = f"runtime {runtime.name} is not available at {dtype} (it runs {', '.join(runtime.dtypes)})"
         say(result.reason)
-        return result
+        return result, None
     say(f"running {runtime.name} ({dtype})")
     start = time.perf_counter()
     record = RuntimeRecord(cache, result.phases, result.artifacts)
@@ -392,14 +446,21 @@ def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray,
             produced = runtime.features(ckpt, images, dtype)
     except MissingDependencyError as exc:
         result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available: {exc}"
-        return result
+        return result, None
     except Exception as exc:  # a runtime that crashes or refuses a valid checkpoint fails parity, with the cause
         result.status = "error"
         result.reason = f"{type(exc).__name__}: {exc}"
         result.seconds = time.perf_counter() - start
         say("".join(traceback.format_exception_only(type(exc), exc)).strip())
-        return result
+        return result, None
     result.seconds = time.perf_counter() - start
+    return result, dict(produced)
+
+
+def judge(result: RuntimeResult, produced: Mapping[str, np.ndarray], referee: dict[str, np.ndarray],
+          features: list[str], baseline: dict[str, float], tolerance: Tolerance) -> None:
+    """The parity rule on a runtime's features, feature by feature, into ``result``."""
+    result.status = "pass"
     # How the runtime actually ran (e.g. the precision OpenVINO reports), shown as the row's note.
     detail = produced.get(runtime_registry.DETAIL_KEY)
     if detail is not None:
@@ -413,4 +474,3 @@ def _run_one(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray,
         result.first_divergence = failed[0]
     elif not any(f.status == "pass" for f in result.features):
         result.status, result.reason = "error", "the runtime exposed none of the compared features"
-    return result

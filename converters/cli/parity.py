@@ -84,18 +84,25 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
 @click.option("--no-cache", is_flag=True,
               help="Build every export and the referee afresh, keeping nothing (default: reuse and keep them under "
                    "$XDG_CACHE_HOME/convnextv2, keyed by the checkpoint's bytes, the images and the toolkit).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Worker processes running the runtimes side by side, while the referee is computed (default: "
+                   "one per core, as memory allows; $CONVNEXTV2_PARITY_JOBS; 1: all in this process).")
 def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
            image_size: int | None, batch: int, seed: int, images_dir: Path | None, dtypes: tuple[str, ...],
            atol: tuple[str, ...], rtol: tuple[str, ...], reports: tuple[Path, ...], overwrite: bool,
-           as_json: bool, no_cache: bool) -> None:
+           as_json: bool, no_cache: bool, jobs: int | None) -> None:
     """Check SRC on every runtime against a float64 PyTorch referee, stage by stage.
 
     The default tolerance is derived from the PyTorch float32 error in the same run (6x, scale-aware,
     per stage); see docs/parity.md.
     """
     import json
+    import os
     import time
 
+    # Before any framework loads OpenMP (it reads this once): the referee's threads would otherwise spin while
+    # they wait, taking the cores the runtimes' worker processes run on (measured: atto cold 107 s spinning).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from convnextv2 import converters
     from convnextv2.converters.atomic import check_destination
     from convnextv2.parity_tests import runtimes
@@ -141,7 +148,7 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values:
     try:
         report = run_parity(ckpt, selected, dtypes=list(dtypes) or ["float32"], image_size=image_size, batch=batch,
                             seed=seed, images_dir=images_dir, atol=atol_by_dtype, rtol=rtol_by_dtype,
-                            checkpoint_path=str(src), progress=say, cache=cache)
+                            checkpoint_path=str(src), progress=say, cache=cache, jobs=jobs)
     finally:
         cache.close()
     # The run's own time outside the runtimes: interpreter start and the command line's imports, the read.
