@@ -8,9 +8,11 @@ To use nox's own virtualenvs instead, run ``nox --force-venv-backend venv`` (eac
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,17 +123,32 @@ def tests_transformers5(session: nox.Session) -> None:
     _timed(session, python, "-m", "pytest", "-n", "2", "-q", *TRANSFORMERS5_TESTS, *session.posargs, env=env)
 
 
+_SHARED_PARITY_CACHE: list[str] = []
+
+
+def _shared_parity_cache() -> str:
+    """One parity cache for every group and pytest worker of this nox run, removed when nox exits: the ONNX
+    graph onnxruntime builds is the one OpenVINO converts, and a size case's exports serve the format and
+    precision cases of the same weights (the cache keys by weights, code and framework versions)."""
+    if not _SHARED_PARITY_CACHE:
+        folder = tempfile.mkdtemp(prefix="convnextv2-nox-parity-")
+        atexit.register(shutil.rmtree, folder, True)
+        _SHARED_PARITY_CACHE.append(folder)
+    return _SHARED_PARITY_CACHE[0]
+
+
 @nox.session(venv_backend="none")
 @nox.parametrize("group", PARITY_GROUPS)
 def parity(session: nox.Session, group: str) -> None:
     """The full parity matrix for one framework group (all sizes at 224, tiny/base at 384, huge at 512)."""
     python = _install_if_isolated(session)
+    env = {"CONVNEXTV2_TEST_CACHE_HOME": _shared_parity_cache()}
     # The matrix files only (the other suites run under `tests`/`tests_slow`); `nox -s parity -- --checkpoint
     # PATH` adds the user's checkpoint. loadgroup keeps the huge cases on one worker: two at once would not
     # fit in a CI runner's memory.
     _timed(session, python, "-m", "pytest", "parity_tests/test_parity_matrix.py",
            "parity_tests/test_parity_checkpoint.py", "-m", group, "--full-matrix", "-n", "2", "--dist", "loadgroup",
-           "-q", *session.posargs)
+           "-q", *session.posargs, env=env)
 
 
 @nox.session(venv_backend="none")
@@ -155,6 +172,8 @@ def bench(session: nox.Session) -> None:
     _timed(session, python, "-m", "benchmarks.deploy")
     # Where a single-checkpoint parity run spends its time, cold and warm: docs/benchmarks.md.
     _timed(session, python, "-m", "benchmarks.parity_speed")
+    # Where nox -s parity spends its time, group by group (it runs the whole matrix: hours on two cores).
+    _timed(session, python, "-m", "benchmarks.parity_matrix")
 
 
 @nox.session(venv_backend="none")

@@ -3,7 +3,7 @@ where its time goes.
 
 A second ``convnextv2 parity`` of the same checkpoint skips the exports and the float64 referee: both are
 functions of the checkpoint, the input images and the code, and the cache key is a digest of exactly those: the
-checkpoint's config, metadata and every tensor's bytes; the images' bytes; the toolkit's own source files and
+checkpoint's config and every tensor's bytes (not its provenance: :func:`checkpoint_digest`); the images' bytes; the toolkit's own source files and
 the installed versions of every framework it drives. A changed checkpoint, input set, toolkit or framework can
 therefore never hit an old entry. The runtimes themselves always run: parity is their output on this machine.
 
@@ -81,8 +81,13 @@ def toolkit_fingerprint() -> str:
 
 
 def checkpoint_digest(ckpt: Checkpoint) -> str:
-    """The checkpoint as an artifact sees it: config, metadata, every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(json.dumps(ckpt.metadata(), sort_keys=True).encode())
+    """The checkpoint as the numbers see it: its config and every tensor's name, dtype, shape and bytes.
+
+    Provenance (source file name and digest, preprocessing notes, training info) is left out: it changes what an
+    export's embedded metadata says, never what a runtime computes, and a parity artifact is never handed to the
+    user. So the same weights read from any format (the matrix reads one fixture from nine) share their exports
+    and referee, while one changed weight or config field misses."""
+    digest = hashlib.sha256(json.dumps(ckpt.config.to_json_dict(), sort_keys=True).encode())
     for name, array in ckpt.ordered_tensors():
         array = np.ascontiguousarray(array)
         digest.update(f"\0{name}\0{array.dtype.str}\0{list(array.shape)}\0".encode())
@@ -185,28 +190,62 @@ class ParityCache:
             return
         assert self.root is not None
         entry = self.root / kind / self.key(kind, parts)
-        if (entry / _ENTRY_RECORD).is_file():
-            self.hits.append(kind)
-            _note(kind, "cached")
-            with contextlib.suppress(OSError):
-                os.utime(entry / _ENTRY_RECORD)  # least recently used goes first
-            yield entry
-            return
-        self.misses.append(kind)
-        _note(kind, "built")
-        from convnextv2.reference.errors import EnvironmentFaultError
+        published: Path | None = None
+        failure: Exception | None = None
+        with self._building(entry):
+            if (entry / _ENTRY_RECORD).is_file():
+                published = entry
+                self.hits.append(kind)
+                _note(kind, "cached")
+                with contextlib.suppress(OSError):
+                    os.utime(entry / _ENTRY_RECORD)  # least recently used goes first
+            else:
+                self.misses.append(kind)
+                _note(kind, "built")
+                from convnextv2.reference.errors import EnvironmentFaultError
 
-        try:
-            published = self._publish(entry, kind, parts, build)
-        except (OSError, EnvironmentFaultError) as exc:
-            # The cache's own folder (read-only, full, not ours): once more without it, so a real fault of the
-            # build itself is raised from there.
-            self._give_up(exc)
-            with tempfile.TemporaryDirectory(prefix=f"convnextv2-parity-{kind}-") as tmp:
-                build(Path(tmp))
-                yield Path(tmp)
+                try:
+                    published = self._publish(entry, kind, parts, build)
+                except (OSError, EnvironmentFaultError) as exc:
+                    failure = exc
+        if published is not None:
+            yield published
             return
-        yield published
+        assert failure is not None
+        # The cache's own folder (read-only, full, not ours): once more without it, so a real fault of the build
+        # itself is raised from there.
+        self._give_up(failure)
+        with tempfile.TemporaryDirectory(prefix=f"convnextv2-parity-{kind}-") as tmp:
+            build(Path(tmp))
+            yield Path(tmp)
+
+    @contextlib.contextmanager
+    def _building(self, entry: Path) -> Iterator[None]:
+        """Held while an entry is looked up and, if missing, built: a second process after the same entry (two
+        pytest workers, two parity workers, two runs in CI) waits for the first and then finds it, instead of
+        building it again (an ExecuTorch lowering is a minute). A folder where no lock can be made (read-only)
+        goes on without one; the publish that follows reports it.
+
+        The lock file is removed by its holder before it lets go, so none is left behind. A process that was
+        waiting on the removed file then holds a lock nobody else can see; at worst it and a newcomer both find
+        the entry missing (after a failed build) and both build it: work done twice, never a torn entry, as
+        publishing is atomic."""
+        import fcntl
+
+        lock = entry.parent / f".{entry.name}.lock"
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a+b")  # noqa: SIM115  (closed below)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            handle.close()  # releases the lock
 
     def arrays(self, kind: str, parts: Mapping[str, Any], compute: Callable[[], dict[str, np.ndarray]]
                ) -> dict[str, np.ndarray]:

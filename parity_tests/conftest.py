@@ -16,10 +16,19 @@ from typing import Any
 _made: list[str] = []
 
 
+# A folder given by the caller (nox -s parity: one for all its groups and workers, removed by nox) is used as
+# is, so the matrix's cases share their exports across processes; it is the caller's to remove.
+SHARED_CACHE_HOME = "CONVNEXTV2_TEST_CACHE_HOME"
+
+
 def pytest_configure(config: Any) -> None:
-    folder = tempfile.mkdtemp(prefix="convnextv2-test-cache-")
-    _made.append(folder)
-    os.environ["XDG_CACHE_HOME"] = folder
+    shared = os.environ.get(SHARED_CACHE_HOME)
+    if shared:
+        os.environ["XDG_CACHE_HOME"] = shared
+    else:
+        folder = tempfile.mkdtemp(prefix="convnextv2-test-cache-")
+        _made.append(folder)
+        os.environ["XDG_CACHE_HOME"] = folder
     os.environ.setdefault("CONVNEXTV2_PARITY_JOBS", "1")
 
 

@@ -28,7 +28,7 @@ from convnextv2.parity_tests.inputs import check_image_size, image_files, load_i
 from convnextv2.parity_tests.runtimes import Runtime
 from convnextv2.parity_tests.workers import Outcome, Pool, Task, groups_of, hand_off, plan_jobs
 from convnextv2.reference import parity_rule as rule
-from convnextv2.reference.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, MissingDependencyError, PrecisionUnavailableError
 
 FEATURES = rule.FEATURES
 # The precisions the harness runs runtimes at. A reduced-precision run (bfloat16, float16) is judged against the
@@ -444,6 +444,10 @@ def produce(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray, 
     try:
         with artifacts_active(record):
             produced = runtime.features(ckpt, images, dtype)
+    except PrecisionUnavailableError as exc:
+        result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available at {dtype} here: {exc}"
+        say(result.reason)
+        return result, None
     except MissingDependencyError as exc:
         result.status, result.reason = "unavailable", f"runtime {runtime.name} is not available: {exc}"
         return result, None

@@ -7,6 +7,8 @@ Options:
   --checkpoint PATH   also check this checkpoint on every runtime (repeatable; any readable format)
   --shard I/N         run only the I-th of N stable slices of the collected tests (CI sharding)
   --parity-report DIR write a JSON/Markdown/JUnit/HTML parity report per --checkpoint into DIR
+  --parity-timings FILE  one JSON line per test phase: its duration and, for matrix cases, where the parity
+                      run's seconds went (benchmarks/parity_matrix.py reads it)
 
 This module is imported by every pytest run in an environment where the toolkit is installed: it must stay
 cheap and import no deep-learning framework.
@@ -15,6 +17,7 @@ cheap and import no deep-learning framework.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,8 @@ def pytest_addoption(parser: Any) -> None:
                     help="run only shard I of N (1-based) of the collected tests, split by a stable hash")
     group.addoption("--parity-report", default=None, metavar="DIR",
                     help="with --checkpoint: write .json/.md/.xml/.html parity reports into DIR")
+    group.addoption("--parity-timings", default=None, metavar="FILE",
+                    help="append one JSON line per test phase (duration; a matrix case's parity timings) to FILE")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -80,6 +85,7 @@ def pytest_ignore_collect(collection_path: Path, config: Any) -> bool | None:
 
 
 def pytest_configure(config: Any) -> None:
+    _CONFIG[:] = [config]
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     parse_shard(config.getoption("--shard"))
@@ -109,3 +115,28 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
+
+
+# The framework groups of the matrix (nox -s parity runs one session per group).
+PARITY_GROUPS = ("torch", "tf", "flax", "onnx", "peers", "executorch", "openvino", "litert")
+# Recorded by the matrix cases (record_property) and written, on the controlling process only, by
+# pytest_runtest_logreport below.
+TIMINGS_PROPERTY = "parity_timings"
+
+
+def pytest_runtest_logreport(report: Any) -> None:
+    config = _CONFIG[0] if _CONFIG else None
+    path = config.getoption("--parity-timings") if config is not None else None
+    if not path or hasattr(config, "workerinput") or report.when not in ("setup", "call"):
+        return
+    timings = next((value for key, value in report.user_properties if key == TIMINGS_PROPERTY), None)
+    line = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+            "duration": report.duration, "start": getattr(report, "start", None),
+            "stop": getattr(report, "stop", None), "groups": sorted(report.keywords.keys() & set(PARITY_GROUPS))}
+    if timings is not None:
+        line["parity"] = timings
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")
+
+
+_CONFIG: list[Any] = []

@@ -267,7 +267,7 @@ def _openvino_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict
 
         from convnextv2.converters import openvino as ov_export
     from convnextv2.reference import parity_rule
-    from convnextv2.reference.errors import MissingDependencyError
+    from convnextv2.reference.errors import PrecisionUnavailableError
 
     size = int(images.shape[-1])
 
@@ -284,7 +284,7 @@ def _openvino_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict
         with phase("compile"):
             compiled, precision = ov_export.compile_ir(path, dtype)
         if precision != dtype:
-            raise MissingDependencyError(f"OpenVINO's CPU plugin here runs {precision} when asked for {dtype} "
+            raise PrecisionUnavailableError(f"OpenVINO's CPU plugin here runs {precision} when asked for {dtype} "
                                          f"(INFERENCE_PRECISION_HINT={ov_export.PRECISION_HINTS[dtype]})")
         with phase("forward"):
             features = ov_export.run(compiled, images)

@@ -134,3 +134,39 @@ def test_an_unwritable_cache_is_reported_and_bypassed(tmp_path):
     with pytest.warns(UserWarning, match="running without the cache"):
         report = run_parity(make_checkpoint("atto", seed=0), ["torch"], image_size=64, batch=2, cache=cache)
     assert report.passed and report.cache["note"].startswith("not used:")
+
+
+def test_a_second_process_waits_for_an_entry_being_built_and_uses_it(tmp_path):
+    """Two processes after one entry (two pytest or parity workers): the second waits for the first's build and
+    finds it, instead of building it again; no lock file is left."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from convnextv2.parity_tests.artifacts import ParityCache
+
+        def build(folder):
+            Path(sys.argv[2]).write_text("building")  # tells the test the lock is held
+            time.sleep(2)
+            (folder / "model").write_text(sys.argv[3])
+
+        cache = ParityCache(Path(sys.argv[1]))
+        with cache.folder("onnx", {"k": 1}, build) as folder:
+            print((folder / "model").read_text(), cache.hits, cache.misses)
+    """)
+    flag = tmp_path / "first-is-building"
+    first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache"), str(flag), "first"],
+                             stdout=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if flag.exists() or first.poll() is not None:
+            break
+        __import__("time").sleep(0.05)
+    second = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache"), str(tmp_path / "unused"),
+                             "second"], capture_output=True, text=True)
+    assert first.communicate()[0].strip() == "first [] ['onnx']"
+    assert second.stdout.strip() == "first ['onnx'] []", second.stderr[-2000:]
+    assert not (tmp_path / "unused").exists()  # the second never built
+    assert list((tmp_path / "cache").rglob("*.lock")) == []

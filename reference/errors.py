@@ -32,6 +32,11 @@ class MissingDependencyError(ConvNeXtV2Error):
     """A command needs a framework that is not installed."""
 
 
+class PrecisionUnavailableError(MissingDependencyError):
+    """The runtime is installed but this machine cannot run it at the precision asked for (a CPU without
+    bfloat16 units): the runtime is not available at that precision here, which is not a parity failure."""
+
+
 class CheckFailedError(ConvNeXtV2Error):
     """A check ran and failed (parity outside tolerance, mismatch); exit code 1."""
 
