@@ -72,8 +72,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{' -- ' + ' '.join(results['pytest_args']) if results['pytest_args'] else ''}`: every group in sequence "
         f"in one nox process (2 pytest workers), an empty parity cache and referee cache at the start. "
         + (f"**All groups: {total:.0f} s** (goal <= {GOAL_S:.0f} s: {'met' if total <= GOAL_S else 'not met'}). "
-           if results["complete"] else f"**A slice** ({', '.join(results['sessions'])}): {total:.0f} s; the goal "
-           f"(<= {GOAL_S:.0f} s) is for the whole matrix. ")
+           if results["complete"] else f"**A slice** (sessions {', '.join(results['sessions'])}; pytest "
+           f"{' '.join(results['pytest_args']) or '(all cases)'}): {total:.0f} s; the goal (<= {GOAL_S:.0f} s) is "
+           "for the whole matrix. ")
         + "Seconds; the phase columns add up the cases of both pytest workers (so they can pass the wall time); "
         "other is the rest of the cases' time (reading the fixture files back, the first case writing them). "
         "JSON: `benchmarks/results/parity_matrix.json`.",
