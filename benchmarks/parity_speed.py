@@ -36,7 +36,9 @@ def _csv(text: str) -> list[str]:
 
 
 def run_once(src: Path, runtimes: str, cache_home: Path, jobs: str, log: Any) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "CONVNEXTV2_PARITY_JOBS"}
+    from convnextv2.parity_tests.workers import ENV_JOBS
+
+    env = {k: v for k, v in os.environ.items() if k != ENV_JOBS}
     env.update({"XDG_CACHE_HOME": str(cache_home), "CONVNEXTV2_PROGRESS": "0"})
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "convnextv2.converters", "parity", str(src), "--runtimes", runtimes,

@@ -29,7 +29,9 @@ def pytest_configure(config: Any) -> None:
         folder = tempfile.mkdtemp(prefix="convnextv2-test-cache-")
         _made.append(folder)
         os.environ["XDG_CACHE_HOME"] = folder
-    os.environ.setdefault("CONVNEXTV2_PARITY_JOBS", "1")
+    from convnextv2.parity_tests.workers import ENV_JOBS
+
+    os.environ.setdefault(ENV_JOBS, "1")
 
 
 def pytest_unconfigure(config: Any) -> None:

@@ -342,8 +342,7 @@ def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Seq
         by_name.setdefault(runtime.name, []).append(Task(runtime.name, dtype))
     groups = [[task for name in group for task in by_name[name]] for group in groups_of(list(by_name))]
     pool: Pool | None = None
-    stack = contextlib.ExitStack()
-    with stack:
+    with contextlib.ExitStack() as stack:
         planned = plan_jobs(jobs, len(groups), sum(a.nbytes for _, a in ckpt.ordered_tensors())) if groups else 1
         if len(groups) > 1 and planned > 1:
             started = time.perf_counter()
@@ -353,73 +352,63 @@ def _run_parity(ckpt: Checkpoint, runtimes: Sequence[str | Runtime], dtypes: Seq
                         planned, say)
             stack.callback(pool.stop)
             pool.start()
-        return _judge_all(ckpt, resolved, dtypes, images, info, atol, rtol, source, referee_features,
-                          baseline_features, checkpoint_path, referee_source, say, cache, timings, reference_run, pool)
-
-
-def _judge_all(ckpt: Checkpoint, resolved: list[Runtime], dtypes: Sequence[str], images: np.ndarray,
-               info: dict[str, Any], atol: Mapping[str, float] | None, rtol: Mapping[str, float] | None,
-               source: Checkpoint, referee_features: Mapping[str, np.ndarray] | None,
-               baseline_features: Mapping[str, np.ndarray] | None, checkpoint_path: str | None,
-               referee_source: str | None, say: Any, cache: ParityCache, timings: dict[str, float],
-               reference_run: Any, pool: Pool | None) -> ParityReport:
-    if referee_features is None:
-        say("referee: torch float64")
-        referee_features = reference_run("float64")
-    if baseline_features is None:
-        say("baseline: torch float32")
-        baseline_features = reference_run("float32")
-    referee = {k: np.asarray(v, dtype=np.float64) for k, v in referee_features.items()}
-    features = [name for name in FEATURES if name in referee]
-    baseline = {name: rule.scale_aware_error(baseline_features[name], referee[name]) for name in features}
-    tolerances = {d: Tolerance(d, (atol or {}).get(d), (rtol or {}).get(d)) for d in DTYPES}
-    baselines = {d: baseline for d in rule.FULL_PRECISIONS}
-    for dtype in dtypes:
-        if dtype in rule.REDUCED_PRECISIONS and dtype not in baselines:
-            say(f"baseline: torch {dtype} (norms in float32)")
-            reduced = reference_run(dtype)
-            baselines[dtype] = {name: rule.scale_aware_error(reduced[name], referee[name]) for name in features}
-
-    outcomes: dict[tuple[str, str], Outcome] = {}
-    if pool is not None:
-        waiting = time.perf_counter()
-        outcomes = pool.results()
-        timings["waiting for workers"] = time.perf_counter() - waiting
-        for report in pool.cache_reports:
-            cache.merge(report)
-    results: list[RuntimeResult] = []
-    for runtime in resolved:
+        if referee_features is None:
+            say("referee: torch float64")
+            referee_features = reference_run("float64")
+        if baseline_features is None:
+            say("baseline: torch float32")
+            baseline_features = reference_run("float32")
+        referee = {k: np.asarray(v, dtype=np.float64) for k, v in referee_features.items()}
+        features = [name for name in FEATURES if name in referee]
+        baseline = {name: rule.scale_aware_error(baseline_features[name], referee[name]) for name in features}
+        tolerances = {d: Tolerance(d, (atol or {}).get(d), (rtol or {}).get(d)) for d in DTYPES}
+        baselines = {d: baseline for d in rule.FULL_PRECISIONS}
         for dtype in dtypes:
-            outcome = outcomes.get((runtime.name, dtype))
-            if outcome is None:
-                result, produced = produce(runtime, dtype, ckpt, images, cache, say)
-            else:
-                result = RuntimeResult(runtime.name, runtime.kind, dtype, outcome.status, outcome.reason,
-                                       seconds=outcome.seconds, phases=outcome.phases, artifacts=outcome.artifacts)
-                produced = outcome.features if outcome.status == "produced" else None
-                if produced is None:
-                    say(result.reason)
-            if produced is not None:
-                judge(result, produced, referee, features, baselines[dtype], tolerances[dtype])
-            results.append(result)
+            if dtype in rule.REDUCED_PRECISIONS and dtype not in baselines:
+                say(f"baseline: torch {dtype} (norms in float32)")
+                reduced = reference_run(dtype)
+                baselines[dtype] = {name: rule.scale_aware_error(reduced[name], referee[name]) for name in features}
 
-    return ParityReport(
-        checkpoint=_checkpoint_info(ckpt, checkpoint_path),
-        inputs=info,
-        referee={"runtime": "torch", "dtype": "float64",
-                 "built_from": referee_source or ("an independent copy of the weights" if source is not ckpt
-                                                  else "the checkpoint under test")},
-        baseline={"runtime": "torch", "dtype": "float32", "scale_aware_error": baseline,
-                  **({"reduced": {d: {"dtype": d, "norms": "float32", "scale_aware_error": baselines[d]}
-                                  for d in rule.REDUCED_PRECISIONS if d in baselines}}
-                     if any(d in baselines for d in rule.REDUCED_PRECISIONS) else {})},
-        tolerance={d: {"rule": "explicit" if t.explicit else "derived", "description": t.describe(),
-                       "atol": t.atol, "rtol": t.rtol, "factor": rule.FACTOR, "floor": rule.FLOOR[d]}
-                   for d, t in tolerances.items() if d in dtypes},
-        runtimes=results,
-        timings=timings,
-        cache=cache.summary(),
-    )
+        outcomes: dict[tuple[str, str], Outcome] = {}
+        if pool is not None:
+            waiting = time.perf_counter()
+            outcomes = pool.results()
+            timings["waiting for workers"] = time.perf_counter() - waiting
+            for report in pool.cache_reports:
+                cache.merge(report)
+        results: list[RuntimeResult] = []
+        for runtime in resolved:
+            for dtype in dtypes:
+                outcome = outcomes.get((runtime.name, dtype))
+                if outcome is None:
+                    result, produced = produce(runtime, dtype, ckpt, images, cache, say)
+                else:
+                    result = RuntimeResult(runtime.name, runtime.kind, dtype, outcome.status, outcome.reason,
+                                           seconds=outcome.seconds, phases=outcome.phases, artifacts=outcome.artifacts)
+                    produced = outcome.features if outcome.status == "produced" else None
+                    if produced is None:
+                        say(result.reason)
+                if produced is not None:
+                    judge(result, produced, referee, features, baselines[dtype], tolerances[dtype])
+                results.append(result)
+
+        return ParityReport(
+            checkpoint=_checkpoint_info(ckpt, checkpoint_path),
+            inputs=info,
+            referee={"runtime": "torch", "dtype": "float64",
+                     "built_from": referee_source or ("an independent copy of the weights" if source is not ckpt
+                                                      else "the checkpoint under test")},
+            baseline={"runtime": "torch", "dtype": "float32", "scale_aware_error": baseline,
+                      **({"reduced": {d: {"dtype": d, "norms": "float32", "scale_aware_error": baselines[d]}
+                                      for d in rule.REDUCED_PRECISIONS if d in baselines}}
+                         if any(d in baselines for d in rule.REDUCED_PRECISIONS) else {})},
+            tolerance={d: {"rule": "explicit" if t.explicit else "derived", "description": t.describe(),
+                           "atol": t.atol, "rtol": t.rtol, "factor": rule.FACTOR, "floor": rule.FLOOR[d]}
+                       for d, t in tolerances.items() if d in dtypes},
+            runtimes=results,
+            timings=timings,
+            cache=cache.summary(),
+        )
 
 
 def produce(runtime: Runtime, dtype: str, ckpt: Checkpoint, images: np.ndarray, cache: ParityCache,

@@ -85,14 +85,11 @@ _CHILD_FLAG = "CONVNEXTV2_PARITY_CHILD"
 
 
 def _in_child_process(name: str, ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
-    """Run runtime ``name`` in a fresh interpreter: the checkpoint goes as a canonical file (bit-exact),
-    images and features as .npy files."""
-    from convnextv2 import converters
+    """Run runtime ``name`` in a fresh interpreter: the checkpoint and images handed over as the parity workers
+    get them (a canonical file, bit-exact, and a .npy), the features back as a .npz."""
+    from convnextv2.parity_tests.workers import hand_off
 
-    with tempfile.TemporaryDirectory(prefix=f"convnextv2-parity-{name}-") as tmp:
-        work = Path(tmp)
-        converters.save(ckpt, work / "model.safetensors", format="canonical")
-        np.save(work / "images.npy", images)
+    with hand_off(ckpt, images) as work:
         env = {k: v for k, v in os.environ.items() if k not in ("USE_TF", "USE_TORCH")}
         env[_CHILD_FLAG] = "1"
         code = "import sys; from convnextv2.parity_tests.runtimes import child_main; child_main(sys.argv[1:])"
