@@ -17,7 +17,7 @@ EXPORT_OURS = r"""
 import json, sys, time
 start = time.perf_counter()
 from convnextv2 import converters
-from convnextv2.converters import onnx_export
+from convnextv2.converters.onnx import export as onnx_export
 imported = time.perf_counter()
 ckpt = converters.load(sys.argv[1])
 result = onnx_export.export(ckpt, sys.argv[2], via=sys.argv[3], check_size=int(sys.argv[4]), overwrite=True)
@@ -63,7 +63,7 @@ def export_timm_legacy(spec: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def run(variants: list[str], work: Path, log: Any) -> dict[str, Any]:
     from benchmarks.inference import prepare_checkpoints
-    from convnextv2.converters import onnx_export
+    from convnextv2.converters.onnx import export as onnx_export
 
     rows = []
     for variant in variants:

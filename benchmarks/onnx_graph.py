@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from convnextv2 import converters
-from convnextv2.converters import onnx_check, onnx_export
+from convnextv2.converters.onnx import export as onnx_export
+from convnextv2.converters.onnx import session as onnx_session
 from convnextv2.fixtures import make_checkpoint
 from convnextv2.reference.parity_rule import seeded_images
 from convnextv2.reference.variants import VARIANTS
@@ -88,7 +89,7 @@ def latency(work: Path, repeats: int, threads: int, log: Any) -> list[dict[str, 
         torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(files["timm_legacy"]), dynamo=False)
         timings: dict[str, list[float]] = {}
         # Interleave the files, several rounds, so background load hits them alike.
-        sessions = {k: onnx_check.ort_session(p, threads=threads) for k, p in files.items()}
+        sessions = {k: onnx_session.ort_session(p, threads=threads) for k, p in files.items()}
         for _ in range(3):
             for key, session in sessions.items():
                 timings.setdefault(key, []).append(_latency(session, images, repeats))

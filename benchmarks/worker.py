@@ -147,7 +147,7 @@ class Runtimes:
         return run, "nhwc"
 
     def _ort(self, path: str) -> Any:
-        from convnextv2.converters.onnx_check import ort_session
+        from convnextv2.converters.onnx.session import ort_session
 
         session = ort_session(path, threads=self.threads)
         name = session.get_inputs()[0].name

@@ -125,7 +125,7 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     output are also run, each by its own runtime, and judged by the parity rule. Only then is it published.
     Returns the summary: ``changes``, ``read_back``, ``verify``.
     """
-    from convnextv2.converters import changes as changes_module
+    from convnextv2.converters import format_limits
     from convnextv2.converters import verify as verify_module
     from convnextv2.converters.atomic import check_destination
 
@@ -134,12 +134,12 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     dest = Path(path)
     overwrite = bool(options.get("overwrite", False))
     check_destination(dest, overwrite)
-    found = changes_module.unrepresentable(format, ckpt, dest, options)
-    expected = changes_module.as_written(ckpt, found)
+    found = format_limits.unrepresentable(format, ckpt, dest, options)
+    expected = format_limits.as_written(ckpt, found)
     summary: dict[str, Any] = {"changes": [c.to_json_dict() for c in found]}
     for change, record in zip(found, summary["changes"], strict=True):
         if change.functional:
-            record["logits_difference"] = changes_module.logits_difference(ckpt, expected)
+            record["logits_difference"] = format_limits.logits_difference(ckpt, expected)
     if found:
         say = warn or _warn
         for record in summary["changes"]:
@@ -154,7 +154,7 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     # The writer is given what the target will hold (the eps it fixes, without the extras it drops), so that
     # its own metadata records the function it computes. A weights rounding the user asked for (fp16) is left
     # to the writer, whose check then still measures it against the source weights.
-    to_write = changes_module.as_written(ckpt, [c for c in found if c.field != "weights"])
+    to_write = format_limits.as_written(ckpt, [c for c in found if c.field != "weights"])
     if _unnamed_build(module, to_write, dest, options):
         # One file its reader knows by content: built and checked in an unnamed file, so a process killed
         # before publishing leaves nothing at all (converters/atomic.py).
@@ -217,7 +217,7 @@ def _functional(ckpt: Checkpoint, output: Path, format: str, written: Checkpoint
 def _companions(format: str, dest: Path) -> tuple[str, ...]:
     # Files a format may put beside its main file, so that replacing an output also removes a stale one.
     if format == "onnx":
-        from convnextv2.converters.onnx_export import data_file_name
+        from convnextv2.converters.onnx.export import data_file_name
 
         return (data_file_name(dest),)
     return ()

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file, check_destination
-from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.converters.onnx_interface import INPUT_NAME, STRIDE, output_names
+from convnextv2.converters.format_limits import Change, dropped_extras
+from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE, output_names
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "executorch"
@@ -195,7 +195,7 @@ def check_program(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4) ->
     """The program in the ExecuTorch runtime against the float64 PyTorch referee, by the float32 parity rule."""
     import gc
 
-    from convnextv2.converters.onnx_check import parity
+    from convnextv2.converters.onnx.session import parity
     from convnextv2.reference import parity_rule as rule
 
     images = rule.seeded_images(batch, size)

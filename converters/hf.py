@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_directory
-from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
+from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import write_safetensors
 from convnextv2.converters.state_files import (

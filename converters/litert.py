@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file, check_destination
-from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "litert"
@@ -300,7 +300,7 @@ def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, fp16:
                seed: int | None = None) -> dict[str, Any]:
     """The file run by the LiteRT interpreter against the float64 PyTorch referee, every output judged by the
     parity rule (float32; float16 with ``fp16``); ``ok`` is the verdict."""
-    from convnextv2.converters.onnx_check import parity
+    from convnextv2.converters.onnx.session import parity
     from convnextv2.reference import parity_rule as rule
 
     dtype = "float16" if fp16 else "float32"

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file_with_companions, check_destination
-from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "openvino"
@@ -118,7 +118,7 @@ def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = 
 
 def _write_onnx(ckpt: Checkpoint, directory: Path, features: bool, size: int) -> Path:
     """The ONNX export the IR is converted from (the torch export at ONNX_OPSET, as export-onnx writes it)."""
-    from convnextv2.converters import onnx_export
+    from convnextv2.converters.onnx import export as onnx_export
 
     target = directory / "model.onnx"
     onnx_export.write_unchecked(ckpt, target, size=size, features=features, opset=ONNX_OPSET)
@@ -230,7 +230,7 @@ def run(compiled: Any, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
 def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, seed: int | None = None) -> dict[str, Any]:
     """The IR compiled at float32 (read back, not assumed) against the float64 PyTorch referee, every output
     judged by the float32 parity rule; ``ok`` is the verdict."""
-    from convnextv2.converters.onnx_check import parity
+    from convnextv2.converters.onnx.session import parity
     from convnextv2.reference import parity_rule as rule
 
     images = rule.seeded_images(batch, size, rule.DEFAULT_SEED if seed is None else seed)

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.atomic import atomic_file
-from convnextv2.converters.changes import Change, dropped_extras, fixed_head_norm_eps, replaced_preprocessing
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
+from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps, replaced_preprocessing
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.torchzip import (
     PickledNamespace,

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.converters.atomic import atomic_directory
-from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.reference.errors import BadInputError
 
 NAME = "savedmodel"

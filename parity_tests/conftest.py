@@ -1,4 +1,4 @@
-"""Test-session isolation: the parity cache (parity_tests/artifacts.py, under $XDG_CACHE_HOME/convnextv2) of a
+"""Test-session isolation: the parity cache (parity_tests/cache.py, under $XDG_CACHE_HOME/convnextv2) of a
 test run is a fresh folder of its own, so no test sees what an earlier run or the user's own parity runs left,
 and nothing is left in the user's cache. Each process (xdist worker) gets its folder; subprocesses inherit it.
 

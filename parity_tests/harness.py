@@ -22,8 +22,8 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.parity_tests import runtimes as runtime_registry
-from convnextv2.parity_tests.artifacts import ParityCache, RuntimeRecord, images_digest
-from convnextv2.parity_tests.artifacts import active as artifacts_active
+from convnextv2.parity_tests.cache import ParityCache, RuntimeRecord, images_digest
+from convnextv2.parity_tests.cache import active as artifacts_active
 from convnextv2.parity_tests.inputs import check_image_size, image_files, load_images
 from convnextv2.parity_tests.runtimes import Runtime
 from convnextv2.parity_tests.workers import Outcome, Pool, Task, groups_of, hand_off, plan_jobs
@@ -288,7 +288,7 @@ def run_parity(
     ``referee_ckpt`` lets a caller build the referee from an independent copy of the weights (the matrix
     builds it from the in-memory fixture, so a converter bug in the file under test cannot hide by
     appearing on both sides). ``referee_features``/``baseline_features`` reuse earlier float64/float32
-    PyTorch runs on the same images. ``cache`` (parity_tests/artifacts.py) keeps the exports and the
+    PyTorch runs on the same images. ``cache`` (parity_tests/cache.py) keeps the exports and the
     referee's features for the next run; without it they are shared within this run only. ``jobs`` worker
     processes run the runtimes side by side (parity_tests/workers.py; default: one per core, as memory allows;
     1: every runtime in this process).

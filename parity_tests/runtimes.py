@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.parity_tests.artifacts import current_cache, phase
+from convnextv2.parity_tests.cache import current_cache, phase
 
 FeatureFn = Callable[[Checkpoint, np.ndarray, str], dict[str, np.ndarray]]
 
@@ -171,7 +171,7 @@ def _keep_jax_compilations() -> None:
 def _onnx_graph(ckpt: Checkpoint, size: int, fp16: bool) -> Iterator[Path]:
     """The torch export with every stage as an output (model.onnx in the folder yielded), through the parity
     cache: onnxruntime and OpenVINO read the same graph, so one run exports it once."""
-    from convnextv2.converters import onnx_export
+    from convnextv2.converters.onnx import export as onnx_export
 
     with current_cache() as cache:
         parts = {"checkpoint": cache.digest(ckpt), "size": size, "features": True, "fp16": fp16, "via": "torch",
@@ -188,14 +188,14 @@ def _onnx_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> dict[str
     with phase("import"):
         import onnxruntime  # noqa: F401
 
-        from convnextv2.converters import onnx_check
+        from convnextv2.converters.onnx import session as onnx_session
     with contextlib.ExitStack() as stack:
         with phase("export"):
             path = stack.enter_context(_onnx_graph(ckpt, int(images.shape[-1]), dtype == "float16"))
         with phase("compile"):
-            session = onnx_check.ort_session(path, threads=2)
+            session = onnx_session.ort_session(path, threads=2)
         with phase("forward"):
-            outputs = onnx_check.run_ort(session, images)
+            outputs = onnx_session.run_ort(session, images)
     return _onnx_outputs_to_features(outputs)
 
 
@@ -212,7 +212,7 @@ register(Runtime("tensorflow", "runtime", "Keras 3 / TensorFlow reference (refer
                  dtypes=("float32", "float64")))
 register(Runtime("flax", "runtime", "Flax NNX reference (reference/flax_model.py)", _reference_features("flax"),
                  requires=("jax", "flax"), extra="flax", dtypes=("float32", "float64")))
-register(Runtime("onnxruntime", "runtime", "onnxruntime on the ONNX export (converters/onnx_export.py)",
+register(Runtime("onnxruntime", "runtime", "onnxruntime on the ONNX export (converters/onnx/export.py)",
                  _onnx_features, requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx",
                  dtypes=("float32", "float16")))
 
@@ -225,7 +225,7 @@ def _executorch_features(ckpt: Checkpoint, images: np.ndarray, dtype: str) -> di
         import torch  # noqa: F401
 
         from convnextv2.converters import executorch
-        from convnextv2.converters.onnx_interface import output_names
+        from convnextv2.converters.onnx.interface import output_names
     size = int(images.shape[-1])
 
     def build(folder: Path) -> None:

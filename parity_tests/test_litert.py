@@ -186,7 +186,7 @@ def test_no_float64_in_the_savedmodel_and_the_tf_onnx_export(tmp_path):
     pytest.importorskip("tf2onnx", reason="tf2onnx is not installed (pip install 'convnextv2-toolkit[onnx]')")
     import onnx
 
-    from convnextv2.converters import onnx_via_tensorflow
+    from convnextv2.converters.onnx import via_tensorflow as onnx_via_tensorflow
 
     proto = onnx_via_tensorflow.build(ckpt, 18, False, False, False, 64)
     double = onnx.TensorProto.DOUBLE

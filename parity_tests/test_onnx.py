@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from convnextv2 import converters, reference
-from convnextv2.converters import onnx_check, onnx_export
+from convnextv2.converters.onnx import export as onnx_export
+from convnextv2.converters.onnx import session as onnx_session
 from convnextv2.fixtures import make_checkpoint, write_fixture
 from convnextv2.parity_tests.conftest_helpers import run_cli
 from convnextv2.reference import parity_rule
@@ -34,11 +35,11 @@ SIZE = 64
 
 
 def _ort(path: Path) -> object:
-    return onnx_check.ort_session(path)
+    return onnx_session.ort_session(path)
 
 
 def _run(session: object, images: np.ndarray) -> dict[str, np.ndarray]:
-    return onnx_check.run_ort(session, images)
+    return onnx_session.run_ort(session, images)
 
 
 def _assert_parity(ckpt, got: np.ndarray, images: np.ndarray, output: str = "logits") -> dict:
@@ -46,7 +47,7 @@ def _assert_parity(ckpt, got: np.ndarray, images: np.ndarray, output: str = "log
     images as the yardstick); top-1 identical."""
     referee = parity_rule.referee_features(ckpt, images)[output]
     fp32 = parity_rule.baseline_features(ckpt, images)[output]
-    verdict = onnx_check.parity(got, fp32, referee, "float32", output)
+    verdict = onnx_session.parity(got, fp32, referee, "float32", output)
     assert verdict["passed"], (f"{output}: max|d| {verdict['max_abs']:.3e} > the rule's tolerance "
                                f"({parity_rule.describe('float32')}; PyTorch float32 {verdict['torch_baseline_max_abs']:.3e})")
     if output == "logits":
@@ -195,7 +196,7 @@ def test_fp16_export_keeps_norms_in_fp32(tmp_path):
     referee = parity_rule.referee_features(ckpt, images)["logits"]
     # The float16 rule: the yardstick is the PyTorch reference in float16 with float32 norms, same images.
     fp16 = parity_rule.baseline_features(ckpt, images, "float16")["logits"]
-    verdict = onnx_check.parity(got, fp16, referee, "float16")
+    verdict = onnx_session.parity(got, fp16, referee, "float16")
     assert verdict["passed"], verdict
     assert np.array_equal(got.argmax(1), referee.argmax(1))
     assert result.check["ok"]
@@ -211,7 +212,7 @@ def test_failed_parity_writes_nothing_and_exits_1(tmp_path, monkeypatch):
     import torch
 
     ckpt = make_checkpoint(SMALL, seed=5, fmt="canonical", num_classes=10)
-    from convnextv2.converters import onnx_via_torch
+    from convnextv2.converters.onnx import via_torch as onnx_via_torch
 
     original = onnx_via_torch.torch_module
 

@@ -1,4 +1,4 @@
-"""The parity cache (parity_tests/artifacts.py): a second run of the same checkpoint reuses the exports and the
+"""The parity cache (parity_tests/cache.py): a second run of the same checkpoint reuses the exports and the
 referee and reaches the same verdicts with the same numbers; a changed checkpoint, image set or toolkit never
 hits an old entry; ``--no-cache`` keeps nothing; a cache that cannot be written is reported and bypassed."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from convnextv2.fixtures import make_checkpoint, write_fixture
-from convnextv2.parity_tests import artifacts
-from convnextv2.parity_tests.artifacts import ParityCache
+from convnextv2.parity_tests import cache as parity_cache
+from convnextv2.parity_tests.cache import ParityCache
 from convnextv2.parity_tests.conftest_helpers import run_cli
 from convnextv2.parity_tests.harness import run_parity
 
@@ -61,7 +61,7 @@ def test_key_covers_the_toolkit_code_and_framework_versions(monkeypatch, tmp_pat
     parts = {"checkpoint": "c", "size": 64}
     before = cache.key("onnx", parts)
     assert cache.key("onnx", {**parts, "size": 96}) != before and cache.key("litert", parts) != before
-    monkeypatch.setattr(artifacts, "toolkit_fingerprint", lambda: "another toolkit")
+    monkeypatch.setattr(parity_cache, "toolkit_fingerprint", lambda: "another toolkit")
     assert cache.key("onnx", parts) != before
 
 
@@ -70,10 +70,10 @@ def test_fingerprint_changes_with_a_source_file(tmp_path, monkeypatch):
     for folder in ("reference", "converters", "parity_tests", "fixtures"):
         (package / folder).mkdir(parents=True)
         (package / folder / "module.py").write_text("x = 1\n")
-    monkeypatch.setattr(artifacts, "__file__", str(package / "parity_tests" / "artifacts.py"))
-    first = artifacts.toolkit_fingerprint.__wrapped__()
+    monkeypatch.setattr(parity_cache, "__file__", str(package / "parity_tests" / "cache.py"))
+    first = parity_cache.toolkit_fingerprint.__wrapped__()
     (package / "converters" / "module.py").write_text("x = 2\n")
-    assert artifacts.toolkit_fingerprint.__wrapped__() != first
+    assert parity_cache.toolkit_fingerprint.__wrapped__() != first
 
 
 def test_a_failed_build_leaves_no_entry_and_the_next_one_builds(tmp_path):
@@ -146,7 +146,7 @@ def test_a_second_process_waits_for_an_entry_being_built_and_uses_it(tmp_path):
     code = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        from convnextv2.parity_tests.artifacts import ParityCache
+        from convnextv2.parity_tests.cache import ParityCache
 
         def build(folder):
             Path(sys.argv[2]).write_text("building")  # tells the test the lock is held

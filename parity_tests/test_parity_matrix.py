@@ -196,7 +196,7 @@ def parity_cache() -> Any:
     """The parity cache under $XDG_CACHE_HOME (conftest: this test process's own folder, or the one nox -s parity
     shares across its groups and workers): a size case's exports serve the precision and format cases of the
     same weights, which every format here reads back bit for bit (the key is the weights, not the file)."""
-    from convnextv2.parity_tests.artifacts import ParityCache
+    from convnextv2.parity_tests.cache import ParityCache
 
     return ParityCache.default()
 

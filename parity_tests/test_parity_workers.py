@@ -108,7 +108,7 @@ def test_a_worker_keeps_its_answers_apart_from_what_libraries_print(tmp_path):
 
     import numpy as np
 
-    from convnextv2.parity_tests.artifacts import ParityCache
+    from convnextv2.parity_tests.cache import ParityCache
 
     ckpt = make_checkpoint(SMALL, seed=3, num_classes=10)
     code = textwrap.dedent("""

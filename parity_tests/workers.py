@@ -259,7 +259,7 @@ def worker_main() -> None:
     started = time.perf_counter()
     from convnextv2 import converters
     from convnextv2.parity_tests import runtimes
-    from convnextv2.parity_tests.artifacts import ParityCache
+    from convnextv2.parity_tests.cache import ParityCache
     from convnextv2.parity_tests.harness import produce
 
     work = Path(sys.argv[1])

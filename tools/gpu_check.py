@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2 import reference
-from convnextv2.converters.onnx_check import parity
+from convnextv2.converters.onnx.session import parity
 from convnextv2.fixtures import make_checkpoint
 from convnextv2.reference import parity_rule
 

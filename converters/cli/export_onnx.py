@@ -10,7 +10,7 @@ import click
 
 from convnextv2.converters.cli import choices
 from convnextv2.converters.cli.checkpoints import apply_preprocessing, preprocessing_options
-from convnextv2.converters.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, VIAS
+from convnextv2.converters.onnx.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, VIAS
 
 
 @click.command("export-onnx", short_help="Export to ONNX, checked in onnxruntime before it is written.")
@@ -40,8 +40,8 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
     """Export SRC to ONNX, check it in onnxruntime (ORT_ENABLE_ALL) against the float64 PyTorch referee,
     and only then write DST. Exit 1 when parity fails, 2 when a path cannot run here (the message says why)."""
     from convnextv2 import converters
-    from convnextv2.converters import onnx_export
     from convnextv2.converters.atomic import check_destination
+    from convnextv2.converters.onnx import export as onnx_export
     from convnextv2.reference.errors import MissingDependencyError
 
     check_destination(dst, overwrite)

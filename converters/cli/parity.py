@@ -106,7 +106,7 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values:
     from convnextv2 import converters
     from convnextv2.converters.atomic import check_destination
     from convnextv2.parity_tests import runtimes
-    from convnextv2.parity_tests.artifacts import ParityCache, process_age
+    from convnextv2.parity_tests.cache import ParityCache, process_age
     from convnextv2.parity_tests.harness import parse_tolerances, run_parity
 
     started = process_age()

@@ -1,7 +1,7 @@
 """ONNX export: the PyTorch reference through ``torch.onnx`` (default, ``onnx_via_torch``), the Keras reference
 through tf2onnx (``onnx_via_tensorflow``), the Flax reference through jax2onnx (``onnx_via_flax``). This module
 picks the exporter, attaches the metadata, saves the file and its ``.data`` file, and publishes them only once
-the export gate (``onnx_check``: onnx.checker, then onnxruntime at the full optimisation level against the
+the export gate (``onnx.session``: onnx.checker, then onnxruntime at the full optimisation level against the
 float64 PyTorch referee) has passed.
 
 Interface of every exported file: ``onnx_interface`` (docs/onnx.md). ``metadata_props`` carry the canonical
@@ -19,12 +19,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from convnextv2.converters import onnx_via_flax, onnx_via_tensorflow, onnx_via_torch
 from convnextv2.converters.atomic import atomic_file, atomic_file_with_companions, check_destination, require_space
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.digests import sha256_of
-from convnextv2.converters.onnx_check import check_file
-from convnextv2.converters.onnx_interface import INPUT_NAME, STRIDE, output_names
+from convnextv2.converters.onnx import via_flax as onnx_via_flax
+from convnextv2.converters.onnx import via_tensorflow as onnx_via_tensorflow
+from convnextv2.converters.onnx import via_torch as onnx_via_torch
+from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE, output_names
+from convnextv2.converters.onnx.session import check_file
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 # Measured (docs/onnx.md): at opset 20 GELU is the Gelu op, which onnxruntime 1.32 fuses with the preceding

@@ -6,7 +6,7 @@ import importlib.util
 from typing import Any
 
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.converters.onnx_interface import output_names, rename_io
+from convnextv2.converters.onnx.interface import output_names, rename_io
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
 # Why the Flax path is not available in the pinned set (docs/onnx.md).

@@ -1,4 +1,4 @@
-"""ONNX files: written by exporting a reference (converters/onnx_export.py), read back by graph structure.
+"""ONNX files: written by exporting a reference (converters/onnx/export.py), read back by graph structure.
 
 Reading never trusts initializer names (exporters fold, pre-transpose and rename them). It walks the
 graph from its input in topological order, folds constant subgraphs (initializers, ``Constant`` nodes and
@@ -28,9 +28,9 @@ from typing import Any, TypeGuard, cast
 
 import numpy as np
 
-from convnextv2.converters.changes import Change, dropped_extras
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import sha256_of
+from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.reference.variants import (
@@ -829,7 +829,7 @@ def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change
 def UNNAMED_BUILD(ckpt: Checkpoint, path: Path, options: dict[str, Any]) -> bool:  # noqa: N802 - the attribute converters.save reads
     """A self-contained graph is one file the reader knows by content; one with a ``.data`` file is not (the
     graph names its data file)."""
-    from convnextv2.converters import onnx_export
+    from convnextv2.converters.onnx import export as onnx_export
 
     return not onnx_export.writes_external_data(ckpt, bool(options.get("fp16")), options.get("external_data"))
 
@@ -839,7 +839,7 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "
           check_size: int | None = None, check_batch: int = 4, source_path: str | os.PathLike[str] | None = None,
           log: Any = None) -> None:
     """Export through ``onnx_export.export`` (checked against the float64 referee before it is published)."""
-    from convnextv2.converters import onnx_export
+    from convnextv2.converters.onnx import export as onnx_export
 
     onnx_export.export(ckpt, path, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
                        external_data=external_data, overwrite=overwrite, check_size=check_size,

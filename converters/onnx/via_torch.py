@@ -7,7 +7,7 @@ import importlib.util
 from typing import Any
 
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.converters.onnx_interface import INPUT_NAME, STRIDE, output_names
+from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE, output_names
 from convnextv2.reference.errors import MissingDependencyError
 
 

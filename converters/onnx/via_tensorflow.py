@@ -6,7 +6,7 @@ import importlib.util
 from typing import Any
 
 from convnextv2.converters.checkpoint import Checkpoint
-from convnextv2.converters.onnx_interface import INPUT_NAME, output_names, rename_io
+from convnextv2.converters.onnx.interface import INPUT_NAME, output_names, rename_io
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
 MISSING_TF2ONNX = "--via tensorflow needs tf2onnx: pip install -c constraints.txt 'convnextv2-toolkit[onnx,tf]'"
