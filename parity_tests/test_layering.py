@@ -146,3 +146,166 @@ def test_relative_imports_resolve_against_the_file():
     assert check_source("converters/cli/__init__.py", "from ...parity_tests import harness\n") == []
     assert check_source("converters/x.py", "from .. import fixtures\n") == [
         "converters/x.py:1: imports convnextv2.fixtures (converters/ imports reference/ only)"]
+
+
+# ------------------------------------------------------------------ the shape of the code
+
+MAX_MODULE_LINES = 600
+MAX_PARAMETERS = 12
+
+
+def _our_modules() -> dict[str, Path]:
+    return {module_name(path.relative_to(ROOT).as_posix()): path for path in package_files()}
+
+
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports (module name -> source text in, every import counted: at the top,
+    inside functions, under TYPE_CHECKING). ``from a import b`` counts as an import of ``a.b`` where that is a
+    module of ours, else of ``a``; the parent packages Python initialises on the way are not edges (every
+    sibling import would otherwise loop through its package's ``__init__``)."""
+    graph: dict[str, set[str]] = {}
+    for name, source in sources.items():
+        tree = ast.parse(source)
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    package = name.split(".") if _is_package(name, sources) else name.split(".")[:-1]
+                    anchor = package[:len(package) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in sources else base)
+            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+                if called in ("import_module", "__import__"):
+                    targets.add(node.args[0].value)
+        graph[name] = {t for t in targets if t in sources and t != name}
+    return graph
+
+
+def _is_package(name: str, sources: dict[str, str]) -> bool:
+    return any(other.startswith(name + ".") for other in sources)
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_no_import_cycles():
+    sources = {name: path.read_text(encoding="utf-8") for name, path in _our_modules().items()}
+    cycles = import_cycles(import_graph(sources))
+    assert not cycles, "modules that import each other (directly or round a loop):\n" + "\n".join(
+        " <-> ".join(cycle) for cycle in cycles)
+
+
+def test_a_cycle_through_a_function_local_import_is_found():
+    sources = {"convnextv2.converters": "from convnextv2.converters import verify\n",
+               "convnextv2.converters.verify": "def f():\n    from convnextv2.converters import changes\n",
+               "convnextv2.converters.changes": "def g():\n    from convnextv2.converters.verify import f\n",
+               "convnextv2.converters.canonical": "from . import changes\n"}
+    assert import_cycles(import_graph(sources)) == [["convnextv2.converters.changes", "convnextv2.converters.verify"]]
+
+
+def test_no_module_over_the_line_budget():
+    long = {path.relative_to(ROOT).as_posix(): n for path in package_files()
+            if not path.name.startswith("test_") and (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"library modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def too_many_parameters(source: str, relpath: str) -> list[str]:
+    """Functions with more than MAX_PARAMETERS parameters (self/cls not counted). The click command functions
+    (decorated with click's ``command``) are exempt: each parameter is a command-line option."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        decorators = [ast.unparse(d) for d in node.decorator_list]
+        if any(".command(" in d or d.startswith("click.") or ".command" in d for d in decorators):
+            continue
+        arguments = node.args
+        names = [a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs]
+        names += [a.arg for a in (arguments.vararg, arguments.kwarg) if a is not None]
+        count = len([n for n in names if n not in ("self", "cls")])
+        if count > MAX_PARAMETERS:
+            found.append(f"{relpath}:{node.lineno}: {node.name} takes {count} parameters")
+    return found
+
+
+def test_no_library_function_takes_more_than_a_dozen_parameters():
+    problems = [p for path in package_files() if not path.name.startswith("test_")
+                for p in too_many_parameters(path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix())]
+    assert not problems, "\n".join(problems)
+
+
+def test_thirteen_parameters_are_found():
+    source = "def f(a, b, c, d, e, f, g, h, i, j, k, l, *, m):\n    pass\n\ndef ok(self, a, b):\n    pass\n"
+    assert too_many_parameters(source, "x.py") == ["x.py:1: f takes 13 parameters"]
+
+
+def _shadowed_libraries(source: str, modules: set[str]) -> list[str]:
+    """Names a file binds to a module of ours (``modules``) that are also libraries the same file imports."""
+    libraries: set[str] = set()
+    ours: dict[str, int] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules:
+                    if alias.asname:
+                        ours[alias.asname] = node.lineno
+                elif not alias.name.startswith("convnextv2."):
+                    libraries.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            ours.update({alias.asname or alias.name: node.lineno for alias in node.names
+                         if f"{node.module}.{alias.name}" in modules})
+    return [f"line {line}: {name}" for name, line in sorted(ours.items()) if name in libraries]
+
+
+def test_no_module_of_ours_shadows_a_library_it_sits_beside():
+    modules = _our_modules()
+    problems = []
+    for path in modules.values():
+        shadowed = _shadowed_libraries(path.read_text(encoding="utf-8"), set(modules))
+        problems.extend(f"{path.relative_to(ROOT).as_posix()} {p}" for p in shadowed)
+    assert not problems, "our modules imported under the name of a library the same file imports:\n" + "\n".join(problems)
+
+
+def test_a_shadowing_import_is_found():
+    source = ("import openvino\n\ndef f():\n    from convnextv2.converters import openvino as openvino_format\n"
+              "    from convnextv2.converters import openvino\n")
+    assert _shadowed_libraries(source, {"convnextv2.converters.openvino"}) == ["line 5: openvino"]
