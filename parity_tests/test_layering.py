@@ -309,3 +309,39 @@ def test_a_shadowing_import_is_found():
     source = ("import openvino\n\ndef f():\n    from convnextv2.converters import openvino as openvino_format\n"
               "    from convnextv2.converters import openvino\n")
     assert _shadowed_libraries(source, {"convnextv2.converters.openvino"}) == ["line 5: openvino"]
+
+
+RULE_HOME = "reference/features.py"
+
+
+def restated_rules(source: str) -> list[str]:
+    """Where a file writes the final-output rule (``"logits" if ... else "pooled"``) or lists the feature names
+    (a literal holding "stem" and "stage1") itself instead of taking them from the parity rule."""
+    found = []
+    tree = ast.parse(source)
+    # A dict's value is data another library defines (transformers' ``stage_names``), not our feature list.
+    data = {id(value) for node in ast.walk(tree) if isinstance(node, ast.Dict) for value in node.values}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.IfExp):
+            branches = {b.value for b in (node.body, node.orelse) if isinstance(b, ast.Constant)}
+            if branches == {"logits", "pooled"}:
+                found.append(f"line {node.lineno}: the final-output rule")
+        elif isinstance(node, ast.Tuple | ast.List | ast.Set) and id(node) not in data:
+            names = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+            if {"stem", "stage1"} <= names:
+                found.append(f"line {node.lineno}: the feature names")
+    return found
+
+
+def test_the_final_output_rule_and_the_feature_names_are_written_once():
+    problems = []
+    for path in package_files():
+        relpath = path.relative_to(ROOT).as_posix()
+        if relpath != RULE_HOME and not path.name.startswith("test_"):
+            problems.extend(f"{relpath} {p}" for p in restated_rules(path.read_text(encoding="utf-8")))
+    assert not problems, f"written again outside {RULE_HOME}:\n" + "\n".join(problems)
+
+
+def test_a_restated_rule_is_found():
+    source = 'final = "pooled" if n == 0 else "logits"\nNAMES = ["stem", "stage1", "stage2"]\n'
+    assert restated_rules(source) == ["line 1: the final-output rule", "line 2: the feature names"]

@@ -28,10 +28,11 @@ import numpy as np
 from flax import nnx
 
 from convnextv2.reference import schema
+from convnextv2.reference.features import BACKBONE_FEATURES
 from convnextv2.reference.flax_layout import canonical_to_nnx, nnx_to_canonical
 from convnextv2.reference.variants import GRN_EPS, IN_CHANNELS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
 
-FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")
+FEATURE_NAMES = BACKBONE_FEATURES
 HIGHEST = jax.lax.Precision.HIGHEST
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 

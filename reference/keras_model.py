@@ -24,6 +24,7 @@ import numpy as np
 
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.features import BACKBONE_FEATURES, SPATIAL_FEATURES
 from convnextv2.reference.keras_layout import KERAS_KEYS, PACKAGE, keras_paths
 from convnextv2.reference.variants import GRN_EPS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
 
@@ -61,8 +62,7 @@ if keras.backend.backend() != "tensorflow":
     raise ImportError(
         f"the Keras reference needs the TensorFlow backend, but KERAS_BACKEND is {keras.backend.backend()!r}")
 
-FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")
-SPATIAL_FEATURES = ("stem", "stage1", "stage2", "stage3", "stage4")
+FEATURE_NAMES = BACKBONE_FEATURES
 INPUT_NAME = "pixel_values"
 
 # ------------------------------------------------------------ layers

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from convnextv2.reference.features import BACKBONE_FEATURES
 from convnextv2.reference.variants import GRN_EPS, LAYER_NORM_EPS, MLP_RATIO, NUM_STAGES, ModelConfig
 
-FEATURE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")
+FEATURE_NAMES = BACKBONE_FEATURES
 
 
 # False runs float32 through the plain path too: the yardstick of parity_tests/test_speed_parity.py.
