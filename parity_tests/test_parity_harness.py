@@ -9,18 +9,13 @@ import pytest
 
 from convnextv2.converters.checkpoint import Preprocessing
 from convnextv2.fixtures import make_checkpoint
-from convnextv2.parity_tests.harness import (
-    FEATURES,
-    Tolerance,
-    compare_feature,
-    parse_tolerances,
-    run_parity,
-)
+from convnextv2.parity_tests.harness import FEATURES, parse_tolerances, run_parity
 from convnextv2.parity_tests.inputs import preprocess_file, resize_numpy, resize_plan
 from convnextv2.parity_tests.plugin import parse_shard, shard_of
 from convnextv2.parity_tests.runtimes import Runtime
 from convnextv2.reference import parity_rule as rule
 from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.parity_rule import Tolerance, compare_feature
 
 CONFIG = "custom:depths=1,1,2,1;dims=8,16,32,64"
 

@@ -113,16 +113,17 @@ def test_a_worker_keeps_its_answers_apart_from_what_libraries_print(tmp_path):
     ckpt = make_checkpoint(SMALL, seed=3, num_classes=10)
     code = textwrap.dedent("""
         import os
-        from convnextv2.parity_tests import runtimes, workers
+        from convnextv2.converters.runners import references
+        from convnextv2.parity_tests import workers
 
-        plain = runtimes.RUNTIMES["torch"].features
+        plain = references.ReferenceRunner.infer
 
         def noisy(*args):
             print("noise from python", flush=True)
             os.write(1, b"noise from C\\n")
             return plain(*args)
 
-        runtimes.RUNTIMES["torch"].features = noisy
+        references.ReferenceRunner.infer = noisy
         workers.worker_main()
     """)
     cache = ParityCache(None)

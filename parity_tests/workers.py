@@ -35,19 +35,13 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.runners import registry
 
-# Runtimes that share an export or a framework import, run one after another in one worker. Listed by what a cold
-# run costs (measured at tiny, docs/benchmarks.md "Parity speed"), dearest first: the longest group starts first.
-AFFINITY = (
-    ("executorch",),
-    ("tensorflow", "litert"),
-    ("onnxruntime", "openvino"),
-    ("flax",),
-    ("transformers-tf",),
-    ("transformers-pt",),
-    ("timm",),
-    ("torch",),
-)
+# The worker groups (a runner record's ``worker``: runtimes that share an export or a framework import run one after
+# another in one worker), by what a cold run costs (measured at tiny, docs/benchmarks.md "Parity speed"), dearest
+# first: the longest group starts first.
+GROUP_ORDER = ("executorch", "tensorflow", "onnx-export", "flax", "transformers-tf", "transformers-pt", "timm",
+               "torch")
 PEAK_BYTES_PER_WEIGHT_BYTE = 8
 # What a worker costs before it loads a model (an interpreter with torch or TensorFlow imported).
 WORKER_BASE_BYTES = 1_500_000_000
@@ -75,15 +69,22 @@ class Outcome:
 
 
 def groups_of(names: Sequence[str]) -> list[list[str]]:
-    """``names`` in affinity groups, dearest group first; a name the table does not know is a group of its own."""
+    """``names`` in worker groups, dearest group first; a name the registry does not know is a group of its own."""
     remaining = list(dict.fromkeys(names))
     groups = []
-    for group in AFFINITY:
-        members = [n for n in group if n in remaining]
+    for group in GROUP_ORDER:
+        members = [n for n in registry.names() if n in remaining and registry.REGISTRY[n].record.worker == group]
         if members:
             groups.append(members)
             remaining = [n for n in remaining if n not in members]
     return groups + [[n] for n in remaining]
+
+
+def passive_openmp(environ: Any = os.environ) -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it, before any framework loads OpenMP (it reads it once):
+    OpenMP threads that spin while they wait take the cores the other workers (and the referee) run on
+    (measured: atto cold 107 s spinning)."""
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def available_cores() -> int:
@@ -177,7 +178,7 @@ class Pool:
 
     def _spawn(self, index: int) -> subprocess.Popen[str]:
         env = dict(os.environ)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        passive_openmp(env)
         log = open(self.work / f"worker-{index}.log", "w", encoding="utf-8")  # noqa: SIM115  (owned by the child)
         code = "from convnextv2.parity_tests.workers import worker_main; worker_main()"
         try:
@@ -258,9 +259,9 @@ def worker_main() -> None:
     sys.stdout = sys.stderr
     started = time.perf_counter()
     from convnextv2 import converters
-    from convnextv2.parity_tests import runtimes
+    from convnextv2.converters.runners import RunContext, Timings
     from convnextv2.parity_tests.cache import ParityCache
-    from convnextv2.parity_tests.harness import produce
+    from convnextv2.reference.parity_rule import attempt
 
     work = Path(sys.argv[1])
     init = json.loads(sys.stdin.readline())
@@ -272,7 +273,8 @@ def worker_main() -> None:
     startup = time.perf_counter() - started
     for count, line in enumerate(sys.stdin):
         task = Task(**json.loads(line))
-        result, produced = produce(runtimes.get(task.name), task.dtype, ckpt, images, cache)
+        runner = registry.get(task.name).open(ckpt, RunContext(cache, Timings()))
+        result, produced = attempt(runner, images, task.dtype)
         if count == 0:
             result.phases = {"worker start": startup, **result.phases}
         features_file = None

@@ -22,17 +22,20 @@ Importing this module imports numpy only; torch is imported inside the functions
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
+from convnextv2.reference.features import FEATURES
 
 if TYPE_CHECKING:
     from convnextv2.reference import WeightsLike
 
-FEATURES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits")
+# A runner may say how it actually ran (the precision its library reports, which interpreter) under this key, as a
+# 0-d string array beside its features; the verdict carries it as its reason.
+DETAIL_KEY = "detail"
 # Precisions a candidate can be judged at. float32/float64 candidates are measured against the float32 baseline;
 # reduced-precision candidates against the PyTorch reference run at their own precision.
 FULL_PRECISIONS = ("float32", "float64")
@@ -131,7 +134,7 @@ def baseline_errors(baseline: Mapping[str, np.ndarray], referee: Mapping[str, np
 # ------------------------------------------------------------------ the verdict
 
 @dataclasses.dataclass
-class Verdict:
+class FeatureVerdict:
     """One feature of one candidate against the referee, at an absolute threshold."""
 
     name: str
@@ -149,7 +152,7 @@ class Verdict:
         return "; ".join(self.problems)
 
 
-def verdict(name: str, value: np.ndarray, referee: np.ndarray, threshold: float) -> Verdict:
+def verdict(name: str, value: np.ndarray, referee: np.ndarray, threshold: float) -> FeatureVerdict:
     """Judge ``value`` against the referee at ``threshold`` (max-abs units: tolerance x max|referee|, or an
     explicit atol + rtol x max|referee|). Shapes must already agree and ``value`` be finite."""
     actual = np.asarray(value, dtype=np.float64)
@@ -169,12 +172,12 @@ def verdict(name: str, value: np.ndarray, referee: np.ndarray, threshold: float)
         real_flips = int(np.sum(~top1_same & (margins > threshold)))
         if real_flips:
             problems.append(f"top-1 differs on {real_flips} of {len(referee)} images")
-    return Verdict(name, not problems, diff, scale, diff / scale if scale > 0 else diff, threshold, top1_same,
+    return FeatureVerdict(name, not problems, diff, scale, diff / scale if scale > 0 else diff, threshold, top1_same,
                    real_flips, tuple(problems))
 
 
 def judge(name: str, value: np.ndarray, referee: np.ndarray, baseline_error: float,
-          dtype: str = "float32") -> Verdict:
+          dtype: str = "float32") -> FeatureVerdict:
     """The derived rule for one feature: ``verdict`` at ``tolerance(baseline_error, dtype)`` x max|referee|."""
     scale = feature_scale(np.asarray(referee))
     allowed = tolerance(baseline_error, dtype)
@@ -246,3 +249,301 @@ def measure_baseline(ckpt: WeightsLike, images: np.ndarray, dtype: str = "float3
     if referee is None:
         referee = referee_features(ckpt, images)
     return baseline_errors(baseline_features(ckpt, images, baseline_precision(dtype)), referee)
+
+
+
+# ------------------------------------------------------------------ the check: one runner against the referee
+
+@dataclasses.dataclass
+class Tolerance:
+    """How pass/fail is decided at one precision: the derived rule, or explicit atol/rtol (pass when
+    max|candidate - referee| <= atol + rtol * max|referee|)."""
+
+    dtype: str = "float32"
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def explicit(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    def threshold(self, baseline_scale_aware: float, scale: float) -> float:
+        """The largest allowed max-abs error for a feature whose referee's largest |value| is ``scale``."""
+        if self.explicit:
+            return (self.atol or 0.0) + (self.rtol or 0.0) * scale
+        return tolerance(baseline_scale_aware, self.dtype) * scale
+
+    def describe(self) -> str:
+        if self.explicit:
+            return f"atol {self.atol or 0.0:g} + rtol {self.rtol or 0.0:g} x max|referee|"
+        return describe(self.dtype)
+
+
+# Fields of a result kept out of the report's JSON (its schema predates them).
+_INTERNAL = {"internal": True}
+
+
+@dataclasses.dataclass
+class FeatureResult:
+    name: str
+    status: str  # pass | fail | not-exposed
+    shape: list[int] | None = None
+    max_abs_error: float | None = None
+    referee_max_abs: float | None = None
+    scale_aware_error: float | None = None
+    cosine_similarity: float | None = None
+    tolerance_abs: float | None = None
+    tolerance_scale_aware: float | None = None
+    top1_agreement: float | None = None
+    top5_overlap: float | None = None
+    message: str = ""
+    top1_real_flips: int | None = dataclasses.field(default=None, metadata=_INTERNAL)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return _public_fields(self)
+
+
+@dataclasses.dataclass
+class Verdict:
+    """One runner at one precision against the referee: pass | fail | error | unavailable, why, where it first
+    diverges in forward order, per-feature results, and where its seconds went."""
+
+    name: str
+    kind: str
+    dtype: str
+    status: str  # pass | fail | error | unavailable
+    reason: str = ""
+    first_divergence: str | None = None
+    seconds: float = 0.0
+    features: list[FeatureResult] = dataclasses.field(default_factory=list)
+    # Where the seconds went (import, export, build, compile, forward) and each export cached or built.
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, str] = dataclasses.field(default_factory=dict)
+    tolerance: Tolerance | None = dataclasses.field(default=None, metadata=_INTERNAL)
+    # What a caller reports beside the decision (an export gate's images and per-output figures).
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_INTERNAL)
+
+    @property
+    def precision(self) -> str:
+        return self.dtype
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def feature(self, name: str) -> FeatureResult | None:
+        return next((f for f in self.features if f.name == name), None)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in _public_fields(self).items() if k != "features"},
+                "features": [f.to_json_dict() for f in self.features]}
+
+
+def _public_fields(record: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)
+            if not f.metadata.get("internal")}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)
+    return list(value) if isinstance(value, list) else value
+
+
+@dataclasses.dataclass
+class Referee:
+    """The float64 PyTorch referee's features on ``images`` and, per baseline precision (float32 for float32 and
+    float64 candidates, the reduced precision itself otherwise), the PyTorch baseline's scale-aware and max-abs
+    errors against it: built once, then every runner is checked against it."""
+
+    images: np.ndarray
+    features: dict[str, np.ndarray]
+    baselines: dict[str, dict[str, float]]
+    baseline_max_abs: dict[str, dict[str, float]]
+    seconds: float = 0.0
+
+    @classmethod
+    def from_features(cls, images: np.ndarray, referee: Mapping[str, np.ndarray],
+                      baselines: Mapping[str, Mapping[str, np.ndarray]], seconds: float = 0.0) -> Referee:
+        """From features already computed: ``baselines`` maps a baseline precision to the PyTorch features at it."""
+        features = {k: np.asarray(v, dtype=np.float64) for k, v in referee.items() if k in FEATURES}
+        names = [name for name in FEATURES if name in features]
+        return cls(images, features,
+                   {p: {n: scale_aware_error(b[n], features[n]) for n in names} for p, b in baselines.items()},
+                   {p: {n: max_abs_error(b[n], features[n]) for n in names} for p, b in baselines.items()}, seconds)
+
+    @classmethod
+    def build(cls, ckpt: WeightsLike, images: np.ndarray, precisions: tuple[str, ...] = ("float32",),
+              only: tuple[str, ...] | None = None) -> Referee:
+        """The referee of ``ckpt`` on ``images`` and the baselines ``precisions`` need; ``only`` keeps just those
+        features. One model alive at a time (huge is 5.3 GB in float64)."""
+        import gc
+        import time
+
+        started = time.perf_counter()
+        keep = (lambda d: {k: v for k, v in d.items() if k in only}) if only else (lambda d: d)
+        referee = keep(referee_features(ckpt, images))
+        gc.collect()
+        baselines = {}
+        for precision in dict.fromkeys(baseline_precision(p) for p in precisions):
+            baselines[precision] = keep(baseline_features(ckpt, images, precision))
+            gc.collect()
+        return cls.from_features(images, referee, baselines, time.perf_counter() - started)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name in FEATURES if name in self.features]
+
+    def baseline(self, precision: str) -> dict[str, float]:
+        return self.baselines[baseline_precision(precision)]
+
+
+class RunnerLike(Protocol):
+    """What ``check`` needs of a runner (converters/runners implements it)."""
+
+    name: str
+    kind: str
+    precisions: tuple[str, ...]
+    phases: dict[str, float]
+    artifacts: dict[str, str]
+
+    def availability(self) -> str | None: ...
+    def activate(self) -> None: ...
+    def infer(self, images: np.ndarray, precision: str) -> Mapping[str, np.ndarray]: ...
+    def deactivate(self) -> None: ...
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Worst per-image cosine similarity of the flattened features."""
+    a2 = a.reshape(a.shape[0], -1)
+    b2 = b.reshape(b.shape[0], -1)
+    norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    dots = np.einsum("ij,ij->i", a2, b2)
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(np.all(a2 == b2, axis=1), 1.0, 0.0))
+    return float(cos.min())
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, logits.shape[1])
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+def compare_feature(name: str, value: np.ndarray | None, referee: np.ndarray, baseline_scale_aware: float,
+                    tolerance: Tolerance) -> FeatureResult:
+    """One feature of a runner against the referee: shape, finiteness, then the rule's verdict and the metrics."""
+    if value is None:
+        return FeatureResult(name, "not-exposed", message="this runtime does not expose it")
+    value = np.asarray(value)
+    if value.shape != referee.shape:
+        return FeatureResult(name, "fail", shape=list(value.shape),
+                             message=f"shape {tuple(value.shape)}, referee {tuple(referee.shape)}")
+    actual = value.astype(np.float64)
+    if not np.all(np.isfinite(actual)):
+        return FeatureResult(name, "fail", shape=list(value.shape), message="non-finite values")
+    threshold = tolerance.threshold(baseline_scale_aware, feature_scale(referee))
+    judged = verdict(name, actual, referee, threshold)
+    scale = judged.referee_max_abs
+    result = FeatureResult(
+        name, "pass" if judged.passed else "fail", shape=list(value.shape), max_abs_error=judged.max_abs_error,
+        referee_max_abs=scale, scale_aware_error=judged.scale_aware_error, cosine_similarity=_cosine(actual, referee),
+        tolerance_abs=threshold, tolerance_scale_aware=threshold / scale if scale > 0 else threshold,
+        message=judged.message)
+    if judged.top1_same is not None:
+        ours, theirs = _top_k(actual, 5), _top_k(referee, 5)
+        result.top1_agreement = float(judged.top1_same.mean())
+        result.top5_overlap = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ours, theirs, strict=True)]))
+        result.top1_real_flips = judged.real_flips
+    return result
+
+
+def attempt(runner: RunnerLike, images: np.ndarray, precision: str, say: Callable[[str], None] | None = None,
+            errors: str = "report") -> tuple[Verdict, dict[str, np.ndarray] | None]:
+    """Run ``runner``: its verdict so far (unavailable and error are final) and its features, or None.
+    ``errors="raise"``: the caller asked for this very runner (an export gate, --verify), so its refusal or crash
+    is raised as it is, and its availability is not asked first."""
+    import time
+
+    say = say or (lambda message: None)
+    result = Verdict(runner.name, runner.kind, precision, "pass")
+    reason = runner.availability() if errors == "report" else None
+    if reason is not None:
+        result.status, result.reason = "unavailable", f"runtime {runner.name} is not available: {reason}"
+        say(result.reason)
+        return result, None
+    if precision not in runner.precisions:
+        # Not a failure: the runtime has no way to run this precision (say, Flax in float16).
+        result.status = "unavailable"
+        result.reason = (f"runtime {runner.name} is not available at {precision} "
+                         f"(it runs {', '.join(runner.precisions)})")
+        say(result.reason)
+        return result, None
+    say(f"running {runner.name} ({precision})")
+    start = time.perf_counter()
+    try:
+        runner.activate()
+        try:
+            produced = dict(runner.infer(images, precision))
+        finally:
+            runner.deactivate()
+    except Exception as exc:
+        if errors == "raise":
+            raise
+        _failed(result, exc, say)
+        if result.status == "error":
+            result.seconds = time.perf_counter() - start
+        return _timed(result, runner), None
+    result.seconds = time.perf_counter() - start
+    return _timed(result, runner), produced
+
+
+def _failed(result: Verdict, exc: Exception, say: Callable[[str], None]) -> None:
+    import traceback
+
+    from convnextv2.reference.errors import PrecisionUnavailableError
+
+    if isinstance(exc, PrecisionUnavailableError):
+        result.status = "unavailable"
+        result.reason = f"runtime {result.name} is not available at {result.dtype} here: {exc}"
+        say(result.reason)
+    elif isinstance(exc, MissingDependencyError):
+        result.status, result.reason = "unavailable", f"runtime {result.name} is not available: {exc}"
+    else:  # a runtime that crashes or refuses a valid checkpoint fails parity, with the cause
+        result.status, result.reason = "error", f"{type(exc).__name__}: {exc}"
+        say("".join(traceback.format_exception_only(type(exc), exc)).strip())
+
+
+def _timed(result: Verdict, runner: RunnerLike) -> Verdict:
+    result.phases = dict(runner.phases)
+    result.artifacts = dict(runner.artifacts)
+    return result
+
+
+def assess(result: Verdict, produced: Mapping[str, np.ndarray], referee: Referee,
+           tolerance: Tolerance | None = None) -> Verdict:
+    """The parity rule on a runner's features, feature by feature in forward order, into ``result``."""
+    tolerance = tolerance or Tolerance(result.dtype)
+    result.tolerance = tolerance
+    result.status = "pass"
+    detail = produced.get(DETAIL_KEY)
+    if detail is not None:
+        result.reason = str(np.asarray(detail))
+    baseline = referee.baseline(result.dtype)
+    for name in referee.names:
+        result.features.append(compare_feature(name, produced.get(name), referee.features[name], baseline[name],
+                                               tolerance))
+    failed = [f.name for f in result.features if f.status == "fail"]
+    if failed:
+        result.status = "fail"
+        result.first_divergence = failed[0]
+    elif not any(f.status == "pass" for f in result.features):
+        result.status, result.reason = "error", "the runtime exposed none of the compared features"
+    return result
+
+
+def check(runner: RunnerLike, referee: Referee, precision: str = "float32", tolerance: Tolerance | None = None,
+          *, errors: str = "report") -> Verdict:
+    """Run ``runner`` on the referee's images at ``precision`` and judge every feature the referee holds by the
+    rule (or by ``tolerance``'s explicit atol/rtol). ``errors``: as for :func:`attempt`."""
+    check_precision(precision)
+    result, produced = attempt(runner, referee.images, precision, errors=errors)
+    return result if produced is None else assess(result, produced, referee, tolerance)

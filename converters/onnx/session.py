@@ -20,14 +20,17 @@ from convnextv2.reference import parity_rule as rule
 from convnextv2.reference.errors import MissingDependencyError
 
 
-def ort_session(path: str | os.PathLike[str], threads: int = 0) -> Any:
-    """onnxruntime at ORT_ENABLE_ALL: the level whose BiasGelu fusion once broke ConvNeXt V2."""
+def ort_session(path: str | os.PathLike[str], threads: int = 0, optimise: bool = True) -> Any:
+    """onnxruntime at ORT_ENABLE_ALL (the level whose BiasGelu fusion once broke ConvNeXt V2); with
+    ``optimise=False`` every graph optimisation off: the graph as written, not onnxruntime's rewrite of it."""
     try:
         import onnxruntime as ort
     except ModuleNotFoundError as exc:
-        raise MissingDependencyError("checking an ONNX file needs onnxruntime: pip install 'convnextv2-toolkit[onnx]'") from exc
+        doing = "checking an ONNX file" if optimise else "running an ONNX graph"
+        raise MissingDependencyError(f"{doing} needs onnxruntime: pip install 'convnextv2-toolkit[onnx]'") from exc
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
