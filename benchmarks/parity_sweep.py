@@ -98,7 +98,7 @@ def _prepare(name: str, ckpt: Any, size: int, work: Path) -> FeatureFn:
     if reason:
         raise RuntimeError(reason)
     # The harness's own peer runners: they build the peer from what our writers wrote, on every call.
-    return lambda images: runtime.features(ckpt, images, "float32")
+    return lambda images: runtime.open(ckpt).infer(images, "float32")
 
 
 def _precision(name: str) -> str:
@@ -170,7 +170,7 @@ def sweep_traps(variant: str, size: int, seeds: list[int], batches: list[int], c
                 images = rule.seeded_images(batch, size, seed)
                 referee = _referee(ckpt, tag, variant, size, seed, batch, cache)
                 base = rule.baseline_errors(rule.baseline_features(ckpt, images), referee)
-                got = runtime.features(ckpt, images, "float32")
+                got = runtime.open(ckpt).infer(images, "float32")
                 errors = {n: rule.scale_aware_error(got[n], referee[n]) for n in rule.FEATURES if n in got}
                 records.append({"kind": "trap", "impl": name, "first_stage": trap.first_stage, "variant": variant,
                                 "size": size, "seed": seed, "batch": batch, "errors": errors, "baseline": base,
