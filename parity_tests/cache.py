@@ -13,6 +13,13 @@ recently used entries go once the cache passes ``CONVNEXTV2_CACHE_MAX_GB`` (defa
 :class:`ParityCache` without a root) builds every artifact afresh in a temporary folder. A cache folder that
 cannot be written (read-only, full) is reported once and the run goes on without it.
 
+Every entry records the size and sha256 of each file it stores, and is checked against that record before it is
+used (parity_tests/cache_integrity.py; once per process per entry): a damaged entry (a changed, truncated,
+missing or extra file, a missing or unreadable record) is discarded and built again, never used, and reported
+once, in the cache's summary (the report's ``cache.discarded``) and through the run's progress callback. A
+worker's discards reach the parent's summary through :meth:`ParityCache.merge`; an entry a worker built is
+checked by the parent itself when it reads it.
+
 :func:`phase` records how long each step of a runtime takes (import, export, compile, forward); the harness puts
 the figures in the report.
 """
@@ -37,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.parity_tests import cache_integrity
 
 # Distributions whose version changes what an artifact or the referee holds.
 FRAMEWORKS = ("numpy", "torch", "onnx", "onnxscript", "onnxruntime", "openvino", "tensorflow", "keras",
@@ -44,7 +52,9 @@ FRAMEWORKS = ("numpy", "torch", "onnx", "onnxscript", "onnxruntime", "openvino",
 DEFAULT_MAX_GB = 10.0
 # The package folders whose code an artifact may depend on (the whole toolkit: a writer change must miss).
 _CODE_FOLDERS = ("reference", "converters", "parity_tests", "fixtures")
-_ENTRY_RECORD = "entry.json"
+_ENTRY_RECORD = cache_integrity.RECORD
+# A damaged entry is renamed to this (then removed) so that no reader finds it under its key meanwhile.
+_DISCARDED_TAG = "discarded"
 
 
 def process_age() -> float:
@@ -107,7 +117,8 @@ class ParityCache:
     temporary folder for this run only, removed by :meth:`close`: runtimes that read the same export still
     share it, and nothing survives the run."""
 
-    def __init__(self, root: Path | None, max_bytes: int | None = None) -> None:
+    def __init__(self, root: Path | None, max_bytes: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.persistent = root is not None
         self._temporary: tempfile.TemporaryDirectory[str] | None = None
         if root is None:
@@ -119,6 +130,9 @@ class ParityCache:
         self.max_bytes = max_bytes
         self.hits: list[str] = []
         self.misses: list[str] = []
+        # Damaged entries found (here or by a worker), one line each: "<kind> <key>: <what is wrong>".
+        self.discarded: list[str] = []
+        self._progress = progress
         self._broken: str | None = None
         # One run's digests (a cache object lives for one run): each checkpoint hashed once, however many
         # runtimes key an export by it. The checkpoint is held so that its id cannot be reused meanwhile.
@@ -136,8 +150,13 @@ class ParityCache:
         self._digests[id(ckpt)] = (ckpt, digest)
 
     @classmethod
-    def default(cls) -> ParityCache:
-        return cls(default_root())
+    def default(cls, progress: Callable[[str], None] | None = None) -> ParityCache:
+        return cls(default_root(), progress=progress)
+
+    def report_to(self, progress: Callable[[str], None] | None) -> None:
+        """Where a damaged entry is reported as it is found (the run's progress callback), unless one was given."""
+        if self._progress is None:
+            self._progress = progress
 
     @classmethod
     def attach(cls, root: Path | None, *, persistent: bool) -> ParityCache:
@@ -150,9 +169,12 @@ class ParityCache:
         return cache
 
     def merge(self, summary: Mapping[str, Any]) -> None:
-        """Take in what a worker's cache did (its hits, misses, a folder it could not write)."""
+        """Take in what a worker's cache did (its hits, misses, damaged entries it discarded, a folder it could not
+        write)."""
         self.hits.extend(summary.get("hits", []))
         self.misses.extend(summary.get("misses", []))
+        for line in summary.get("discarded", []):
+            self._report_discarded(line)
         note = summary.get("note")
         if note and self.enabled:
             self._stop_using(note.removeprefix("not used: "))
@@ -170,6 +192,8 @@ class ParityCache:
     def summary(self) -> dict[str, Any]:
         record: dict[str, Any] = {"persistent": self.persistent, "root": str(self.root) if self.persistent else None,
                                   "hits": list(self.hits), "misses": list(self.misses)}
+        if self.discarded:
+            record["discarded"] = list(self.discarded)
         if self._broken:
             record["note"] = f"not used: {self._broken}"
         return record
@@ -193,7 +217,11 @@ class ParityCache:
         published: Path | None = None
         failure: Exception | None = None
         with self._building(entry):
-            if (entry / _ENTRY_RECORD).is_file():
+            try:
+                usable = self._usable(entry, kind)
+            except OSError as exc:  # a damaged entry that cannot be removed: the folder is not ours to use
+                usable, failure = False, exc
+            if usable:
                 published = entry
                 self.hits.append(kind)
                 _note(kind, "cached")
@@ -205,7 +233,8 @@ class ParityCache:
                 from convnextv2.reference.errors import EnvironmentFaultError
 
                 try:
-                    published = self._publish(entry, kind, parts, build)
+                    if failure is None:
+                        published = self._publish(entry, kind, parts, build)
                 except (OSError, EnvironmentFaultError) as exc:
                     failure = exc
         if published is not None:
@@ -263,25 +292,61 @@ class ParityCache:
                 return {name: data[name] for name in data.files}
 
     def _publish(self, entry: Path, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
-        from convnextv2.converters import atomic
+        from convnextv2.converters import publishing
         from convnextv2.reference.errors import BadInputError
 
         entry.parent.mkdir(parents=True, exist_ok=True)
+        files: dict[str, dict[str, Any]] | None = None
         try:
-            with atomic.atomic_directory(entry) as work:
+            with publishing.atomic_directory(entry) as work:
                 build(work)
+                files = cache_integrity.file_digests(work)
                 (work / _ENTRY_RECORD).write_text(json.dumps(
-                    {"kind": kind, "parts": parts, "toolkit": toolkit_fingerprint(), "created": time.time()},
-                    sort_keys=True, default=str) + "\n", encoding="utf-8")
+                    {"kind": kind, "parts": parts, "toolkit": toolkit_fingerprint(), "created": time.time(),
+                     "files": files}, sort_keys=True, default=str) + "\n", encoding="utf-8")
         except BadInputError:
             if not (entry / _ENTRY_RECORD).is_file():  # another run published the same entry first: use it
                 raise
+            files = None
+        if files is not None:
+            cache_integrity.remember(entry, files)  # hashed just now: its first read here need not hash it again
         self._evict(keep=entry)
         return entry
+
+    def _usable(self, entry: Path, kind: str) -> bool:
+        """Whether a sound entry is in place under its key; a damaged one is discarded (and then there is none)."""
+        if not os.path.lexists(entry):
+            return False
+        damage = cache_integrity.problem(entry)
+        if damage is None:
+            return True
+        self._discard(entry, kind, damage)
+        return False
+
+    def _discard(self, entry: Path, kind: str, damage: str) -> None:
+        """Take a damaged entry out of use (renamed away from its key, then removed) and report it."""
+        cache_integrity.forget(entry)
+        aside = entry.with_name(f".{entry.name}.{_DISCARDED_TAG}.{os.getpid()}")
+        os.rename(entry, aside)
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink()
+        self._report_discarded(f"{kind} {entry.name}: {damage}")
+
+    def _report_discarded(self, line: str) -> None:
+        if line in self.discarded:  # once, however many processes of the run report it
+            return
+        self.discarded.append(line)
+        if self._progress is not None:
+            self._progress(f"parity cache: discarded a damaged entry, built again: {line}")
 
     def _evict(self, keep: Path) -> None:
         assert self.root is not None
         entries = []
+        # A damaged entry's remains, left by a run killed while it removed them.
+        for remains in self.root.glob(f"*/.*.{_DISCARDED_TAG}.*"):
+            shutil.rmtree(remains, ignore_errors=True)
         for record in self.root.glob(f"*/*/{_ENTRY_RECORD}"):
             with contextlib.suppress(OSError):
                 size = sum(f.stat().st_size for f in record.parent.rglob("*") if f.is_file())
@@ -292,6 +357,7 @@ class ParityCache:
                 break
             if folder == keep:
                 continue
+            cache_integrity.forget(folder)
             shutil.rmtree(folder, ignore_errors=True)
             total -= size
 

@@ -92,7 +92,7 @@ def test_a_failed_build_leaves_no_entry_and_the_next_one_builds(tmp_path):
 
 
 def test_least_recently_used_entries_go_past_the_size_limit(tmp_path):
-    cache = ParityCache(tmp_path, max_bytes=2500)
+    cache = ParityCache(tmp_path, max_bytes=3000)  # each entry: 1000 bytes of data and a record of about 300
     for index in range(4):
         with cache.folder("blob", {"i": index}, lambda folder: (folder / "data").write_bytes(b"x" * 1000)):
             pass
@@ -170,3 +170,182 @@ def test_a_second_process_waits_for_an_entry_being_built_and_uses_it(tmp_path):
     assert second.stdout.strip() == "first ['onnx'] []", second.stderr[-2000:]
     assert not (tmp_path / "unused").exists()  # the second never built
     assert list((tmp_path / "cache").rglob("*.lock")) == []
+
+
+# --- Entries checked against the digests recorded when they were built (cache_integrity.py) ---------------------
+
+
+def _entry(root: Path, kind: str, **parts) -> Path:
+    """The one entry of ``kind`` whose recorded parts include ``parts``."""
+    found = [record.parent for record in (root / kind).glob("*/entry.json")
+             if parts.items() <= json.loads(record.read_text())["parts"].items()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_damaged_referee_entries_are_discarded_rebuilt_and_reported_once(tmp_path):
+    """The issue's case: the logits in the cached referee entries (torch-features/*/arrays.npz) multiplied by
+    1.001. Used as stored, the runtimes fail at logits, blamed on the checkpoint; checked against their records,
+    they are built again and the run passes."""
+    root = tmp_path / "cache"
+    cold = run_parity(make_checkpoint("atto", seed=0), ["torch"], image_size=64, batch=2, cache=ParityCache(root))
+    assert cold.passed
+    intact = {}
+    for stored in sorted(root.glob("torch-features/*/arrays.npz")):
+        with np.load(stored) as data:
+            arrays = {name: data[name] for name in data.files}
+        intact[stored] = {name: array.copy() for name, array in arrays.items()}
+        arrays["logits"] = arrays["logits"] * 1.001
+        np.savez(stored, **arrays)
+    assert len(intact) == 2  # the float64 referee and the float32 baseline
+
+    said: list[str] = []
+    warm_cache = ParityCache(root)
+    warm = run_parity(make_checkpoint("atto", seed=0), ["torch"], image_size=64, batch=2, cache=warm_cache,
+                      progress=said.append)
+    assert warm.passed, [(r.name, r.status, r.first_divergence) for r in warm.runtimes]
+    assert _numbers(warm) == _numbers(cold)
+    assert warm_cache.misses == ["torch-features", "torch-features"] and warm_cache.hits == []
+    assert sorted(warm.cache["discarded"]) == sorted(
+        f"torch-features {stored.parent.name}: arrays.npz does not match the sha256 recorded when it was built"
+        for stored in intact)
+    assert [message for message in said if "discarded" in message] == [
+        f"parity cache: discarded a damaged entry, built again: {line}" for line in warm.cache["discarded"]]
+    for stored, arrays in intact.items():  # built again, as they were
+        with np.load(stored) as data:
+            assert all(np.array_equal(data[name], arrays[name]) for name in arrays)
+    assert not [p for p in (root / "torch-features").iterdir() if "discarded" in p.name]
+
+    # Sound again: the next run uses them and reports nothing.
+    again = ParityCache(root)
+    assert run_parity(make_checkpoint("atto", seed=0), ["torch"], image_size=64, batch=2, cache=again).passed
+    assert again.misses == [] and "discarded" not in again.summary()
+
+
+@pytest.mark.onnx
+def test_a_truncated_export_entry_is_rebuilt(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    root = tmp_path / "cache"
+    assert run_parity(make_checkpoint("atto", seed=0), ["onnxruntime"], image_size=64, batch=2,
+                      cache=ParityCache(root)).passed
+    (model,) = [p for p in _entry(root, "onnx").rglob("*") if p.suffix == ".onnx"]
+    size = model.stat().st_size
+    with open(model, "r+b") as handle:
+        handle.truncate(size // 2)
+
+    warm_cache = ParityCache(root)
+    warm = run_parity(make_checkpoint("atto", seed=0), ["onnxruntime"], image_size=64, batch=2, cache=warm_cache)
+    assert warm.passed and warm.result("onnxruntime").artifacts == {"onnx": "built"}
+    assert warm_cache.misses == ["onnx"]
+    assert warm.cache["discarded"] == [
+        f"onnx {_entry(root, 'onnx').name}: {model.name} is {size // 2} bytes, {size} when it was built"]
+    assert model.stat().st_size == size
+
+
+def _build(folder: Path) -> None:
+    (folder / "model").write_bytes(b"weights" * 100)
+    (folder / "nested").mkdir()
+    (folder / "nested" / "model.bin").write_bytes(b"more" * 50)
+
+
+def _damage_file(entry: Path) -> None:
+    data = bytearray((entry / "model").read_bytes())
+    data[10] ^= 1  # same size, one bit
+    (entry / "model").write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "one bit changed": (_damage_file, "model does not match the sha256 recorded when it was built"),
+    "truncated": (lambda entry: (entry / "nested" / "model.bin").write_bytes(b"more"),
+                  "nested/model.bin is 4 bytes, 200 when it was built"),
+    "file missing": (lambda entry: (entry / "nested" / "model.bin").unlink(), "nested/model.bin is missing"),
+    "file added": (lambda entry: (entry / "stray").write_bytes(b""), "stray was not in it when it was built"),
+    "record missing": (lambda entry: (entry / "entry.json").unlink(), "its record entry.json is missing"),
+    "record damaged": (lambda entry: (entry / "entry.json").write_text("{\"kind\": "),
+                       "its record entry.json is unreadable (JSONDecodeError)"),
+    "record without digests": (
+        lambda entry: (entry / "entry.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((entry / "entry.json").read_text()).items() if k != "files"})),
+        "its record entry.json lists no file digests"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_every_kind_of_damage_is_discarded_and_built_again(tmp_path, damage):
+    harm, reason = DAMAGES[damage]
+    with ParityCache(tmp_path).folder("onnx", {"k": 1}, _build) as entry:
+        pass
+    harm(entry)
+    said: list[str] = []
+    cache = ParityCache(tmp_path, progress=said.append)
+    builds: list[Path] = []
+    with cache.folder("onnx", {"k": 1}, lambda folder: (builds.append(folder), _build(folder))) as folder:
+        assert folder == entry and (folder / "model").read_bytes() == b"weights" * 100
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+            "entry.json", "model", "nested/model.bin"]
+    assert len(builds) == 1 and cache.misses == ["onnx"] and cache.hits == []
+    assert cache.summary()["discarded"] == [f"onnx {entry.name}: {reason}"]
+    assert len(said) == 1 and said[0].endswith(reason)
+    # The rebuilt entry is used by the next reader, not built or reported again.
+    again = ParityCache(tmp_path)
+    with again.folder("onnx", {"k": 1}, lambda folder: pytest.fail("built again")):
+        pass
+    assert again.hits == ["onnx"] and again.discarded == []
+
+
+def test_an_intact_entry_is_reused_and_hashed_once_per_process(tmp_path, monkeypatch):
+    hashed: list[str] = []
+    real = parity_cache.cache_integrity.sha256_of
+    monkeypatch.setattr(parity_cache.cache_integrity, "sha256_of", lambda path: (hashed.append(path.name), real(path))[1])
+    monkeypatch.setattr(parity_cache.cache_integrity, "_checked", {})
+    with ParityCache(tmp_path).folder("onnx", {"k": 1}, _build):
+        pass
+    assert sorted(hashed) == ["model", "model.bin"]  # the record's digests, at build time
+    hashed.clear()
+    for _ in range(3):  # read again in this process (the builder's): its digests were just taken
+        cache = ParityCache(tmp_path)
+        with cache.folder("onnx", {"k": 1}, lambda folder: pytest.fail("built again")):
+            pass
+        assert cache.hits == ["onnx"] and cache.discarded == []
+    assert hashed == []
+
+    monkeypatch.setattr(parity_cache.cache_integrity, "_checked", {})  # another process: it checks for itself
+    for _ in range(3):
+        with ParityCache(tmp_path).folder("onnx", {"k": 1}, lambda folder: pytest.fail("built again")):
+            pass
+    assert sorted(hashed) == ["model", "model.bin"]
+
+
+def test_an_entry_a_worker_built_is_checked_by_the_parent_and_worker_discards_are_reported_once(tmp_path):
+    """A worker (another process) builds an entry; damaged afterwards, the parent does not take the worker's
+    word for it but checks it when it reads it. A discard a worker reports comes into the parent's summary and
+    progress once, however many workers report it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from convnextv2.parity_tests import cache as parity_cache
+        parity_cache.toolkit_fingerprint = lambda: sys.argv[2]  # the parent's, whatever was edited since it began
+        cache = parity_cache.ParityCache.attach(Path(sys.argv[1]), persistent=True)
+        with cache.folder("onnx", {"k": 1}, lambda folder: (folder / "model").write_bytes(b"graph")) as folder:
+            print(folder)
+    """)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), parity_cache.toolkit_fingerprint()],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    entry = Path(done.stdout.strip())
+    (entry / "model").write_bytes(b"grapH")
+    said: list[str] = []
+    parent = ParityCache(tmp_path, progress=said.append)
+    with parent.folder("onnx", {"k": 1}, lambda folder: (folder / "model").write_bytes(b"graph")) as folder:
+        assert (folder / "model").read_bytes() == b"graph"
+    assert parent.misses == ["onnx"] and len(parent.discarded) == 1
+
+    worker_line = "litert 0123: model.tflite is 10 bytes, 20 when it was built"
+    for _ in range(2):
+        parent.merge({"hits": [], "misses": ["litert"], "discarded": [worker_line]})
+    assert parent.summary()["discarded"] == [parent.discarded[0], worker_line]
+    assert len(said) == 2 and said[1].endswith(worker_line)
