@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, checkpoint_from_metadata
 from convnextv2.converters.digests import deferred_digests
+from convnextv2.converters.format_contract import Format, always
 from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.publishing import atomic_file
 from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.variants import check_variant
 
 NAME = "canonical"
-SUFFIXES = (".safetensors",)
-
-# One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
-UNNAMED_BUILD = True
 
 
 def sniff(path: Path) -> bool:
@@ -44,3 +41,7 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
           byte_progress(total, f"writing {path.name}") as bar):
         write_safetensors(tmp, items, metadata, progress=bar)
+
+
+# One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
+FORMAT = Format(NAME, sniff, read, write, unnamed_build=always, runner="torch")

@@ -19,23 +19,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_file, check_destination
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.format_contract import Format, always
 from convnextv2.converters.format_limits import Change, dropped_extras
+from convnextv2.converters.fs_faults import check_destination
 from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE, output_names
+from convnextv2.converters.publishing import atomic_file
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "executorch"
 
-# One program file that the ExecuTorch runtime checking it opens by content: conversions build it unnamed.
-UNNAMED_BUILD = True
-# read() exists only to refuse with a reason; the command line does not offer --from executorch.
-READABLE = False
 METHOD = "forward"
 METADATA_METHOD = "convnextv2_metadata"
 # ExecuTorch plans activation memory for the largest shape a program accepts, allocated when the method loads:
@@ -66,7 +65,7 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
         "weights carry no ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     return dropped_extras(ckpt, "an ExecuTorch program")
 
 
@@ -218,3 +217,9 @@ def check_program(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4) ->
                + (f"; failing: {', '.join(failing)}" if failing else "")
                + f"; bar: the float32 parity rule ({rule.describe('float32')}; docs/parity.md)")
     return {"ok": not failing, "message": message, "images": [batch, 3, size, size], "outputs": per_output}
+
+
+# One file that the runtime checking it opens by content: conversions build it unnamed. read() exists only to
+# refuse with a reason; the command line does not offer --from executorch.
+FORMAT = Format(NAME, sniff, read, write, readable=False, unnamed_build=always, unrepresentable=unrepresentable,
+                runner="executorch", gated=True)

@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import deferred_digests, lazy_sha256
+from convnextv2.converters.format_contract import Format, always
 from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.publishing import atomic_file
 from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
@@ -29,7 +30,6 @@ from convnextv2.reference.flax_layout import STEM_KERNEL, canonical_to_nnx, nnx_
 from convnextv2.reference.variants import check_variant
 
 NAME = "flax"
-SUFFIXES = (".safetensors",)
 
 # Our files say what they are in the metadata; the canonical sniffer keys on ``schema``, which we never write.
 MARKER_KEY = "convnextv2_layout"
@@ -44,9 +44,6 @@ _BLOCK_KERNEL = re.compile(r"^stages\.\d+\.blocks\.\d+\.dwconv\.kernel$")
 
 def _is_ours(meta: Mapping[str, Any]) -> bool:
     return meta.get(MARKER_KEY) == MARKER_VALUE
-
-# One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
-UNNAMED_BUILD = True
 
 
 def sniff(path: Path) -> bool:
@@ -116,3 +113,7 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
           byte_progress(total, f"writing {path.name}") as bar):
         write_safetensors(tmp, items, metadata, progress=bar)
+
+
+# One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
+FORMAT = Format(NAME, sniff, read, write, unnamed_build=always, runner="flax")

@@ -1,9 +1,8 @@
 """What a target format cannot carry of a checkpoint, declared as data so that no conversion changes a
 checkpoint without saying so.
 
-Each format module that cannot carry everything defines ``unrepresentable(ckpt, path, **write_options) ->
-list[Change]``; ``converters.save``
-collects the list, warns with each change (and, for a change of the function, by how much the float64 logits
+Each format that cannot carry everything declares it in its record (``Format.unrepresentable(ckpt, path,
+write_options) -> list[Change]``, converters/format_contract.py), and only there; ``converters.save`` collects the list, warns with each change (and, for a change of the function, by how much the float64 logits
 move on the parity rule's seeded inputs), puts them in its summary and, with ``strict=True``, refuses to write.
 The helpers below are the shared vocabulary of those declarations, so every format words the same loss the same
 way. ``as_written(ckpt, changes)`` is the checkpoint the target will hold: what the read-back check compares the
@@ -15,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,16 +84,6 @@ def replaced_preprocessing(ckpt: Checkpoint, target: str, written: Preprocessing
                    "assumes the new values)", ckpt.preprocessing, written, functional=False)]
 
 
-def unrepresentable(format: str, ckpt: Checkpoint, path: Any, options: Mapping[str, Any]) -> list[Change]:
-    """Every change writing ``ckpt`` to ``path`` in ``format`` with ``options`` makes, as the format module
-    declares it (``unrepresentable(ckpt, path, **options)``); a module without one carries everything
-    (canonical, keras, flax: tensors, extras, config and preprocessing)."""
-    from convnextv2.converters import format_module
-
-    own = getattr(format_module(format), "unrepresentable", None)
-    return list(own(ckpt, Path(path), **options)) if own is not None else []
-
-
 # ------------------------------------------------------------------ applying them
 
 def as_written(ckpt: Checkpoint, changes: Sequence[Change]) -> Checkpoint:
@@ -154,4 +142,4 @@ def _head(ckpt: Checkpoint, stage4: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["FIELDS", "Change", "as_written", "dropped_extras", "fixed_head_norm_eps",
-           "logits_difference", "replaced_preprocessing", "unrepresentable"]
+           "logits_difference", "replaced_preprocessing"]

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_directory
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
+from convnextv2.converters.format_contract import Format
 from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.publishing import atomic_directory
 from convnextv2.converters.safetensors_io import write_safetensors
 from convnextv2.converters.state_files import (
     SHARD_INDEX_FILES,
@@ -456,7 +457,7 @@ def canonical_to_state_dict(ckpt: Checkpoint) -> collections.OrderedDict[str, np
     return entries
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     # config.json's layer_norm_eps holds the final norm's eps and preprocessor_config.json the preprocessing;
     # only the extras have no place.
     return dropped_extras(ckpt, "a transformers model")
@@ -489,3 +490,6 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
         write_safetensors(tmp / SAFE_WEIGHTS_FILE, list(state.items()), metadata, progress=bar)
         write_json(tmp / CONFIG_FILE, hf_config_json(ckpt))
         write_json(tmp / PREPROCESSOR_FILE, preprocessor_json(ckpt.preprocessing))
+
+
+FORMAT = Format(NAME, sniff, read, write, unrepresentable=unrepresentable, runner="transformers-pt")

@@ -24,15 +24,16 @@ import shutil
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_file, scratch_file, staging_folder
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import lazy_sha256
+from convnextv2.converters.format_contract import Format
+from convnextv2.converters.publishing import atomic_file, scratch_file, staging_folder
 from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
 from convnextv2.converters.strict_json import parse_json_text
 from convnextv2.reference import schema
@@ -41,10 +42,9 @@ from convnextv2.reference.keras_layout import KERAS_KEYS, PACKAGE
 from convnextv2.reference.variants import ModelConfig, check_variant
 
 NAME = "keras"
-SUFFIXES = (".keras", ".weights.h5")
 
 
-def UNNAMED_BUILD(ckpt: Checkpoint, path: Path, options: dict[str, Any]) -> bool:  # noqa: N802 - read by converters.save
+def unnamed_build(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> bool:
     """A .keras archive is built and read back unnamed (the reader knows it by content); a weights-only .h5
     cannot be, Keras saves those only under a .weights.h5 name."""
     return not (path.name.endswith(".h5") or path.name.endswith(".hdf5"))
@@ -432,3 +432,5 @@ def _save_archive(model: Any, handle: Any, beside: Path) -> None:
         with open(scratch / "model.keras", "rb") as saved:
             shutil.copyfileobj(saved, handle, 16 * 1024 * 1024)
 
+
+FORMAT = Format(NAME, sniff, read, write, unnamed_build=unnamed_build, runner="tensorflow")

@@ -23,22 +23,21 @@ import json
 import mmap
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_file, check_destination
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.format_contract import Format, always
 from convnextv2.converters.format_limits import Change, dropped_extras
+from convnextv2.converters.fs_faults import check_destination
+from convnextv2.converters.publishing import atomic_file
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "litert"
 
-# One flatbuffer that the LiteRT interpreter checking it opens by content: conversions build it unnamed.
-UNNAMED_BUILD = True
-# read() exists only to refuse with a reason; the command line does not offer --from litert.
-READABLE = False
 SUFFIX = ".tflite"
 SIGNATURE = "serving_default"
 INPUT_NAME = "pixel_values"
@@ -79,7 +78,7 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
         "buffers carry no ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     return dropped_extras(ckpt, "a LiteRT model")
 
 
@@ -325,3 +324,9 @@ def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, fp16:
                + f"; run by {interpreter_name()}; bar: the {dtype} parity rule ({rule.describe(dtype)}; docs/parity.md)")
     return {"ok": not failing, "message": message, "interpreter": interpreter_name(),
             "images": [batch, 3, size, size], "outputs": per_output}
+
+
+# One file that the runtime checking it opens by content: conversions build it unnamed. read() exists only to
+# refuse with a reason; the command line does not offer --from litert.
+FORMAT = Format(NAME, sniff, read, write, readable=False, unnamed_build=always, unrepresentable=unrepresentable,
+                runner="litert", gated=True)

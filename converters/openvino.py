@@ -22,19 +22,20 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_file_with_companions, check_destination
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.format_contract import Format
 from convnextv2.converters.format_limits import Change, dropped_extras
+from convnextv2.converters.fs_faults import check_destination
+from convnextv2.converters.publishing import atomic_file_with_companions
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 NAME = "openvino"
-# read() exists only to refuse with a reason; the command line does not offer --from openvino.
-READABLE = False
 SUFFIX = ".xml"
 INPUT_NAME = "pixel_values"
 RT_INFO_SECTION = "convnextv2"
@@ -74,7 +75,7 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
         "ConvNeXt V2 names to map back). Convert from the checkpoint it was exported from")
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     return dropped_extras(ckpt, "an OpenVINO IR")
 
 
@@ -258,3 +259,12 @@ def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, seed:
                + f"; ran at {precision}; bar: the float32 parity rule ({rule.describe('float32')}; docs/parity.md)")
     return {"ok": not failing, "message": message, "precision": precision, "images": [batch, 3, size, size],
             "outputs": per_output}
+
+
+def companions(path: Path) -> tuple[str, ...]:
+    return (bin_name(path),)
+
+
+# read() exists only to refuse with a reason; the command line does not offer --from openvino.
+FORMAT = Format(NAME, sniff, read, write, readable=False, companions=companions, unrepresentable=unrepresentable,
+                runner="openvino", gated=True)

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_file
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
+from convnextv2.converters.format_contract import Format, always
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps, replaced_preprocessing
 from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.publishing import atomic_file
 from convnextv2.converters.torchzip import (
     PickledNamespace,
     is_legacy_torch,
@@ -36,11 +37,6 @@ from convnextv2.reference.keymap import KeyTable, Rule
 from convnextv2.reference.variants import check_variant
 
 NAME = "original"
-SUFFIXES = (".pt", ".pth", ".bin")
-
-# One torch zip read by content (read_named supplies the name its preprocessing comes from): conversions
-# build and check it unnamed.
-UNNAMED_BUILD = True
 LAYOUTS = ("finetuned", "fcmae", "fcmae-sparse")
 EXTRAS_NAMESPACE = "extras.fcmae."
 
@@ -261,7 +257,7 @@ def default_layout(ckpt: Checkpoint) -> str:
     return "finetuned" if ckpt.config.num_classes > 0 else "fcmae"
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     """What an original .pt cannot hold: another final-norm eps, extras (but the sparse layout's own), and any
     preprocessing other than the one a reader infers from the file name."""
     layout = options.get("layout") or default_layout(ckpt)
@@ -293,3 +289,10 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str 
     with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
           byte_progress(total, f"writing {path.name}") as bar):
         write_torch_zip(tmp, container, archive_name=path.stem or "archive", progress=bar)
+
+
+# One torch zip read by content (read_named supplies the name its preprocessing comes from): conversions
+# build and check it unnamed.
+FORMAT = Format(NAME, sniff, read, write, unnamed_build=always,
+                unrepresentable=unrepresentable,
+                read_as=read_named, runner="torch")

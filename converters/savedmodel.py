@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from convnextv2.converters.atomic import atomic_directory
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.format_contract import Format
 from convnextv2.converters.format_limits import Change, dropped_extras
+from convnextv2.converters.publishing import atomic_directory
 from convnextv2.reference.errors import BadInputError
 
 NAME = "savedmodel"
-# read() exists only to refuse with a reason; the command line does not offer --from savedmodel.
-READABLE = False
 SIGNATURE = "serving_default"
 INPUT_NAME = "pixel_values"
 
@@ -45,7 +44,7 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
         "file it was exported from")
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     return dropped_extras(ckpt, "a SavedModel")
 
 
@@ -201,3 +200,8 @@ def _write_content_fingerprint(directory: Path) -> None:
     digest = hashlib.sha256(fingerprint.SerializeToString(deterministic=True)).digest()
     fingerprint.uuid = str(int.from_bytes(digest[:16], "big"))
     (directory / "fingerprint.pb").write_bytes(fingerprint.SerializeToString(deterministic=True))
+
+
+# read() exists only to refuse with a reason; the command line does not offer --from savedmodel.
+FORMAT = Format(NAME, sniff, read, write, readable=False, unrepresentable=unrepresentable,
+                runner="tensorflow-savedmodel")

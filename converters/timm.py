@@ -33,11 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.atomic import atomic_directory, atomic_file, check_destination
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
+from convnextv2.converters.format_contract import Format
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps
+from convnextv2.converters.fs_faults import check_destination
 from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.publishing import atomic_directory, atomic_file
 from convnextv2.converters.safetensors_io import write_safetensors
 from convnextv2.converters.state_files import (
     SHARD_INDEX_FILES,
@@ -56,7 +58,6 @@ from convnextv2.reference.layouts import CONV_MLP, IDENTITY, TIMM_GRN, Layout
 from convnextv2.reference.variants import IN_CHANNELS, LAYER_NORM_EPS, ModelConfig, check_variant
 
 NAME = "timm"
-SUFFIXES = (".safetensors", ".bin", ".pth")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 # What timm's save_for_hf records of every ConvNeXt V2 (the architecture's paper, the head's pooling).
@@ -320,7 +321,7 @@ def timm_config_json(ckpt: Checkpoint, conv_mlp: bool) -> dict[str, Any]:
     return data
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     # timm's ConvNeXt has one norm_eps for every LayerNorm (1e-6 unless set); a final norm with another eps
     # (transformers' layer_norm_eps) cannot be stated without changing all the others.
     return fixed_head_norm_eps(ckpt, "a timm model") + dropped_extras(ckpt, "a timm model")
@@ -375,3 +376,11 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bo
     with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
           byte_progress(total, f"writing {path.name}") as bar):
         write_safetensors(tmp, list(state.items()), metadata, progress=bar)
+
+
+def companions(path: Path) -> tuple[str, ...]:
+    """``X.safetensors`` has its sidecar ``X.json`` beside it; a folder holds its own files."""
+    return (_sidecar(path).name,) if path.suffix == ".safetensors" else ()
+
+
+FORMAT = Format(NAME, sniff, read, write, companions=companions, unrepresentable=unrepresentable, runner="timm")

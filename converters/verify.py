@@ -1,32 +1,24 @@
 """How a conversion proves itself.
 
-* ``read_back``: the written output read again by its own reader, every canonical tensor compared bit for bit
-  (and the config and preprocessing) with what was meant to be written. Cheap: the file is in the page cache.
 * ``functional``: the source run by its own runtime (onnxruntime, transformers, timm) and the written output
   read back and run by its own, on the parity rule's seeded images, each judged against the float64 PyTorch
   referee of the source's tensors by the one parity rule (reference/parity_rule.py).
 * ``onnx_import``: an ONNX graph run by onnxruntime with every graph optimisation off (so the graph is seen as
   written) against the PyTorch reference built from the tensors the reader recovered.
-* ``staged``/``publish``: the output is written under its final name inside a private folder beside the
-  destination, checked there, and only then moved into place through converters.atomic, so a failed check
-  publishes nothing.
 
 The runners import their framework (onnxruntime, transformers, timm, TensorFlow, JAX) inside the function.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convnextv2.converters import atomic
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.reference import parity_rule as rule
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
@@ -34,151 +26,6 @@ from convnextv2.reference.errors import BadInputError, CheckFailedError, Missing
 # Images per functional check: the ONNX export gate's number. The rule's baseline is a maximum over the batch;
 # four images keep its spread within the rule's margin (docs/parity.md) at half the cost of the default eight.
 VERIFY_BATCH = 4
-
-
-# ------------------------------------------------------------------ staging and publishing
-
-@contextlib.contextmanager
-def staged(dest: Path) -> Iterator[Path]:
-    """A private folder beside ``dest`` (same filesystem, so publishing is a rename), removed on exit. It is one
-    of converters.atomic's temporary folders, with its owner record, so a write killed here leaves nothing
-    the next write to ``dest`` would not remove."""
-    with atomic.staging_folder(dest) as work:
-        yield work
-
-
-@contextlib.contextmanager
-def named_as(staged_path: Path, dest: Path) -> Iterator[None]:
-    """Around a writer working on ``staged_path``: its warnings and errors name ``dest``, the path the user gave
-    (the staging folder is an implementation detail). Warnings pass through the filters as usual; only their
-    text is rewritten on the way out."""
-    import warnings
-
-    from convnextv2.reference.errors import ConvNeXtV2Error, SchemaError
-
-    def renamed(text: str) -> str:
-        return text.replace(str(staged_path), str(dest))
-
-    with warnings.catch_warnings():
-        shown = warnings.showwarning
-
-        def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-            text = str(message)
-            if str(staged_path) in text:
-                message = category(renamed(text)) if isinstance(message, Warning) else renamed(text)
-            shown(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        try:
-            yield
-        except ConvNeXtV2Error as exc:
-            if type(exc) is SchemaError or str(staged_path) not in str(exc):
-                raise
-            try:
-                replacement = type(exc)(renamed(str(exc)))
-            except TypeError:
-                raise exc from None
-            raise replacement from None
-
-
-def publish(work: Path, dest: Path, overwrite: bool, companions: tuple[str, ...] = ()) -> None:
-    """Move what a writer left in ``work`` (``dest.name``, plus any companion files beside it) into place,
-    atomically, through converters.atomic."""
-    main = work / dest.name
-    written = tuple(sorted(p.name for p in work.iterdir() if p.name not in (dest.name, atomic.OWNER_FILE)))
-    if not main.exists() and not main.is_symlink():
-        raise FileNotFoundError(f"{main}: the writer left no output")
-    if not overwrite:
-        for name in written:
-            if (dest.parent / name).exists():
-                raise BadInputError(f"{dest.parent / name} already exists; pass --overwrite to replace it")
-    # Straight from the staging folder: no second temporary folder beside the destination.
-    if written or companions:
-        atomic.publish_with_companions(work, dest, tuple(dict.fromkeys(written + companions)), overwrite)
-    elif main.is_dir():
-        atomic.publish_directory(main, dest, overwrite)
-    else:
-        atomic.publish_file(main, dest, overwrite)
-
-
-# ------------------------------------------------------------------ read-back
-
-def read_back(expected: Checkpoint, path: Path, format: str, named: Path | None = None) -> tuple[dict[str, Any], Checkpoint]:
-    """Read ``path`` with ``format``'s reader and compare it with ``expected`` bit for bit: the figures and the
-    checkpoint read, or CheckFailedError naming the first differences. A dtype the format widens exactly (bfloat16 into ONNX's float32)
-    compares equal when narrowing it back gives the very same bits."""
-    import warnings
-
-    from convnextv2 import converters
-
-    started = time.perf_counter()
-    try:
-        # What the reader would say of this file (a non-default eps, an assumed preprocessing) was said of the
-        # source already, or is announced as a change.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = converters.format_module(format)
-            # An unnamed output (``named``: the path it will be published as) is read under its coming name by
-            # a reader whose result depends on the name.
-            read_named = getattr(module, "read_named", None)
-            got = read_named(path, named.name) if named is not None and read_named else module.read(path)
-    except BadInputError as exc:
-        raise CheckFailedError(f"{path}: the {format} reader cannot read back what was just written: {exc}") from None
-    problems: list[str] = []
-    if got.config != expected.config:
-        problems.append(f"config: wrote {expected.config.to_json_dict()}, read back {got.config.to_json_dict()}")
-    if got.preprocessing != expected.preprocessing:
-        problems.append(f"preprocessing: wrote {expected.preprocessing.to_json_dict()}, read back "
-                        f"{got.preprocessing.to_json_dict()}")
-    names = [name for name, _ in expected.ordered_tensors()]
-    missing = [n for n in names if n not in got.tensors]
-    unexpected = sorted(set(got.tensors) - set(names))
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing: {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) not written: {', '.join(unexpected[:5])}")
-    compared = widened = total = 0
-    for name in names:
-        if name not in got.tensors:
-            continue
-        want, have = np.asarray(expected.tensors[name]), np.asarray(got.tensors[name])
-        total += have.nbytes
-        compared += 1
-        if want.shape != have.shape:
-            problems.append(f"{name}: shape {list(want.shape)} written, {list(have.shape)} read back")
-            continue
-        if want.dtype != have.dtype:
-            if not _exactly_widened(want, have):
-                problems.append(f"{name}: {want.dtype} written, {have.dtype} read back with other values")
-                continue
-            widened += 1
-            continue
-        if not _same_bits(want, have):
-            problems.append(f"{name}: {_count_differing(want, have)} element(s) differ from what was written")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise CheckFailedError(f"{path}: reading the output back does not give what was written: {shown}")
-    return {"status": "exact", "tensors": compared, "bytes": total, "widened": widened,
-            "seconds": round(time.perf_counter() - started, 3)}, got
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.tobytes() == b.tobytes() if a.size < (1 << 16) else bool(np.array_equal(a.view(np.uint8), b.view(np.uint8)))
-
-
-def _count_differing(a: np.ndarray, b: np.ndarray) -> int:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(a.dtype.itemsize, np.uint8)
-    return int(np.count_nonzero(a.view(width) != b.view(width)))
-
-
-def _exactly_widened(want: np.ndarray, have: np.ndarray) -> bool:
-    if want.dtype.kind != "f" and str(want.dtype) != "bfloat16":
-        return False
-    if np.dtype(have.dtype).itemsize <= np.dtype(want.dtype).itemsize:
-        return False
-    return _same_bits(np.asarray(have).astype(want.dtype), want)
 
 
 # ------------------------------------------------------------------ runners: a file run by its own runtime
@@ -393,5 +240,5 @@ def onnx_import(ckpt: Checkpoint, path: Path) -> dict[str, Any]:
     return result
 
 
-__all__ = ["RUNNERS", "VERIFY_BATCH", "Judge", "check_size", "onnx_import", "ort_session_unoptimised", "publish",
-           "read_back", "run_and_judge", "staged"]
+__all__ = ["RUNNERS", "VERIFY_BATCH", "Judge", "check_size", "onnx_import", "ort_session_unoptimised",
+           "run_and_judge"]

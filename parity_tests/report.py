@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from convnextv2.converters.atomic import atomic_file
+from convnextv2.converters.publishing import atomic_file
 from convnextv2.parity_tests.harness import FEATURES, ParityReport, RuntimeResult
 from convnextv2.reference.errors import BadInputError
 

@@ -30,7 +30,8 @@ from convnextv2.parity_tests.conftest_helpers import run_cli
 DRIVER = r"""
 import os, signal, sys
 import numpy as np
-from convnextv2.converters import atomic, safetensors_io, torchzip
+from convnextv2.converters import publishing as publisher
+from convnextv2.converters import safetensors_io, torchzip
 
 kind, _, number = os.environ["KILL_AT"].partition(":")
 number = int(number or 0)
@@ -87,12 +88,12 @@ def publishing(real):
     return wrapper
 os.replace = publishing(os.replace)
 os.link = publishing(os.link)
-real_renameat2 = atomic._renameat2
+real_renameat2 = publisher._renameat2
 def renameat2(source, target, flags):
     if kind == "between":
         return False  # as on a kernel or filesystem without renameat2
     return publishing(real_renameat2)(source, target, flags)
-atomic._renameat2 = renameat2
+publisher._renameat2 = renameat2
 
 from convnextv2.converters.cli import main
 main(sys.argv[1:])
@@ -307,7 +308,7 @@ def test_file_appearing_mid_write_is_not_replaced(tmp_path, sources, monkeypatch
 @pytest.mark.parametrize("named", [False, True], ids=["anonymous", "named"])
 def test_link_refuses_a_file_that_appeared(tmp_path, named):
     """The publishing link() itself refuses a destination created after the start (no check-then-rename race)."""
-    from convnextv2.converters.atomic import atomic_file
+    from convnextv2.converters.publishing import atomic_file
     from convnextv2.reference.errors import BadInputError
 
     dst = tmp_path / "out.bin"

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from convnextv2 import converters, fixtures
-from convnextv2.converters import atomic
+from convnextv2.converters import fs_faults, publishing, temp_folders
+from convnextv2.converters.cli import signals
 
 CLI = [sys.executable, "-m", "convnextv2.converters"]
 ENV = {**os.environ, "CONVNEXTV2_PROGRESS": "0"}
@@ -35,13 +36,13 @@ EXIT_ENVIRONMENT = 3
 # filesystem without O_TMPFILE) may be combined with either, comma-separated.
 DRIVER = r"""
 import os, shutil, sys
-from convnextv2.converters import atomic, streaming
+from convnextv2.converters import publishing, streaming
 
 faults = set(os.environ["FAULT"].split(","))
 if "no-precheck" in faults:
-    atomic.require_space = lambda dest, expected_bytes: None
+    publishing.require_space = lambda dest, expected_bytes: None
 if "named" in faults:
-    atomic._open_anonymous = lambda directory: None
+    publishing._open_anonymous = lambda directory: None
 if "vanish" in faults:
     target = os.path.dirname(os.path.abspath(sys.argv[sys.argv.index("-o") + 1]))
     real = streaming.TensorStreamer.write_array
@@ -115,7 +116,7 @@ def _destination(directory: Path, fmt: str) -> Path:
 @pytest.mark.parametrize("fmt", ["canonical", "hf", pytest.param("original", marks=pytest.mark.slow)])
 def test_full_disk_is_refused_before_anything_is_written(tmp_path, atto, fmt):
     with _tmpfs(tmp_path / "small", "size=4m") as small:
-        free = atomic.free_bytes(small)
+        free = fs_faults.free_bytes(small)
         dst = _destination(small, fmt)
         result = _cli("convert", str(atto), "-o", str(dst), "--to", fmt)
         assert result.returncode == EXIT_ENVIRONMENT, result.stderr[-3000:]
@@ -126,7 +127,7 @@ def test_full_disk_is_refused_before_anything_is_written(tmp_path, atto, fmt):
         needed, said_free = (int(g.replace(",", "")) for g in match.groups())
         # Free space as it was when checked (the temporary folder beside the destination holds a block or two).
         assert needed >= _payload_bytes(atto) and free - 65536 <= said_free <= free
-        assert os.listdir(small) == [] and atomic.free_bytes(small) == free
+        assert os.listdir(small) == [] and fs_faults.free_bytes(small) == free
 
 
 @pytest.mark.parametrize(("fmt", "fault"), [("canonical", "no-precheck"), ("canonical", "no-precheck,named"),
@@ -135,7 +136,7 @@ def test_full_disk_is_refused_before_anything_is_written(tmp_path, atto, fmt):
 def test_disk_filling_up_mid_write_leaves_nothing(tmp_path, atto, fmt, fault):
     """The free-space check is skipped so the kernel itself says ENOSPC half-way through the tensors."""
     with _tmpfs(tmp_path / "small", "size=6m") as small:
-        free = atomic.free_bytes(small)
+        free = fs_faults.free_bytes(small)
         dst = _destination(small, fmt)
         result = _cli("convert", str(atto), "-o", str(dst), "--to", fmt, fault=fault)
         assert result.returncode == EXIT_ENVIRONMENT, result.stderr[-3000:]
@@ -143,7 +144,7 @@ def test_disk_filling_up_mid_write_leaves_nothing(tmp_path, atto, fmt, fault):
         assert re.fullmatch(rf"error: {re.escape(str(dst))}: no space left in {re.escape(str(small))} \(.*bytes free"
                             r".*\); nothing was written", line), line
         # Nothing left: no name, and no space held by an unnamed file either.
-        assert os.listdir(small) == [] and atomic.free_bytes(small) == free
+        assert os.listdir(small) == [] and fs_faults.free_bytes(small) == free
 
 
 # ------------------------------------------------------------------ read-only, permissions, a vanishing directory
@@ -234,15 +235,15 @@ def test_a_signal_held_while_a_temporary_folder_is_made_leaves_nothing(tmp_path,
     raised before the caller holds the folder: the folder must still go."""
     from convnextv2.reference.errors import Interrupted
 
-    made = atomic._new_temp_folder
+    made = temp_folders._new_temp_folder
 
     def signalled(dest: Path) -> Path:
         folder = made(dest)
-        atomic.on_signal(signal.SIGTERM)  # deferred: folders are made with signals held
+        signals.on_signal(signal.SIGTERM)  # deferred: folders are made with signals held
         return folder
 
-    monkeypatch.setattr(atomic, "_new_temp_folder", signalled)
-    with atomic.handling_signals(), pytest.raises(Interrupted), atomic.atomic_directory(tmp_path / "out-dir"):
+    monkeypatch.setattr(temp_folders, "_new_temp_folder", signalled)
+    with signals.handling_signals(), pytest.raises(Interrupted), publishing.atomic_directory(tmp_path / "out-dir"):
         pytest.fail("the block must not run")
     assert os.listdir(tmp_path) == []
 
@@ -309,10 +310,10 @@ def test_sigkill_leaves_one_marked_folder_that_the_next_conversion_removes(tmp_p
     assert len(left) <= 1, left
     for name in left:
         assert re.fullmatch(rf"\.{re.escape(dst.name)}\.convnextv2-tmp\.{process.pid}\.[^/]+\.partial", name), name
-        if (work / name / atomic.OWNER_FILE).exists():
-            assert json.loads((work / name / atomic.OWNER_FILE).read_text())["pid"] == process.pid
+        if (work / name / temp_folders.OWNER_FILE).exists():
+            assert json.loads((work / name / temp_folders.OWNER_FILE).read_text())["pid"] == process.pid
         else:  # stopped while the record was being written: only the pending record is in it
-            assert set(os.listdir(work / name)) <= {atomic.PENDING_OWNER_FILE}
+            assert set(os.listdir(work / name)) <= {temp_folders.PENDING_OWNER_FILE}
     done = _cli("convert", str(atto), "-o", str(dst), "--to", fmt)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.listdir(work) == [dst.name]
@@ -375,14 +376,14 @@ def test_only_provably_abandoned_folders_are_removed(tmp_path):
     dest = tmp_path / "out-dir"
     dead_pid = subprocess.Popen(["true"])  # a pid that no longer runs
     dead_pid.wait()
-    me = atomic._owner_record()
+    me = temp_folders._owner_record()
 
     def folder(tag: str, pid: int, record: object | None) -> Path:
         path = tmp_path / f".out-dir.convnextv2-tmp.{pid}.{tag}.partial"
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"half")
         if record is not None:
-            (path / atomic.OWNER_FILE).write_text(record if isinstance(record, str) else json.dumps(record))
+            (path / temp_folders.OWNER_FILE).write_text(record if isinstance(record, str) else json.dumps(record))
         return path
 
     gone = [folder("dead", dead_pid.pid, {**me, "pid": dead_pid.pid}),
@@ -400,13 +401,13 @@ def test_only_provably_abandoned_folders_are_removed(tmp_path):
     for path in unfinished:
         path.mkdir()
     for path in unfinished[1:]:
-        (path / atomic.PENDING_OWNER_FILE).write_text('{"tool": "conv')
+        (path / temp_folders.PENDING_OWNER_FILE).write_text('{"tool": "conv')
     (unfinished[3] / "model.safetensors").write_bytes(b"half")
     gone += unfinished[:2]
     kept += unfinished[2:]
     other = tmp_path / f".other.convnextv2-tmp.{dead_pid.pid}.x.partial"
     other.mkdir()
-    (other / atomic.OWNER_FILE).write_text(json.dumps({**me, "pid": dead_pid.pid}))
-    removed = atomic.remove_stale_temporaries(dest)
+    (other / temp_folders.OWNER_FILE).write_text(json.dumps({**me, "pid": dead_pid.pid}))
+    removed = temp_folders.remove_stale_temporaries(dest)
     assert sorted(removed) == sorted(gone)
     assert all(not p.exists() for p in gone) and all(p.exists() for p in kept) and other.exists()

@@ -16,10 +16,10 @@ from convnextv2.parity_tests.conftest_helpers import run_cli
 from convnextv2.reference.errors import BadInputError, ConvNeXtV2Error
 
 # What each format's reader and writer take, as documented in their modules (docs/*.md for the CLI flags).
-READ_OPTIONS = {name: ["variant"] for name in converters.FORMAT_MODULES}
+READ_OPTIONS = {name: ["variant"] for name in converters.MODULES}
 READ_OPTIONS["original"] = ["variant", "ema"]
 READ_OPTIONS["hf"] = READ_OPTIONS["timm"] = ["variant", "revision"]  # huggingface_hub cache folders
-WRITE_OPTIONS = {name: ["overwrite"] for name in converters.FORMAT_MODULES}
+WRITE_OPTIONS = {name: ["overwrite"] for name in converters.MODULES}
 WRITE_OPTIONS["timm"] = ["overwrite", "conv_mlp"]
 WRITE_OPTIONS["original"] = ["overwrite", "layout"]
 WRITE_OPTIONS["onnx"] = ["overwrite", "via", "opset", "dynamic_hw", "features", "fp16", "external_data",
@@ -66,7 +66,7 @@ def test_misspelt_write_option_is_refused_before_writing(original_file, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", list(converters.FORMAT_MODULES))
+@pytest.mark.parametrize("name", list(converters.MODULES))
 def test_every_format_declares_its_options_and_nothing_else(name):
     module = converters.format_module(name)
     for function, expected in ((module.read, READ_OPTIONS[name]), (module.write, WRITE_OPTIONS[name])):
@@ -75,7 +75,7 @@ def test_every_format_declares_its_options_and_nothing_else(name):
         assert converters.declared_options(function) == expected, f"{name}.{function.__name__}"
 
 
-@pytest.mark.parametrize("name", list(converters.FORMAT_MODULES))
+@pytest.mark.parametrize("name", list(converters.MODULES))
 def test_every_declared_option_passes_the_check(name, original_file, tmp_path):
     """Each format's declared options, all given at once at their defaults, reach the reader or writer.
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import click
 
-from convnextv2.converters import atomic
-from convnextv2.converters.cli import checkpoints, demo, export_onnx, parity
+from convnextv2.converters.cli import checkpoints, demo, export_onnx, parity, signals
+from convnextv2.converters.fs_faults import environment_fault
 from convnextv2.reference.errors import ConvNeXtV2Error, Interrupted
 
 
@@ -31,7 +31,7 @@ class ToolkitGroup(click.Group):
     one-line message and the documented exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        with atomic.handling_signals():
+        with signals.handling_signals():
             try:
                 return super().invoke(ctx)
             except ConvNeXtV2Error as exc:
@@ -44,7 +44,7 @@ class ToolkitGroup(click.Group):
                 click.echo("error: interrupted by SIGINT", err=True)
                 ctx.exit(130)
             except OSError as exc:
-                fault = atomic.environment_fault(exc)
+                fault = environment_fault(exc)
                 if fault is None:
                     raise
                 click.echo(f"error: {fault}", err=True)

@@ -180,7 +180,7 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     before it is published; a difference is exit 1 with nothing written."""
     from convnextv2 import converters
     from convnextv2.converters import verify as verification
-    from convnextv2.converters.atomic import check_destination
+    from convnextv2.converters.fs_faults import check_destination
 
     check_destination(dst, overwrite)  # fail before reading a large source
     if layout is not None and to_format != "original":

@@ -1,4 +1,4 @@
-"""The names the commands offer as choices, taken from the format registry (``converters.FORMAT_MODULES``), the
+"""The names the commands offer as choices, taken from the format registry (converters/formats.py), the
 fixture writer (``fixtures.make.FIXTURE_FORMATS``) and the original reader (``converters.original.LAYOUTS``), so
 a format added there appears in every command without a second list to keep in step.
 
@@ -9,13 +9,12 @@ and which writes imports all of them (about a second), which ``convnextv2 varian
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
-from convnextv2.converters import FORMAT_MODULES, available_formats, readable
+from convnextv2.converters import formats
 
 
 class RegistryChoice(click.Choice):
@@ -36,23 +35,19 @@ class RegistryChoice(click.Choice):
 
 
 @functools.cache
-def _capabilities() -> dict[str, tuple[bool, bool]]:
+def _readable() -> dict[str, bool]:
     # Format modules import their framework only inside read/write, so importing them is cheap enough once.
-    capabilities = {}
-    for name in available_formats():
-        module = importlib.import_module(FORMAT_MODULES[name])
-        capabilities[name] = (readable(name), hasattr(module, "write"))
-    return capabilities
+    return {name: formats.readable(name) for name in formats.available_formats()}
 
 
 def readable_formats() -> list[str]:
     """``auto`` (detect by content) and every installed format with a reader, in the registry's order."""
-    return ["auto", *(name for name, (read, _) in _capabilities().items() if read)]
+    return ["auto", *(name for name, read in _readable().items() if read)]
 
 
 def writable_formats() -> list[str]:
-    """Every installed format with a writer, in the registry's order."""
-    return [name for name, (_, write) in _capabilities().items() if write]
+    """Every format (each has a writer), in the registry's order."""
+    return formats.available_formats()
 
 
 def fixture_formats() -> list[str]:

@@ -40,7 +40,7 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
     """Export SRC to ONNX, check it in onnxruntime (ORT_ENABLE_ALL) against the float64 PyTorch referee,
     and only then write DST. Exit 1 when parity fails, 2 when a path cannot run here (the message says why)."""
     from convnextv2 import converters
-    from convnextv2.converters.atomic import check_destination
+    from convnextv2.converters.fs_faults import check_destination
     from convnextv2.converters.onnx import export as onnx_export
     from convnextv2.reference.errors import MissingDependencyError
 

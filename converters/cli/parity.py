@@ -104,7 +104,7 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values:
     # they wait, taking the cores the runtimes' worker processes run on (measured: atto cold 107 s spinning).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from convnextv2 import converters
-    from convnextv2.converters.atomic import check_destination
+    from convnextv2.converters.fs_faults import check_destination
     from convnextv2.parity_tests import runtimes
     from convnextv2.parity_tests.cache import ParityCache, process_age
     from convnextv2.parity_tests.harness import parse_tolerances, run_parity

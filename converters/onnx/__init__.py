@@ -1,11 +1,16 @@
 """ONNX: the format (graphs read back by structure, written by exporting a reference), its exporters and the
 onnxruntime sessions that run it.
 
-``reader``: sniff, read, write (the format contract); ``export``: the export through one of three exporters
-(``via_torch``, ``via_tensorflow``, ``via_flax``); ``interface``: input and output names every export shares;
-``session``: onnxruntime sessions and the export gate.
+``reader``: sniff, read and what a graph cannot hold; ``export``: the writing side, through one of three
+exporters (``via_torch``, ``via_tensorflow``, ``via_flax``); ``interface``: input and output names every export
+shares; ``session``: onnxruntime sessions and the export gate. ``FORMAT`` is the format's record.
 """
 
-from convnextv2.converters.onnx.reader import NAME, SUFFIXES, UNNAMED_BUILD, read, sniff, unrepresentable, write
+from convnextv2.converters.format_contract import Format
+from convnextv2.converters.onnx.export import companions, unnamed_build, write
+from convnextv2.converters.onnx.reader import NAME, read, sniff, unrepresentable
 
-__all__ = ["NAME", "SUFFIXES", "UNNAMED_BUILD", "read", "sniff", "unrepresentable", "write"]
+FORMAT = Format(NAME, sniff, read, write, companions=companions, unnamed_build=unnamed_build,
+                unrepresentable=unrepresentable, runner="onnxruntime", gated=True)
+
+__all__ = ["FORMAT", "NAME", "read", "sniff", "unrepresentable", "write"]

@@ -14,19 +14,20 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from convnextv2.converters.atomic import atomic_file, atomic_file_with_companions, check_destination, require_space
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.digests import sha256_of
+from convnextv2.converters.fs_faults import check_destination, require_space
 from convnextv2.converters.onnx import via_flax as onnx_via_flax
 from convnextv2.converters.onnx import via_tensorflow as onnx_via_tensorflow
 from convnextv2.converters.onnx import via_torch as onnx_via_torch
 from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE, output_names
 from convnextv2.converters.onnx.session import check_file
+from convnextv2.converters.publishing import atomic_file, atomic_file_with_companions
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 
 # Measured (docs/onnx.md): at opset 20 GELU is the Gelu op, which onnxruntime 1.32 fuses with the preceding
@@ -158,6 +159,26 @@ def write_unchecked(ckpt: Checkpoint, target: Path, *, size: int, features: bool
     proto = exporter.build(ckpt, opset, False, features, fp16, size)
     _finish_proto(proto, ckpt, via, opset, fp16, features, False, ckpt.source.sha256 or "")
     _save_proto(proto, target, writes_external_data(ckpt, fp16))
+
+
+def unnamed_build(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> bool:
+    """A self-contained graph is one file the reader knows by content; one with a ``.data`` file is not (the
+    graph names its data file)."""
+    return not writes_external_data(ckpt, bool(options.get("fp16")), options.get("external_data"))
+
+
+def companions(path: Path) -> tuple[str, ...]:
+    return (data_file_name(path),)
+
+
+def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "torch", opset: int | None = None,
+          dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
+          check_size: int | None = None, check_batch: int = 4, source_path: str | os.PathLike[str] | None = None,
+          log: Any = None) -> None:
+    """Export through :func:`export` (checked against the float64 referee before it is published)."""
+    export(ckpt, path, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
+           external_data=external_data, overwrite=overwrite, check_size=check_size, check_batch=check_batch,
+           source_path=source_path, log=log)
 
 
 def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch", opset: int | None = None,

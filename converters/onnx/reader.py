@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeGuard, cast
 
@@ -43,7 +43,6 @@ from convnextv2.reference.variants import (
 )
 
 NAME = "onnx"
-SUFFIXES = (".onnx",)
 
 # Ops whose output is computed from constants here, so weights reached through them count as constants.
 _FOLDABLE = {"Identity", "Cast", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Concat"}
@@ -816,7 +815,7 @@ def read(path: Path, *, variant: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change]:
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
     found = dropped_extras(ckpt, "an ONNX graph")
     if options.get("fp16"):
         rounded = {name: np.asarray(value).astype(np.float16).astype(np.float32)
@@ -826,24 +825,4 @@ def unrepresentable(ckpt: Checkpoint, path: Path, **options: Any) -> list[Change
     return found
 
 
-def UNNAMED_BUILD(ckpt: Checkpoint, path: Path, options: dict[str, Any]) -> bool:  # noqa: N802 - the attribute converters.save reads
-    """A self-contained graph is one file the reader knows by content; one with a ``.data`` file is not (the
-    graph names its data file)."""
-    from convnextv2.converters.onnx import export as onnx_export
-
-    return not onnx_export.writes_external_data(ckpt, bool(options.get("fp16")), options.get("external_data"))
-
-
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "torch", opset: int | None = None,
-          dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
-          check_size: int | None = None, check_batch: int = 4, source_path: str | os.PathLike[str] | None = None,
-          log: Any = None) -> None:
-    """Export through ``onnx_export.export`` (checked against the float64 referee before it is published)."""
-    from convnextv2.converters.onnx import export as onnx_export
-
-    onnx_export.export(ckpt, path, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
-                       external_data=external_data, overwrite=overwrite, check_size=check_size,
-                       check_batch=check_batch, source_path=source_path, log=log)
-
-
-__all__ = ["NAME", "SUFFIXES", "GRN_EPS", "read", "sniff", "write"]
+__all__ = ["NAME", "GRN_EPS", "read", "sniff", "unrepresentable"]

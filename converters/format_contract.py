@@ -1,0 +1,65 @@
+"""The record every checkpoint format registers: what it can do, as data (converters/formats.py lists them).
+
+A format module builds its :class:`Format` once, at its bottom (``FORMAT = Format(...)``). Nothing probes a
+module for optional attributes: what the record does not say, the defaults below say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convnextv2.converters.checkpoint import Checkpoint
+
+if TYPE_CHECKING:  # annotations only: format_limits builds the Change objects, this module only names them
+    from convnextv2.converters.format_limits import Change
+
+
+def no_companions(path: Path) -> tuple[str, ...]:
+    return ()
+
+
+def never(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> bool:
+    return False
+
+
+def always(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> bool:
+    return True
+
+
+def carries_everything(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One checkpoint format.
+
+    ``sniff(path)`` claims a file by content; ``read(path, *, options)`` and ``write(ckpt, path, *, options)``
+    declare their options as keyword-only parameters. A write-only format (``readable=False``) keeps ``read``
+    only to refuse with its reason. ``companions(dest)``: the bare names of the files the format may put
+    beside its main file (ONNX ``.data``, IR ``.bin``, timm's sidecar JSON); they are published with it and,
+    when replaced by an output without them, removed. ``unnamed_build``: whether the output is one file that
+    its writer, its reader and the runtime that checks it open without its name, so it is built and checked in
+    an unnamed file. ``unrepresentable``: every change the format forces on a checkpoint (format_limits).
+    ``read_as(path, name)``: a reader whose result depends on the file's name, for a file read before it has
+    it. ``runner``: the runner that runs a file of this format. ``gated``: the written file is an export whose
+    function is proven by running it before it is published.
+    """
+
+    name: str
+    sniff: Callable[[Path], bool]
+    read: Callable[..., Checkpoint]
+    write: Callable[..., None]
+    readable: bool = True
+    companions: Callable[[Path], tuple[str, ...]] = no_companions
+    unnamed_build: Callable[[Checkpoint, Path, Mapping[str, Any]], bool] = never
+    unrepresentable: Callable[[Checkpoint, Path, Mapping[str, Any]], list[Change]] = carries_everything
+    read_as: Callable[[Path, str], Checkpoint] | None = None
+    runner: str | None = None
+    gated: bool = False
+
+
+__all__ = ["Format", "always", "carries_everything", "never", "no_companions"]
