@@ -30,6 +30,8 @@ MARKERS = {
     "onnx": "needs onnx/onnxruntime",
     "peers": "needs timm/transformers",
     "slow": "long checks (huge model, full matrix)",
+    "heavy": "a slow case whose peak memory cannot share a 24 GB machine with another case (set by this plugin on "
+             "every slow case at huge); nox -s tests_slow runs them after the rest, one at a time",
 }
 
 
@@ -101,6 +103,16 @@ def _wanted(item: Any, config: Any, shard: tuple[int, int] | None) -> bool:
 # Any case that builds the huge model (its id names the size) holds 5-17 GB: with `--dist loadgroup` two of them
 # never run at once on one CI runner, whichever test file they come from.
 HUGE_GROUP = "huge"
+# Slow cases at these sizes (the id names the size) peak too high to run beside any other case on a 2-core, 24 GB
+# runner: LiteRT's converter alone nears 21 GB at huge, and a huge case beside another one was killed by the
+# kernel's OOM killer. They are marked ``heavy``, and ``nox -s tests_slow`` runs them after everything else, each
+# alone in a pytest process of its own (noxfile.py). Large peaks at most a few GB: two large cases fit side by side.
+HEAVY_SIZES = ("huge",)
+HEAVY = "heavy"
+
+
+def is_heavy(item: Any) -> bool:
+    return item.get_closest_marker("slow") is not None and any(size in item.nodeid for size in HEAVY_SIZES)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -111,6 +123,8 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if "huge" in item.nodeid and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(HUGE_GROUP))
+        if is_heavy(item) and item.get_closest_marker(HEAVY) is None:
+            item.add_marker(getattr(pytest.mark, HEAVY))
         (keep if _wanted(item, config, shard) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

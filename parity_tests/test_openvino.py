@@ -176,7 +176,7 @@ def test_reduced_precision_hints(dtype):
 
 @pytest.mark.slow
 @pytest.mark.torch
-# huge shares one xdist worker with the other huge cases (the plugin groups every "huge" node id).
+# huge is `heavy` (the plugin marks every slow "huge" case): nox -s tests_slow runs it alone, after the rest.
 @pytest.mark.parametrize("variant", SIZES)
 def test_every_size_at_224(variant):
     from convnextv2.parity_tests.harness import run_parity
