@@ -14,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from convnextv2 import converters
-from convnextv2.converters import canonical, verify
+from convnextv2.converters import canonical
 from convnextv2.converters.cli import main
 from convnextv2.converters.onnx.session import ort_session
+from convnextv2.converters.runners import gates
 from convnextv2.fixtures import write_fixture
 from convnextv2.reference import parity_rule as rule
 
@@ -136,7 +137,7 @@ def test_verify_runs_a_transformers_folder_by_transformers_and_the_output_by_its
                   "--json")
     assert result.exit_code == 0, result.output
     checked = json.loads(result.stdout)["verify"]
-    assert checked["passed"] and checked["images"] == [verify.VERIFY_BATCH, 3, 224, 224]
+    assert checked["passed"] and checked["images"] == [gates.VERIFY_BATCH, 3, 224, 224]
     assert checked["source"]["runner"].startswith("transformers") and checked["output"]["runner"] == "PyTorch reference"
     for side in ("source", "output"):
         assert 0 < checked[side]["max_abs"] <= checked[side]["tolerance"]

@@ -179,8 +179,8 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     Every output is read back by its own reader and compared bit for bit with what was meant to be written
     before it is published; a difference is exit 1 with nothing written."""
     from convnextv2 import converters
-    from convnextv2.converters import verify as verification
     from convnextv2.converters.fs_faults import check_destination
+    from convnextv2.converters.runners import gates
 
     check_destination(dst, overwrite)  # fail before reading a large source
     if layout is not None and to_format != "original":
@@ -193,7 +193,7 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     if summary["from"] == "onnx":
         # An ONNX graph is read by recognising its operators; running it is the proof that the tensors
         # recovered compute what the graph computes.
-        summary["onnx_import"] = verification.onnx_import(ckpt, src)
+        summary["onnx_import"] = gates.onnx_import(ckpt, src)
     apply_preprocessing(ckpt, preprocessing)
     options: dict[str, Any] = {"overwrite": overwrite}
     if layout is not None:

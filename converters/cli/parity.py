@@ -97,12 +97,12 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values:
     per stage); see docs/parity.md.
     """
     import json
-    import os
     import time
 
-    # Before any framework loads OpenMP (it reads this once): the referee's threads would otherwise spin while
-    # they wait, taking the cores the runtimes' worker processes run on (measured: atto cold 107 s spinning).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from convnextv2.parity_tests.workers import passive_openmp
+
+    # Before any framework loads OpenMP: the referee's threads would otherwise spin while they wait.
+    passive_openmp()
     from convnextv2 import converters
     from convnextv2.converters.fs_faults import check_destination
     from convnextv2.parity_tests import runtimes
