@@ -20,14 +20,14 @@ once, in the cache's summary (the report's ``cache.discarded``) and through the 
 worker's discards reach the parent's summary through :meth:`ParityCache.merge`; an entry a worker built is
 checked by the parent itself when it reads it.
 
-:func:`phase` records how long each step of a runtime takes (import, export, compile, forward); the harness puts
-the figures in the report.
+The cache is passed to whoever builds through it (a runner's ``RunContext``); it is never found through a module
+global. Whether an artifact came from the cache or was built, and how long each step took, a runner's context
+notes (converters/runners/base.py: ``RunContext.artifact``, ``Timings``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -207,7 +207,6 @@ class ParityCache:
         """A folder holding the artifact ``build`` writes into an empty folder: the cached one when it exists,
         else built now (and kept when the cache is on)."""
         if not self.enabled:
-            _note(kind, "built")
             with tempfile.TemporaryDirectory(prefix=f"convnextv2-parity-{kind}-") as tmp:
                 build(Path(tmp))
                 yield Path(tmp)
@@ -224,12 +223,10 @@ class ParityCache:
             if usable:
                 published = entry
                 self.hits.append(kind)
-                _note(kind, "cached")
                 with contextlib.suppress(OSError):
                     os.utime(entry / _ENTRY_RECORD)  # least recently used goes first
             else:
                 self.misses.append(kind)
-                _note(kind, "built")
                 from convnextv2.reference.errors import EnvironmentFaultError
 
                 try:
@@ -367,55 +364,3 @@ class ParityCache:
     def _stop_using(self, reason: str) -> None:
         self._broken = reason
         warnings.warn(f"parity cache {reason}; running without the cache", UserWarning, stacklevel=5)
-
-
-@dataclasses.dataclass
-class RuntimeRecord:
-    """What one runtime's run used: its cache, the seconds of each phase, each artifact cached or built."""
-
-    cache: ParityCache
-    phases: dict[str, float] = dataclasses.field(default_factory=dict)
-    artifacts: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-_ACTIVE: list[RuntimeRecord] = []
-
-
-@contextlib.contextmanager
-def active(record: RuntimeRecord) -> Iterator[RuntimeRecord]:
-    """Around one runtime's run: the cache its artifacts go through, where its timings go."""
-    _ACTIVE.append(record)
-    try:
-        yield record
-    finally:
-        _ACTIVE.pop()
-
-
-def _note(kind: str, state: str) -> None:
-    if _ACTIVE:
-        _ACTIVE[-1].artifacts.setdefault(kind, state)
-
-
-@contextlib.contextmanager
-def current_cache() -> Iterator[ParityCache]:
-    """The cache of the runtime being run, or (a runtime called on its own) one for this call only."""
-    if _ACTIVE:
-        yield _ACTIVE[-1].cache
-        return
-    cache = ParityCache(None)
-    try:
-        yield cache
-    finally:
-        cache.close()
-
-
-@contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Time one step of a runtime (import, export, build, compile, forward); repeated steps add up."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        if _ACTIVE:
-            phases = _ACTIVE[-1].phases
-            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
