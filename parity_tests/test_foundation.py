@@ -13,7 +13,8 @@ from convnextv2 import converters, fixtures, reference
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors, original_state, run_cli
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError, SchemaError
-from convnextv2.reference.variants import VARIANTS, ModelConfig, config_for, parameter_count, parse_variant
+from convnextv2.reference.schema import parameter_count
+from convnextv2.reference.variants import VARIANTS, ModelConfig, config_for, parse_variant
 
 # Parameter counts as published for the released models (from the peers' model cards), not
 # computed by this code: they check the schema's shapes independently.

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from convnextv2.reference.errors import BadInputError, SchemaError
-from convnextv2.reference.variants import IN_CHANNELS, MLP_RATIO, NUM_STAGES, ModelConfig
+from convnextv2.reference.variants import GMACS_224, IN_CHANNELS, MLP_RATIO, NUM_STAGES, VARIANTS, ModelConfig
 
 SCHEMA_NAME = "convnextv2-canonical"
 # Bump on any change to names or layouts; readers refuse versions they do not know.
@@ -70,6 +71,33 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["head.fc.weight"] = (config.num_classes, d[-1])
         shapes["head.fc.bias"] = (config.num_classes,)
     return shapes
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Model parameters of ``config``: the sum over the canonical tensors' shapes."""
+    total = 0
+    for shape in expected_shapes(config).values():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def variant_table() -> list[dict[str, Any]]:
+    """The released sizes with their parameter counts (with and without the head) and published GMACs."""
+    rows = []
+    for name, (depths, dims) in VARIANTS.items():
+        cfg = ModelConfig(depths=depths, dims=dims)
+        rows.append({
+            "name": name,
+            "depths": list(depths),
+            "dims": list(dims),
+            "params": parameter_count(cfg),
+            "params_headless": parameter_count(cfg.with_(num_classes=0, head_norm=False)),
+            "gmacs_224": GMACS_224[name],
+        })
+    return rows
 
 
 def validate(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig, where: str) -> None:

@@ -139,33 +139,6 @@ def config_for(variant: str, num_classes: int = 1000, **kwargs: Any) -> ModelCon
     return ModelConfig(depths=depths, dims=dims, num_classes=num_classes, head_norm=kwargs.pop("head_norm", True), **kwargs)
 
 
-def parameter_count(config: ModelConfig) -> int:
-    from convnextv2.reference.schema import expected_shapes
-
-    total = 0
-    for shape in expected_shapes(config).values():
-        n = 1
-        for s in shape:
-            n *= s
-        total += n
-    return total
-
-
-def variant_table() -> list[dict[str, Any]]:
-    rows = []
-    for name, (depths, dims) in VARIANTS.items():
-        cfg = ModelConfig(depths=depths, dims=dims)
-        rows.append({
-            "name": name,
-            "depths": list(depths),
-            "dims": list(dims),
-            "params": parameter_count(cfg),
-            "params_headless": parameter_count(cfg.with_(num_classes=0, head_norm=False)),
-            "gmacs_224": GMACS_224[name],
-        })
-    return rows
-
-
 def check_variant(config: ModelConfig, expected: str | None, where: str) -> None:
     """Cross-check a user's ``--variant`` against the size detected from tensor shapes."""
     if expected is None:

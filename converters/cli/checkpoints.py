@@ -23,7 +23,7 @@ def _emit(data: Any, as_json: bool, lines: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def variants(as_json: bool) -> None:
     """List the released ConvNeXt V2 sizes."""
-    from convnextv2.reference.variants import variant_table
+    from convnextv2.reference.schema import variant_table
 
     rows = variant_table()
     lines = [f"{'name':<6} {'depths':<13} {'dims':<22} {'params':>12} {'encoder':>12} {'GMACs@224':>9}"]
