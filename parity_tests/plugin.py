@@ -87,7 +87,9 @@ def pytest_ignore_collect(collection_path: Path, config: Any) -> bool | None:
 
 
 def pytest_configure(config: Any) -> None:
-    _CONFIG[:] = [config]
+    path = config.getoption("--parity-timings")
+    if path and not hasattr(config, "workerinput"):  # written by the controlling process only
+        config.pluginmanager.register(TimingsFile(path), TimingsFile.NAME)
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     parse_shard(config.getoption("--shard"))
@@ -134,23 +136,27 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 # The framework groups of the matrix (nox -s parity runs one session per group).
 PARITY_GROUPS = ("torch", "tf", "flax", "onnx", "peers", "executorch", "openvino", "litert")
 # Recorded by the matrix cases (record_property) and written, on the controlling process only, by
-# pytest_runtest_logreport below.
+# TimingsFile below.
 TIMINGS_PROPERTY = "parity_timings"
 
 
-def pytest_runtest_logreport(report: Any) -> None:
-    config = _CONFIG[0] if _CONFIG else None
-    path = config.getoption("--parity-timings") if config is not None else None
-    if not path or hasattr(config, "workerinput") or report.when not in ("setup", "call"):
-        return
-    timings = next((value for key, value in report.user_properties if key == TIMINGS_PROPERTY), None)
-    line = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-            "duration": report.duration, "start": getattr(report, "start", None),
-            "stop": getattr(report, "stop", None), "groups": sorted(report.keywords.keys() & set(PARITY_GROUPS))}
-    if timings is not None:
-        line["parity"] = timings
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(line) + "\n")
+class TimingsFile:
+    """``--parity-timings FILE``: one JSON line per test phase, registered as a plugin of its own on the
+    controlling process (it holds the path; no module global)."""
 
+    NAME = "convnextv2-parity-timings"
 
-_CONFIG: list[Any] = []
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.when not in ("setup", "call"):
+            return
+        timings = next((value for key, value in report.user_properties if key == TIMINGS_PROPERTY), None)
+        line = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+                "duration": report.duration, "start": getattr(report, "start", None),
+                "stop": getattr(report, "stop", None), "groups": sorted(report.keywords.keys() & set(PARITY_GROUPS))}
+        if timings is not None:
+            line["parity"] = timings
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
