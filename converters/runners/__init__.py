@@ -14,6 +14,7 @@ from convnextv2.converters.runners.base import (
 )
 from convnextv2.converters.runners.gates import (
     VERIFY_BATCH,
+    FileCheck,
     check_output,
     check_size,
     gate_summary,
@@ -22,6 +23,6 @@ from convnextv2.converters.runners.gates import (
 )
 from convnextv2.converters.runners.registry import REGISTRY, Entry, available, for_format, get, names, register
 
-__all__ = ["REGISTRY", "VERIFY_BATCH", "ArtifactCache", "Entry", "FileSource", "FunctionRunner", "RunContext",
+__all__ = ["REGISTRY", "VERIFY_BATCH", "ArtifactCache", "Entry", "FileCheck", "FileSource", "FunctionRunner", "RunContext",
            "Runner", "RunnerRecord", "TemporaryCache", "Timings", "available", "check_output", "check_size",
            "for_format", "gate_summary", "get", "names", "onnx_import", "register", "verify_conversion"]

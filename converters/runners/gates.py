@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -141,9 +142,30 @@ def check_size(ckpt: Checkpoint, path: Path, format: str) -> int:
     return int(ckpt.preprocessing.input_size)
 
 
-def _file_check(referee: rule.Referee, path: Path, format: str, ckpt: Checkpoint) -> dict[str, Any]:
-    """One file run by the runner of its format against ``referee`` (its final feature only), as --verify and the
-    ONNX import check report it."""
+@dataclasses.dataclass
+class FileCheck:
+    """One file run by the runner of its format, judged on its final feature against the referee (--verify, the
+    ONNX import check). The figures are set when the feature came back finite and in the referee's shape."""
+
+    runner: str
+    passed: bool
+    seconds: float
+    message: str
+    feature: str | None = None
+    max_abs: float | None = None
+    tolerance: float | None = None
+    torch_float32_max_abs: float | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        figures = ({} if self.feature is None else
+                   {"feature": self.feature, "max_abs": self.max_abs, "tolerance": self.tolerance,
+                    "torch_float32_max_abs": self.torch_float32_max_abs})
+        return {"runner": self.runner, **figures, "passed": self.passed, "seconds": self.seconds,
+                "message": self.message}
+
+
+def _file_check(referee: rule.Referee, path: Path, format: str, ckpt: Checkpoint) -> FileCheck:
+    """One file run by the runner of its format against ``referee`` (its final feature only)."""
     entry = registry.for_format(format)
     reason = entry.availability()
     if reason is not None and entry.kind == "peer":
@@ -157,16 +179,15 @@ def _file_check(referee: rule.Referee, path: Path, format: str, ckpt: Checkpoint
     feature = verdict.feature(final)
     seconds = round(verdict.seconds, 3)
     if feature is None or feature.status == "not-exposed":
-        return {"runner": runner.label, "passed": False, "seconds": seconds, "message": f"{final} is not exposed"}
+        return FileCheck(runner.label, False, seconds, f"{final} is not exposed")
     if feature.max_abs_error is None:
         expected = list(referee.features[final].shape)
         message = (f"{final} is not finite" if feature.message == "non-finite values"
                    else f"{final} has shape {feature.shape}, expected {expected}")
-        return {"runner": runner.label, "passed": False, "seconds": seconds, "message": message}
-    return {"runner": runner.label, "feature": final, "max_abs": feature.max_abs_error,
-            "tolerance": feature.tolerance_abs, "torch_float32_max_abs": referee.baseline_max_abs["float32"][final],
-            "passed": feature.status == "pass", "seconds": seconds,
-            "message": feature.message or "within the float32 parity rule"}
+        return FileCheck(runner.label, False, seconds, message)
+    return FileCheck(runner.label, feature.status == "pass", seconds,
+                     feature.message or "within the float32 parity rule", final, feature.max_abs_error,
+                     feature.tolerance_abs, referee.baseline_max_abs["float32"][final])
 
 
 def _referee(ckpt: Checkpoint, size: int) -> rule.Referee:
@@ -177,30 +198,28 @@ def _referee(ckpt: Checkpoint, size: int) -> rule.Referee:
 def verify_conversion(ckpt: Checkpoint, source_path: Path, source_format: str, output_path: Path,
                       output_format: str, written: Checkpoint) -> dict[str, Any]:
     """``convert --verify``: the source run by its own runtime and the output (read back as ``written``) by its
-    own, both judged against the float64 referee of the source's tensors; CheckFailedError when either fails."""
+    own, both judged against the float64 referee of the source's tensors; CheckFailedError when either fails.
+    Returns the summary ``--json`` prints."""
     size = check_size(ckpt, Path(source_path), source_format)
     referee = _referee(ckpt, size)
-    result: dict[str, Any] = {"images": [int(referee.images.shape[0]), 3, size, size],
-                              "referee_seconds": round(referee.seconds, 3),
-                              "source": _file_check(referee, Path(source_path), source_format, ckpt),
-                              "output": _file_check(referee, Path(output_path), output_format, written)}
-    result["passed"] = bool(result["source"]["passed"] and result["output"]["passed"])
-    if not result["passed"]:
-        failing = [f"{side} ({result[side]['runner']}): {result[side]['message']}"
-                   for side in ("source", "output") if not result[side]["passed"]]
+    checks = {"source": _file_check(referee, Path(source_path), source_format, ckpt),
+              "output": _file_check(referee, Path(output_path), output_format, written)}
+    failing = [f"{side} ({check.runner}): {check.message}" for side, check in checks.items() if not check.passed]
+    if failing:
         raise CheckFailedError(f"--verify: {'; '.join(failing)}; nothing written")
-    return result
+    return {"images": [int(referee.images.shape[0]), 3, size, size], "referee_seconds": round(referee.seconds, 3),
+            **{side: check.to_json_dict() for side, check in checks.items()}, "passed": True}
 
 
 def onnx_import(ckpt: Checkpoint, path: Path) -> dict[str, Any]:
     """The graph at ``path`` in onnxruntime (optimisations off) against the PyTorch reference of the tensors
-    read from it; CheckFailedError when they disagree by the parity rule."""
+    read from it; CheckFailedError when they disagree by the parity rule. Returns the summary ``--json``
+    prints."""
     started = time.perf_counter()
     referee = _referee(ckpt, check_size(ckpt, Path(path), "onnx"))
-    result = _file_check(referee, Path(path), "onnx", ckpt)
-    result["referee_seconds"] = round(referee.seconds, 3)
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    if not result["passed"]:
+    check = _file_check(referee, Path(path), "onnx", ckpt)
+    if not check.passed:
         raise CheckFailedError(f"{path}: the graph's function differs from the PyTorch reference built from the "
-                               f"tensors read from it ({result['message']}); nothing written")
-    return result
+                               f"tensors read from it ({check.message}); nothing written")
+    return {**check.to_json_dict(), "referee_seconds": round(referee.seconds, 3),
+            "seconds": round(time.perf_counter() - started, 3)}
