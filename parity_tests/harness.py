@@ -29,8 +29,7 @@ from convnextv2.parity_tests.runtimes import Runtime
 from convnextv2.parity_tests.workers import Outcome, Pool, Task, groups_of, hand_off, plan_jobs
 from convnextv2.reference import parity_rule as rule
 from convnextv2.reference.errors import BadInputError
-from convnextv2.reference.parity_rule import FeatureResult, Tolerance
-from convnextv2.reference.parity_rule import Verdict as RuntimeResult
+from convnextv2.reference.parity_rule import FeatureResult, Tolerance, Verdict
 
 FEATURES = rule.FEATURES
 # The precisions the harness runs runtimes at. A reduced-precision run (bfloat16, float16) is judged against the
@@ -39,7 +38,7 @@ FEATURES = rule.FEATURES
 DTYPES = rule.PRECISIONS
 REPORT_SCHEMA = "convnextv2-parity-report"
 REPORT_SCHEMA_VERSION = "1"
-__all__ = ["DTYPES", "FEATURES", "FeatureResult", "ParityReport", "ParityRequest", "RuntimeResult", "Tolerance",
+__all__ = ["DTYPES", "FEATURES", "FeatureResult", "ParityReport", "ParityRequest", "Verdict", "Tolerance",
            "parse_tolerances", "run_parity"]
 
 
@@ -74,7 +73,7 @@ class ParityReport:
     referee: dict[str, Any]
     baseline: dict[str, Any]
     tolerance: dict[str, Any]
-    runtimes: list[RuntimeResult]
+    runtimes: list[Verdict]
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     cache: dict[str, Any] | None = None
 
@@ -87,13 +86,13 @@ class ParityReport:
     def exit_code(self) -> int:
         return 0 if self.passed else 1
 
-    def result(self, name: str, dtype: str = "float32") -> RuntimeResult:
+    def result(self, name: str, dtype: str = "float32") -> Verdict:
         for r in self.runtimes:
             if r.name == name and r.dtype == dtype:
                 return r
         raise KeyError(f"{name} ({dtype}) is not in this report")
 
-    def failures(self) -> list[RuntimeResult]:
+    def failures(self) -> list[Verdict]:
         return [r for r in self.runtimes if r.status in ("fail", "error")]
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -350,12 +349,12 @@ class _Run:
         return self._report(referee, results)
 
     def _check(self, runtime: Runtime | registry.Entry, dtype: str, outcome: Outcome | None,
-               referee: rule.Referee) -> RuntimeResult:
+               referee: rule.Referee) -> Verdict:
         if outcome is None:
             runner = runtime.open(self.ckpt, RunContext(self.cache, Timings()))
             result, produced = rule.attempt(runner, self.images, dtype, self.say)
         else:
-            result = RuntimeResult(runtime.name, runtime.kind, dtype, outcome.status, outcome.reason,
+            result = Verdict(runtime.name, runtime.kind, dtype, outcome.status, outcome.reason,
                                    seconds=outcome.seconds, phases=outcome.phases, artifacts=outcome.artifacts)
             produced = outcome.features if outcome.status == "produced" else None
             if produced is None:
@@ -364,7 +363,7 @@ class _Run:
             rule.assess(result, produced, referee, self.request.tolerances.at(dtype))
         return result
 
-    def _report(self, referee: rule.Referee, results: list[RuntimeResult]) -> ParityReport:
+    def _report(self, referee: rule.Referee, results: list[Verdict]) -> ParityReport:
         baselines = referee.baselines
         reduced = {d: {"dtype": d, "norms": "float32", "scale_aware_error": baselines[d]}
                    for d in rule.REDUCED_PRECISIONS if d in baselines}

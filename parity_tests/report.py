@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.converters.publishing import atomic_file
-from convnextv2.parity_tests.harness import FEATURES, ParityReport, RuntimeResult
+from convnextv2.parity_tests.harness import FEATURES, ParityReport, Verdict
 from convnextv2.reference.errors import BadInputError
 
 REPORT_SUFFIXES = (".json", ".md", ".xml", ".html", ".png")
@@ -30,11 +30,11 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-def _label(result: RuntimeResult) -> str:
+def _label(result: Verdict) -> str:
     return result.name if result.dtype == "float32" else f"{result.name} ({result.dtype})"
 
 
-def _verdict(result: RuntimeResult) -> str:
+def _verdict(result: Verdict) -> str:
     if result.status == "fail":
         return f"FAIL (first diverges at {result.first_divergence})"
     return {"pass": "pass", "error": "ERROR", "unavailable": "not available"}[result.status]
