@@ -338,8 +338,24 @@ def test_sigkill_of_a_direct_file_write_leaves_nothing_at_all(tmp_path, tiny):
     assert os.listdir(work) == []
 
 
+def _parity_workers(pid: int) -> list[int]:
+    """The parity worker processes of ``pid``: its children, of any of its threads (the worker pool starts each
+    worker from a thread of its own), that run ``worker_main``."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in map(int, children.read_text().split()):
+                with contextlib.suppress(OSError):
+                    if b"worker_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        found.append(child)
+    return found
+
+
 @pytest.mark.slow
 def test_sigterm_while_a_parity_child_process_runs(tmp_path, atto):
+    """SIGTERM while the worker pool's child runs a runtime (transformers-tf, which always runs in a process of its
+    own): the command exits 143 with one error line, the worker is gone, no report and no hand-off folder are
+    left."""
     from convnextv2.parity_tests import runtimes
 
     reason = runtimes.get("transformers-tf").availability()
@@ -351,13 +367,12 @@ def test_sigterm_while_a_parity_child_process_runs(tmp_path, atto):
     process = subprocess.Popen([*CLI, "parity", str(atto), "--runtimes", "none", "--peers", "transformers-tf",
                                 "--report", str(report)], env={**ENV, "TMPDIR": str(scratch)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 900  # the parent computes the float64 referee first
+    deadline = time.monotonic() + 900
     children: list[int] = []
     while not children:
         assert process.poll() is None, process.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "no child process started"
-        with contextlib.suppress(OSError):
-            children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        assert time.monotonic() < deadline, "no worker process started"
+        children = _parity_workers(process.pid)
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
