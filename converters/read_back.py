@@ -1,15 +1,21 @@
 """The bit-for-bit read-back: a written output read again by its own reader, every canonical tensor compared
 with what was meant to be written (and the config and preprocessing).
 
-Cheap by design: the file was just written, so its pages are in the page cache, and the tensors are compared
-in chunks of a few megabytes (no copy of a whole tensor, no full-size temporary), so peak memory stays a
-small fraction of the file whatever its size.
+Cheap by design: the file was just written and its pages are still in the page cache (the writers hand them
+to the disk as they go but leave them cached, converters/streaming.py), so nothing is read from the disk. The
+tensors are compared on two threads, in chunks of a few megabytes (no copy of a whole tensor, no full-size
+temporary), and each compared chunk of a memory-mapped tensor is given back at once, so neither anonymous nor
+mapped memory grows with the file.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +57,19 @@ def read_back(expected: Checkpoint, path: Path, format: Format, named: Path | No
         problems.append(f"{len(missing)} tensor(s) missing: {', '.join(missing[:5])}")
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) not written: {', '.join(unexpected[:5])}")
+    compared, widened, total = _compare_tensors(expected, got, names, problems)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise CheckFailedError(f"{path}: reading the output back does not give what was written: {shown}")
+    return {"status": "exact", "tensors": compared, "bytes": total, "widened": widened,
+            "seconds": round(time.perf_counter() - started, 3)}, got
+
+
+def _compare_tensors(expected: Checkpoint, got: Checkpoint, names: list[str], problems: list[str]) -> tuple[int, int, int]:
+    """Every tensor of ``names`` that ``got`` holds against ``expected``; what differs is added to ``problems``.
+    Returns (tensors compared, of which widened exactly, bytes read back)."""
     compared = widened = total = 0
+    to_compare: list[tuple[str, np.ndarray, np.ndarray]] = []
     for name in names:
         if name not in got.tensors:
             continue
@@ -60,20 +78,21 @@ def read_back(expected: Checkpoint, path: Path, format: Format, named: Path | No
         compared += 1
         if want.shape != have.shape:
             problems.append(f"{name}: shape {list(want.shape)} written, {list(have.shape)} read back")
-            continue
-        if want.dtype != have.dtype:
-            if not _exactly_widened(want, have):
+        elif want.dtype != have.dtype:
+            if _exactly_widened(want, have):
+                widened += 1
+            else:
                 problems.append(f"{name}: {want.dtype} written, {have.dtype} read back with other values")
-                continue
-            widened += 1
-            continue
-        if not same_bits(want, have):
+        else:
+            to_compare.append((name, want, have))
+    # Two threads: the comparison runs at memory speed and numpy lets go of the GIL while it does; the source
+    # digest is done by now, so the second core is free.
+    with ThreadPoolExecutor(max_workers=_COMPARE_THREADS) as pool:
+        verdicts = list(pool.map(lambda item: same_bits(item[1], item[2], release=True), to_compare))
+    for (name, want, have), same in zip(to_compare, verdicts, strict=True):
+        if not same:
             problems.append(f"{name}: {_count_differing(want, have)} element(s) differ from what was written")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise CheckFailedError(f"{path}: reading the output back does not give what was written: {shown}")
-    return {"status": "exact", "tensors": compared, "bytes": total, "widened": widened,
-            "seconds": round(time.perf_counter() - started, 3)}, got
+    return compared, widened, total
 
 
 def _flat_bytes(a: np.ndarray) -> np.ndarray:
@@ -82,8 +101,11 @@ def _flat_bytes(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(np.uint8)
 
 
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two arrays of one dtype and shape hold the very same bytes (NaN payloads and -0.0 included)."""
+def same_bits(a: np.ndarray, b: np.ndarray, release: bool = False) -> bool:
+    """Whether two arrays of one dtype and shape hold the very same bytes (NaN payloads and -0.0 included).
+    With ``release``, each compared chunk of either that is a read-only file mapping is given back at once
+    (``MADV_DONTNEED``: this process's view of the pages goes, the file and the page cache keep them), so mapped
+    memory does not grow with the file; a page given back is read again if anything touches it later."""
     x, y = _flat_bytes(a), _flat_bytes(b)
     if x.nbytes != y.nbytes:
         return False
@@ -92,11 +114,59 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     # Chunk by chunk, eight bytes a lane: the temporaries are a chunk's, and the first difference stops it.
     step = CHUNK_BYTES
     body = x.nbytes - x.nbytes % 8
+    mapped = [flat for flat in (x, y) if release and _read_only_mapping(flat)]
     for start in range(0, body, step):
         stop = min(start + step, body)
         if not np.array_equal(x[start:stop].view(np.uint64), y[start:stop].view(np.uint64)):
             return False
+        for flat in mapped:
+            _give_back(flat[start:stop])
     return x[body:].tobytes() == y[body:].tobytes()
+
+
+def _read_only_mapping(flat: np.ndarray) -> bool:
+    """Whether ``flat`` is a view of a read-only ``mmap`` (what our readers return): only there may its pages be
+    given back (on writable memory MADV_DONTNEED would discard data)."""
+    base: Any = flat
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or _MADVISE is None:
+        return False
+    try:
+        return memoryview(base).readonly
+    except ValueError:  # closed
+        return False
+
+
+def _give_back(chunk: np.ndarray) -> None:
+    """MADV_DONTNEED on the whole pages inside ``chunk`` (ctypes lets go of the GIL during the call)."""
+    import ctypes
+
+    page = mmap.PAGESIZE
+    address = int(chunk.__array_interface__["data"][0])
+    low = (address + page - 1) // page * page
+    high = (address + chunk.nbytes) // page * page
+    if high > low and _MADVISE is not None:
+        _MADVISE(ctypes.c_void_p(low), ctypes.c_size_t(high - low), ctypes.c_int(_MADV_DONTNEED))
+
+
+def _libc_madvise() -> Any:
+    """libc's madvise through ctypes, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _libc_madvise()
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+_COMPARE_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def _count_differing(a: np.ndarray, b: np.ndarray) -> int:
