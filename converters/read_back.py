@@ -128,7 +128,10 @@ def _read_only_mapping(flat: np.ndarray) -> bool:
     """Whether ``flat`` is a view of a read-only ``mmap`` (what our readers return): only there may its pages be
     given back (on writable memory MADV_DONTNEED would discard data)."""
     base: Any = flat
-    while isinstance(base, np.ndarray):
+    # Views of views (as_strided wraps its source in an object of its own that keeps it as ``base``) down to
+    # the buffer they were made from.
+    while isinstance(base, np.ndarray) or (base is not None and hasattr(base, "__array_interface__")
+                                           and hasattr(base, "base")):
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
