@@ -77,3 +77,33 @@ def test_readme_exit_codes_match_the_cli_doc():
 
     readme = (DOC.parents[1] / "README.md").read_text(encoding="utf-8")
     assert rows(readme) == rows(_sections()["Exit codes"]), "README's exit-code table differs from docs/cli.md's"
+
+
+def _option_rows(body: str) -> dict[str, str]:
+    """Option -> its documented default (the third cell of its row in a section's option table)."""
+    rows = {}
+    for line in body.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`-"):
+            for option in re.findall(r"`(-[^`]+)`", cells[0]):
+                rows[option] = cells[2]
+    return rows
+
+
+@pytest.mark.parametrize("name", _commands())
+def test_documented_defaults_are_the_real_ones(name):
+    """A default the command declares is documented as it is; an option without one never shows click's
+    placeholder (``Sentinel.UNSET``) but the effective behaviour or nothing."""
+    rows = _option_rows(_sections().get(f"`convnextv2 {name}`", ""))
+    wrong = []
+    for param in main.commands[name].params:
+        if not isinstance(param, click.Option) or param.opts[0] not in rows:
+            continue
+        shown = rows[param.opts[0]]
+        default = param.default
+        if "Sentinel" in shown or "UNSET" in shown:
+            wrong.append(f"{param.opts[0]}: {shown}")
+        elif not param.is_flag and isinstance(default, str | int | float) and not isinstance(default, bool) \
+                and shown != f"`{default}`":
+            wrong.append(f"{param.opts[0]}: documented {shown or '(nothing)'}, the command's default is {default!r}")
+    assert not wrong, f"{DOC}, section `convnextv2 {name}`: " + "; ".join(wrong)
