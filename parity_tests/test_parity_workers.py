@@ -140,3 +140,26 @@ def test_a_worker_keeps_its_answers_apart_from_what_libraries_print(tmp_path):
             assert done.stderr.count("noise from python") == 2 and done.stderr.count("noise from C") == 2
     finally:
         cache.close()
+
+
+def test_a_worker_does_not_inherit_the_transformers_framework_switches(monkeypatch, tmp_path):
+    """The PyTorch peer sets USE_TF=0 in its process; a worker started after it (the transformers-tf worker of a
+    later run in the same process) must not inherit it, or transformers in there finds no TensorFlow."""
+    monkeypatch.setenv("USE_TF", "0")
+    monkeypatch.setenv("USE_TORCH", "1")
+    monkeypatch.setenv("USE_FLAX", "0")
+    monkeypatch.setenv("CONVNEXTV2_UNRELATED", "kept")
+    seen: dict[str, str] = {}
+
+    class Started(Exception):
+        pass
+
+    def popen(args, env, **kwargs):
+        seen.update(env)
+        raise Started
+
+    monkeypatch.setattr(workers.subprocess, "Popen", popen)
+    with pytest.raises(Started):
+        workers.Pool(tmp_path, "", None, False, [], 1, lambda message: None)._spawn(0)
+    assert not {"USE_TF", "USE_TORCH", "USE_FLAX"} & set(seen)
+    assert seen["CONVNEXTV2_UNRELATED"] == "kept" and "OMP_WAIT_POLICY" in seen

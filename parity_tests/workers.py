@@ -80,6 +80,12 @@ def groups_of(names: Sequence[str]) -> list[list[str]]:
     return groups + [[n] for n in remaining]
 
 
+# transformers' framework switches. This process may have set them for its own imports (the PyTorch peer sets
+# USE_TF=0 to keep TensorFlow out); a worker's runners choose their frameworks themselves (transformers-tf needs
+# TensorFlow on), so a worker does not inherit them.
+_FRAMEWORK_SWITCHES = ("USE_TF", "USE_TORCH", "USE_FLAX")
+
+
 def passive_openmp(environ: Any = os.environ) -> None:
     """``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it, before any framework loads OpenMP (it reads it once):
     OpenMP threads that spin while they wait take the cores the other workers (and the referee) run on
@@ -177,7 +183,7 @@ class Pool:
             thread.join(timeout=10)
 
     def _spawn(self, index: int) -> subprocess.Popen[str]:
-        env = dict(os.environ)
+        env = {key: value for key, value in os.environ.items() if key not in _FRAMEWORK_SWITCHES}
         passive_openmp(env)
         log = open(self.work / f"worker-{index}.log", "w", encoding="utf-8")  # noqa: SIM115  (owned by the child)
         code = "from convnextv2.parity_tests.workers import worker_main; worker_main()"
