@@ -93,19 +93,21 @@ def _prepare_executorch(ckpt: Any, size: int, work: Path, threads: int) -> Runne
 
 
 def _prepare_openvino(ckpt: Any, size: int, work: Path, threads: int) -> Runner:
+    from convnextv2 import converters
     from convnextv2.converters import openvino
 
     path = work / "model.xml"
-    openvino.export(ckpt, path, check_size=size)
+    converters.save(ckpt, path, "openvino", overwrite=True, size=size)
     compiled, _ = openvino.compile_ir(path, "float32", threads=threads)
     return lambda images: openvino.run(compiled, images)
 
 
 def _prepare_litert(ckpt: Any, size: int, work: Path, threads: int) -> Runner:
+    from convnextv2 import converters
     from convnextv2.converters import litert
 
     path = work / "model.tflite"
-    litert.export(ckpt, path, check_size=size)
+    converters.save(ckpt, path, "litert", overwrite=True, size=size)
     interp = litert.interpreter(path, threads=threads)
     return lambda images: litert.run(interp, images)
 

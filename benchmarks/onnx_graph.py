@@ -30,22 +30,24 @@ def every_size(sizes: list[str], work: Path, log: Any) -> list[dict[str, Any]]:
         ckpt = make_checkpoint(variant, seed=0, fmt="canonical")
         out = work / f"{variant}.onnx"
         start = time.perf_counter()
-        result = onnx_export.export(ckpt, out, check_size=224, check_batch=4, overwrite=True)
+        result = converters.save(ckpt, out, "onnx", overwrite=True, size=224)
         seconds = time.perf_counter() - start
-        logits = result.check["outputs"]["logits"]
+        logits = result["check"]["outputs"]["logits"]
+        data = out.with_name(onnx_export.data_file_name(out))
+        data_path = data if data.exists() else None
         start = time.perf_counter()
         back = converters.load(out)
         read_seconds = time.perf_counter() - start
         exact = all(np.array_equal(np.asarray(back.tensors[k]), v) for k, v in ckpt.model_tensors().items())
-        row = {"variant": variant, "ok": result.check["ok"], "ort_max_abs": logits["max_abs"],
+        row = {"variant": variant, "ok": result["check"]["ok"], "ort_max_abs": logits["max_abs"],
                "torch_fp32_max_abs": logits["torch_baseline_max_abs"], "ratio": logits["ratio"],
                "top1_same": logits.get("top1_same"), "export_and_check_s": round(seconds, 1),
                "import_s": round(read_seconds, 2), "import_bit_exact": exact,
                "model_bytes": out.stat().st_size,
-               "data_bytes": result.data_path.stat().st_size if result.data_path else 0}
+               "data_bytes": data_path.stat().st_size if data_path else 0}
         log(json.dumps(row))
         rows.append(row)
-        for file in (out, result.data_path):
+        for file in (out, data_path):
             if file is not None:
                 file.unlink()
     return rows
@@ -79,7 +81,7 @@ def latency(work: Path, repeats: int, threads: int, log: Any) -> list[dict[str, 
         files = {}
         for opset in (18, 20):
             files[f"ours_opset{opset}"] = work / f"{variant}_{opset}.onnx"
-            onnx_export.export(ckpt, files[f"ours_opset{opset}"], opset=opset, check_size=224, overwrite=True)
+            converters.save(ckpt, files[f"ours_opset{opset}"], "onnx", overwrite=True, opset=opset, size=224)
         src = work / f"{variant}.pt"
         converters.save(ckpt, src, format="original", overwrite=True)
         state = {k: torch.from_numpy(np.array(v)) for k, v in read_torch_zip(src)["model"].items()}

@@ -82,12 +82,13 @@ def _prepare(name: str, ckpt: Any, size: int, work: Path) -> FeatureFn:
         model = reference.build(ckpt, name)
         return lambda images: reference.run_features(model, name, images)
     if name in ("onnxruntime", "onnxruntime-fp16"):
-        from convnextv2.converters.onnx import export as onnx_export
+        from convnextv2 import converters
         from convnextv2.converters.onnx import session as onnx_session
 
         fp16 = name.endswith("fp16")
         path = work / f"{name}.onnx"
-        onnx_export.export(ckpt, path, features=True, fp16=fp16, check_size=size, check_batch=1, overwrite=True)
+        converters.save(ckpt, path, "onnx", overwrite=True, gate=converters.GateOptions(batch=1), features=True,
+                        fp16=fp16, size=size)
         session = onnx_session.ort_session(path, threads=2)
         return lambda images: {k: v.astype(np.float32) for k, v in onnx_session.run_ort(session, images).items()
                                if k in rule.FEATURES}

@@ -25,7 +25,7 @@ from convnextv2.converters.formats import (
     readable,
 )
 from convnextv2.converters.formats import get as get_format
-from convnextv2.converters.saving import save
+from convnextv2.converters.saving import GateOptions, save
 from convnextv2.reference.errors import (
     BadInputError,
     CheckFailedError,
@@ -66,6 +66,7 @@ __all__ = [
     "Checkpoint",
     "ConvNeXtV2Error",
     "FileIdentity",
+    "GateOptions",
     "MODULES",
     "MissingDependencyError",
     "Preprocessing",

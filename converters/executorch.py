@@ -11,8 +11,8 @@ metadata plus ``export`` (input, layout, outputs, size, batch range). No compani
 
 The program is traced from a contiguous-format copy of the PyTorch reference (torch_model.contiguous_copy;
 the channels-last weights of the fast float32 model stop XNNPACK lowering) and runs GRN and LayerNorm in
-float32. It is run in the ExecuTorch runtime and judged by the parity rule before it is written; a program
-that fails is not written (exit 1).
+float32. converters.save runs it in the ExecuTorch runtime and judges it by the parity rule before it is
+published; a program that fails is not written (exit 1).
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ import numpy as np
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.format_contract import Format, always
 from convnextv2.converters.format_limits import Change, dropped_extras
-from convnextv2.converters.fs_faults import check_destination
 from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE, output_names
-from convnextv2.converters.publishing import atomic_file
-from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
 NAME = "executorch"
 
@@ -69,29 +67,18 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
     return dropped_extras(ckpt, "an ExecuTorch program")
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
-    export(ckpt, path, overwrite=overwrite)
-
-
-def export(ckpt: Checkpoint, path: str | Path, *, overwrite: bool = False, size: int | None = None,
-           check_batch: int = 4) -> dict[str, Any]:
-    """Lower ``ckpt`` to a .pte at ``path``; run it in ExecuTorch against the float64 referee; only then publish
-    it. Returns the check's numbers."""
+def write(ckpt: Checkpoint, path: Path, *, size: int | None = None, features: bool = False) -> None:
+    """Lower ``ckpt`` to a .pte at ``path`` for images of ``size`` (default: the checkpoint's input size);
+    written, not checked: converters.save runs it in the ExecuTorch runtime against the float64 referee before
+    it publishes it. ``features`` returns every stage as well (the parity harness compares them)."""
     reason = why_unavailable()
     if reason:
         raise MissingDependencyError(reason)
-    dest = check_destination(path, overwrite)
-    ckpt.validate(f"exporting {dest}")
+    ckpt.validate(f"exporting {path}")
     size = int(size or ckpt.preprocessing.input_size)
     if size % STRIDE or size < STRIDE:
-        raise BadInputError(f"{dest}: image size {size} is not a positive multiple of {STRIDE}")
-    program = program_bytes(ckpt, size, features=False)
-    with atomic_file(dest, overwrite) as tmp:
-        Path(tmp).write_bytes(program)
-        check = check_program(Path(tmp), ckpt, size=size, batch=check_batch)
-        if not check["ok"]:
-            raise CheckFailedError(f"{dest}: ExecuTorch program fails parity, nothing written: {check['message']}")
-    return check
+        raise BadInputError(f"{path}: image size {size} is not a positive multiple of {STRIDE}")
+    Path(path).write_bytes(program_bytes(ckpt, size, features=features))
 
 
 def metadata(ckpt: Checkpoint, size: int, features: bool) -> str:
@@ -188,35 +175,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
     value = _method(path, METADATA_METHOD)([])[0]
     data: dict[str, Any] = json.loads(value)
     return data
-
-
-def check_program(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4) -> dict[str, Any]:
-    """The program in the ExecuTorch runtime against the float64 PyTorch referee, by the float32 parity rule."""
-    import gc
-
-    from convnextv2.converters.onnx.session import parity
-    from convnextv2.reference import parity_rule as rule
-
-    images = rule.seeded_images(batch, size)
-    referee = rule.referee_features(ckpt, images)
-    gc.collect()
-    baseline = rule.baseline_features(ckpt, images, "float32")
-    names = output_names(ckpt, features=False)
-    try:
-        got = run_program(path, images, names)
-    except Exception as exc:  # the runtime's own refusal is the check's finding
-        return {"ok": False, "message": f"the ExecuTorch runtime cannot run it: {type(exc).__name__}: {exc}"}
-    per_output = {name: parity(value, baseline[name], referee[name], "float32", name) for name, value in got.items()}
-    final = names[-1]
-    verdict = per_output[final]
-    failing = [name for name, v in per_output.items() if not v["passed"]]
-    message = (f"{final}: max|d| {verdict['max_abs']:.3e} vs float64 referee, PyTorch float32 "
-               f"{verdict['torch_baseline_max_abs']:.3e}"
-               + (f" (ratio {verdict['ratio']:.2f})" if verdict["ratio"] is not None else "")
-               + f", top-1 {'identical' if verdict.get('top1_same', True) else 'DIFFERENT'}"
-               + (f"; failing: {', '.join(failing)}" if failing else "")
-               + f"; bar: the float32 parity rule ({rule.describe('float32')}; docs/parity.md)")
-    return {"ok": not failing, "message": message, "images": [batch, 3, size, size], "outputs": per_output}
 
 
 # One file that the runtime checking it opens by content: conversions build it unnamed. read() exists only to

@@ -20,9 +20,8 @@ from typing import Any
 
 from convnextv2.converters.checkpoint import Checkpoint, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import deferred_digests, lazy_sha256
-from convnextv2.converters.format_contract import Format, always
+from convnextv2.converters.format_contract import Format, always, tensor_bytes
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.publishing import atomic_file
 from convnextv2.converters.safetensors_io import read_safetensors, sniff_header, write_safetensors
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
@@ -102,18 +101,24 @@ def file_metadata(ckpt: Checkpoint) -> dict[str, str]:
     return meta
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
-    ckpt.validate(f"writing {path}")
+def write(ckpt: Checkpoint, path: Path) -> None:
+    """The Flax safetensors file at ``path`` (written in place; converters.save makes it atomic)."""
+    write_as(ckpt, path, path)
+
+
+def write_as(ckpt: Checkpoint, path: Path, dest: Path) -> None:
+    # dest: the name the progress bar shows while ``path`` is unnamed.
+    ckpt.validate(f"writing {dest}")
     items = list(canonical_to_nnx(ckpt.model_tensors()).items())
     # Extras (e.g. an FCMAE decoder) are kept verbatim so nothing is lost on the way through Flax.
     items += sorted(ckpt.extras().items())
     total = sum(int(a.size) * a.dtype.itemsize for _, a in items)
     with deferred_digests():  # as canonical.write: the source digest is computed while the tensors stream
         metadata = file_metadata(ckpt)
-    with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
-          byte_progress(total, f"writing {path.name}") as bar):
-        write_safetensors(tmp, items, metadata, progress=bar)
+    with byte_progress(total, f"writing {dest.name}") as bar:
+        write_safetensors(path, items, metadata, progress=bar)
 
 
 # One safetensors file whose reader needs nothing but its bytes: conversions build and check it unnamed.
-FORMAT = Format(NAME, sniff, read, write, unnamed_build=always, runner="flax")
+FORMAT = Format(NAME, sniff, read, write, unnamed_build=always, runner="flax", write_as=write_as,
+                output_bytes=tensor_bytes)

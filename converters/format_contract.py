@@ -33,6 +33,15 @@ def carries_everything(ckpt: Checkpoint, path: Path, options: Mapping[str, Any])
     return []
 
 
+def size_unknown(ckpt: Checkpoint, options: Mapping[str, Any]) -> int | None:
+    return None
+
+
+def tensor_bytes(ckpt: Checkpoint, options: Mapping[str, Any]) -> int:
+    """The bytes of the checkpoint's tensors: the size of a file that stores them as they are."""
+    return sum(int(a.size) * a.dtype.itemsize for _, a in ckpt.ordered_tensors())
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     """One checkpoint format.
@@ -46,7 +55,14 @@ class Format:
     an unnamed file. ``unrepresentable``: every change the format forces on a checkpoint (format_limits).
     ``read_as(path, name)``: a reader whose result depends on the file's name, for a file read before it has
     it. ``runner``: the runner that runs a file of this format. ``gated``: the written file is an export whose
-    function is proven by running it before it is published.
+    function is proven by running it before it is published (converters.save runs the gate).
+
+    A writer only writes: it fills the path (or folder) it is given, as safetensors' ``save_file`` does, and
+    neither checks the destination nor publishes (converters.save does both). ``write_as(ckpt, target, dest,
+    *, options)``: a writer that must know the name and place its output will be published as while it fills
+    an unnamed ``target`` (a torch zip's archive name, a progress label, a scratch file on the destination's
+    filesystem); ``write(ckpt, path)`` is then ``write_as(ckpt, path, path)``. ``output_bytes(ckpt, options)``:
+    the output's size where it is known before writing, for the free-space check.
     """
 
     name: str
@@ -60,6 +76,8 @@ class Format:
     read_as: Callable[[Path, str], Checkpoint] | None = None
     runner: str | None = None
     gated: bool = False
+    write_as: Callable[..., None] | None = None
+    output_bytes: Callable[[Checkpoint, Mapping[str, Any]], int | None] = size_unknown
 
 
-__all__ = ["Format", "always", "carries_everything", "never", "no_companions"]
+__all__ = ["Format", "always", "carries_everything", "never", "no_companions", "size_unknown", "tensor_bytes"]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing
+from convnextv2.reference.features import final_feature
 from convnextv2.reference.variants import LAYER_NORM_EPS
 
 # The fields a change can touch; as_written knows how to apply each.
@@ -111,7 +112,7 @@ def logits_difference(before: Checkpoint, after: Checkpoint, *, batch: int = 4, 
 
     size = int(size or before.preprocessing.input_size)
     images = rule.seeded_images(batch, size, rule.DEFAULT_SEED if seed is None else seed)
-    name = "logits" if before.config.num_classes > 0 else "pooled"
+    name = final_feature(before.config)
     only_eps = (before.config.with_(head_norm_eps=after.config.head_norm_eps) == after.config
                 and all(after.tensors[k] is v or np.array_equal(after.tensors[k], v)
                         for k, v in before.model_tensors().items()))

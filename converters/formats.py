@@ -68,9 +68,11 @@ def declared_options(function: Callable[..., Any]) -> list[str]:
     return [p.name for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
-def check_options(function: Callable[..., Any], options: Mapping[str, Any], doing: str, name: str) -> None:
+def check_options(function: Callable[..., Any], options: Mapping[str, Any], doing: str, name: str,
+                  also: tuple[str, ...] = ()) -> None:
+    """Refuse an option ``function`` does not declare; ``also``: the caller's own options, named in the refusal."""
     # A misspelt option (emma=True) must not be silently ignored: every reader and writer declares its own.
-    allowed = declared_options(function)
+    allowed = declared_options(function) + list(also)
     for key in options:
         if key not in allowed:
             raise BadInputError(f"unknown option {key!r} for {doing} format {name!r}; expected one of: "

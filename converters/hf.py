@@ -37,7 +37,6 @@ from convnextv2.converters.digests import source_digest
 from convnextv2.converters.format_contract import Format
 from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.publishing import atomic_directory
 from convnextv2.converters.safetensors_io import write_safetensors
 from convnextv2.converters.state_files import (
     SHARD_INDEX_FILES,
@@ -463,12 +462,17 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
     return dropped_extras(ckpt, "a transformers model")
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
+def output_bytes(ckpt: Checkpoint, options: Mapping[str, Any]) -> int:
+    """The weights file's tensors: the model's, and the unit final norm a headless encoder is given."""
+    placeholder = 0 if ckpt.config.head_norm else 2 * ckpt.config.dims[-1] * ckpt.tensors["stem.conv.weight"].dtype.itemsize
+    return sum(int(a.size) * a.dtype.itemsize for a in ckpt.model_tensors().values()) + placeholder
+
+
+def write(ckpt: Checkpoint, path: Path) -> None:
+    """The transformers folder at ``path`` (made if absent; converters.save makes it atomic). The extras a
+    transformers model has no place for (``unrepresentable``, announced by converters.save) are not written."""
     check_transformers_version()
     ckpt.validate(f"writing {path}")
-    if ckpt.extras():
-        warnings.warn(f"writing {path}: {len(ckpt.extras())} extras tensors (e.g. an FCMAE decoder) have no place "
-                      "in a transformers model and are not written", UserWarning, stacklevel=2)
     if not ckpt.config.head_norm:
         warnings.warn(
             f"writing {path}: this encoder has no final LayerNorm but transformers' ConvNextV2Model always applies "
@@ -485,11 +489,12 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     state = canonical_to_state_dict(ckpt)
     metadata = {"format": "pt", **embedded_metadata(ckpt)}
     total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
-    with (atomic_directory(path, overwrite, expected_bytes=total) as tmp,
-          byte_progress(total, f"writing {path.name}") as bar):
-        write_safetensors(tmp / SAFE_WEIGHTS_FILE, list(state.items()), metadata, progress=bar)
-        write_json(tmp / CONFIG_FILE, hf_config_json(ckpt))
-        write_json(tmp / PREPROCESSOR_FILE, preprocessor_json(ckpt.preprocessing))
+    path.mkdir(exist_ok=True)
+    with byte_progress(total, f"writing {path.name}") as bar:
+        write_safetensors(path / SAFE_WEIGHTS_FILE, list(state.items()), metadata, progress=bar)
+        write_json(path / CONFIG_FILE, hf_config_json(ckpt))
+        write_json(path / PREPROCESSOR_FILE, preprocessor_json(ckpt.preprocessing))
 
 
-FORMAT = Format(NAME, sniff, read, write, unrepresentable=unrepresentable, runner="transformers-pt")
+FORMAT = Format(NAME, sniff, read, write, unrepresentable=unrepresentable, runner="transformers-pt",
+                output_bytes=output_bytes)

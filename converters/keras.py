@@ -33,9 +33,10 @@ import numpy as np
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source, checkpoint_from_metadata
 from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.format_contract import Format
-from convnextv2.converters.publishing import atomic_file, scratch_file, staging_folder
+from convnextv2.converters.publishing import scratch_file
 from convnextv2.converters.safetensors_io import read_safetensors, write_safetensors
 from convnextv2.converters.strict_json import parse_json_text
+from convnextv2.converters.temp_folders import make_temp_folder, remove_folder
 from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError, MissingDependencyError
 from convnextv2.reference.keras_layout import KERAS_KEYS, PACKAGE
@@ -391,30 +392,41 @@ def _annotate_weights_h5(weights_file: Path, ckpt: Checkpoint) -> None:
                     dataset.attrs["dtype"] = code_from_dtype(array.dtype)
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
-    where = f"writing {path}"
+def write(ckpt: Checkpoint, path: Path) -> None:
+    """The ``.keras`` archive (or, for a name ending in ``.h5``, the weights-only file) at ``path``, written in
+    place; converters.save makes it atomic."""
+    write_as(ckpt, path, path)
+
+
+def write_as(ckpt: Checkpoint, path: Path, dest: Path) -> None:
+    """``dest``: where the output will be published, for scratch files on its filesystem while ``path`` is an
+    unnamed file."""
+    where = f"writing {dest}"
     ckpt.validate(where)
     dtype = _model_dtype(ckpt, where)
     from convnextv2.reference.keras_model import build_keras
 
-    if path.name.endswith(".h5") or path.name.endswith(".hdf5"):
+    if dest.name.endswith(".h5") or dest.name.endswith(".hdf5"):
         # Keras saves weights only under a name ending in .weights.h5, so this file is made under that name in
-        # a marked temporary folder beside the destination (after a SIGKILL the next write removes it), then
-        # renamed onto the output: named=True.
-        with atomic_file(path, overwrite, named=True) as tmp, staging_folder(path) as scratch:
+        # a marked temporary folder beside the output (after a SIGKILL the next write removes it), then renamed
+        # onto it.
+        scratch = make_temp_folder(path)
+        try:
             model = build_keras(ckpt.config, ckpt.model_tensors(), dtype=dtype)
             weights_file = scratch / "model.weights.h5"
             model.save_weights(weights_file)
             _annotate_weights_h5(weights_file, ckpt)
-            os.replace(weights_file, tmp)
+            os.replace(weights_file, path)
+        finally:
+            remove_folder(scratch)
         return
-    # Keras's archive goes to an unnamed scratch file and ours (deterministic, with our metadata) to the unnamed
-    # output, so a killed conversion leaves nothing.
-    with atomic_file(path, overwrite) as tmp, scratch_file(path) as keras_file:
+    # Keras's archive goes to an unnamed scratch file beside the destination and ours (deterministic, with our
+    # metadata) to the output, so a killed conversion into an unnamed output leaves nothing.
+    with scratch_file(dest) as keras_file:
         model = build_keras(ckpt.config, ckpt.model_tensors(), dtype=dtype)
         with open(keras_file, "w+b") as handle:
-            _save_archive(model, handle, path)
-        _rewrite_archive(keras_file, tmp, ckpt, path)
+            _save_archive(model, handle, dest)
+        _rewrite_archive(keras_file, path, ckpt, dest)
 
 
 def _save_archive(model: Any, handle: Any, beside: Path) -> None:
@@ -427,10 +439,13 @@ def _save_archive(model: Any, handle: Any, beside: Path) -> None:
     if saving_lib is not None and hasattr(saving_lib, "save_model"):
         saving_lib.save_model(model, handle)
         return
-    with staging_folder(beside) as scratch:  # a Keras without it: by name, in a marked folder
+    scratch = make_temp_folder(beside)  # a Keras without it: by name, in a marked folder
+    try:
         model.save(scratch / "model.keras")
         with open(scratch / "model.keras", "rb") as saved:
             shutil.copyfileobj(saved, handle, 16 * 1024 * 1024)
+    finally:
+        remove_folder(scratch)
 
 
-FORMAT = Format(NAME, sniff, read, write, unnamed_build=unnamed_build, runner="tensorflow")
+FORMAT = Format(NAME, sniff, read, write, unnamed_build=unnamed_build, runner="tensorflow", write_as=write_as)

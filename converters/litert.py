@@ -32,9 +32,8 @@ import numpy as np
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.format_contract import Format, always
 from convnextv2.converters.format_limits import Change, dropped_extras
-from convnextv2.converters.fs_faults import check_destination
-from convnextv2.converters.publishing import atomic_file
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
+from convnextv2.reference.features import final_feature
 
 NAME = "litert"
 
@@ -82,37 +81,24 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
     return dropped_extras(ckpt, "a LiteRT model")
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
-    export(ckpt, path, overwrite=overwrite)
-
-
-# ------------------------------------------------------------------ export
-
-def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = False, features: bool = False,
-           fp16: bool = False, check_size: int | None = None, check_batch: int = 4,
-           log: Any = None) -> dict[str, Any]:
-    """Write the ``.tflite`` for ``ckpt`` once it passes the parity rule in LiteRT (float32 rule; float16 rule
-    with ``fp16``); CheckFailedError (exit 1) and nothing written otherwise. ``features`` adds the ``stem``,
-    ``stage1``..``stage4`` and ``pooled`` outputs (the parity harness compares them). Returns the check."""
-    dest = check_destination(path, overwrite)
+def write(ckpt: Checkpoint, path: Path, *, features: bool = False, fp16: bool = False, size: int | None = None) -> None:
+    """The ``.tflite`` for ``ckpt`` at ``path``, converted at image size ``size`` (default: the checkpoint's
+    input size); written, not checked: converters.save runs it in LiteRT against the float64 referee (float32
+    rule; float16 rule with ``fp16``) before it publishes it. ``features`` adds the ``stem``, ``stage1``..``stage4``
+    and ``pooled`` outputs (the parity harness compares them)."""
     reason = why_unavailable()
     if reason:
         raise MissingDependencyError(reason)
-    ckpt.validate(f"exporting {dest}")
-    size = int(check_size or ckpt.preprocessing.input_size)
-    say = log or (lambda _message: None)
-    say(f"converting the Keras reference to LiteRT (builtin ops{', float16 weights' if fp16 else ''})")
+    ckpt.validate(f"exporting {path}")
+    size = int(size or ckpt.preprocessing.input_size)
     flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
     head, weights_after = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
-    with atomic_file(dest, overwrite, expected_bytes=len(head) + len(weights_after)) as tmp:
-        _write_parts(tmp, head, weights_after)
-        del flatbuffer, head, weights_after
-        gc.collect()
-        say(f"checking {dest.name} in {interpreter_name()} vs the float64 referee")
-        check = check_file(tmp, ckpt, size=size, batch=check_batch, fp16=fp16)
-        if not check["ok"]:
-            raise CheckFailedError(f"{dest}: LiteRT file fails parity, nothing written: {check['message']}")
-    return check
+    del flatbuffer
+    with open(path, "wb") as out:
+        out.write(head)
+        out.write(weights_after)
+    del head, weights_after
+    gc.collect()
 
 
 def convert(ckpt: Checkpoint, size: int, *, features: bool = False, fp16: bool = False) -> bytes:
@@ -120,7 +106,7 @@ def convert(ckpt: Checkpoint, size: int, *, features: bool = False, fp16: bool =
     from convnextv2.reference.keras_model import SPATIAL_FEATURES, build_keras, feature_model, keras, tf
 
     model = build_keras(ckpt.config, ckpt.model_tensors(), dtype="float32")
-    final = "logits" if ckpt.config.num_classes > 0 else "pooled"
+    final = final_feature(ckpt.config)
     outputs = feature_model(model) if features else model
 
     def serve(pixel_values: Any) -> dict[str, Any]:
@@ -153,23 +139,6 @@ def convert(ckpt: Checkpoint, size: int, *, features: bool = False, fp16: bool =
         except Exception as exc:  # the converter raises its own ConverterError with MLIR diagnostics
             raise CheckFailedError("TFLiteConverter cannot convert the Keras reference to builtin ops: "
                                    + converter_error(str(exc))) from exc
-
-
-def _write_parts(path: Path, head: bytes, weights_after: memoryview) -> None:
-    with open(path, "wb") as out:
-        out.write(head)
-        out.write(weights_after)
-
-
-def write_unchecked(ckpt: Checkpoint, target: Path, *, size: int, features: bool = False, fp16: bool = False) -> None:
-    """The file :func:`export` writes, at ``target``, without the export's own check and without publishing:
-    for the parity harness, which runs it in a folder of its own and judges its outputs itself."""
-    reason = why_unavailable()
-    if reason:
-        raise MissingDependencyError(reason)
-    flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
-    head, weights_after = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
-    _write_parts(target, head, weights_after)
 
 
 def converter_error(text: str) -> str:
@@ -293,37 +262,6 @@ def run(interp: Any, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
     runner = interp.get_signature_runner(SIGNATURE)
     outputs = runner(**{INPUT_NAME: np.ascontiguousarray(images_nchw, dtype=np.float32)})
     return {name: np.array(value, dtype=np.float32, copy=True) for name, value in outputs.items()}
-
-
-def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, fp16: bool = False,
-               seed: int | None = None) -> dict[str, Any]:
-    """The file run by the LiteRT interpreter against the float64 PyTorch referee, every output judged by the
-    parity rule (float32; float16 with ``fp16``); ``ok`` is the verdict."""
-    from convnextv2.converters.onnx.session import parity
-    from convnextv2.reference import parity_rule as rule
-
-    dtype = "float16" if fp16 else "float32"
-    images = rule.seeded_images(batch, size, rule.DEFAULT_SEED if seed is None else seed)
-    referee = rule.referee_features(ckpt, images)
-    gc.collect()
-    baseline = rule.baseline_features(ckpt, images, rule.baseline_precision(dtype))
-    gc.collect()
-    got = run(interpreter(path), images)
-    per_output = {name: parity(value, baseline[name], referee[name], dtype, name)
-                  for name, value in got.items() if name in referee}
-    final = "logits" if "logits" in got else "pooled"
-    if final not in per_output:
-        return {"ok": False, "message": f"the file has no {final!r} output (outputs: {sorted(got)})"}
-    failing = [name for name, v in per_output.items() if not v["passed"]]
-    verdict = per_output[final]
-    message = (f"{final}: max|d| {verdict['max_abs']:.3e} vs float64 referee, PyTorch {verdict['baseline_dtype']} "
-               f"{verdict['torch_baseline_max_abs']:.3e}"
-               + (f" (ratio {verdict['ratio']:.2f})" if verdict["ratio"] is not None else "")
-               + f", top-1 {'identical' if verdict.get('top1_same', True) else 'DIFFERENT'}"
-               + (f"; failing: {', '.join(failing)}" if failing else "")
-               + f"; run by {interpreter_name()}; bar: the {dtype} parity rule ({rule.describe(dtype)}; docs/parity.md)")
-    return {"ok": not failing, "message": message, "interpreter": interpreter_name(),
-            "images": [batch, 3, size, size], "outputs": per_output}
 
 
 # One file that the runtime checking it opens by content: conversions build it unnamed. read() exists only to

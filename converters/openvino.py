@@ -16,7 +16,6 @@ precision the plugin settled on (docs/deploy.md says what a user must do).
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import json
 import os
@@ -31,9 +30,7 @@ import numpy as np
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.format_contract import Format
 from convnextv2.converters.format_limits import Change, dropped_extras
-from convnextv2.converters.fs_faults import check_destination
-from convnextv2.converters.publishing import atomic_file_with_companions
-from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
 NAME = "openvino"
 SUFFIX = ".xml"
@@ -79,42 +76,29 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
     return dropped_extras(ckpt, "an OpenVINO IR")
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
-    export(ckpt, path, overwrite=overwrite)
-
-
-# ------------------------------------------------------------------ export
-
-def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, overwrite: bool = False, features: bool = False,
-           check_size: int | None = None, check_batch: int = 4, log: Any = None) -> dict[str, Any]:
-    """Write the IR for ``ckpt`` at ``path`` (``.xml``; the ``.bin`` beside it) once it passes the parity rule
-    in OpenVINO at float32; CheckFailedError (exit 1) and nothing written otherwise. ``features`` adds the
-    ``stem``, ``stage1``..``stage4`` and ``pooled`` outputs (the parity harness compares them). Returns the check."""
-    dest = check_destination(path, overwrite)
-    if dest.suffix.lower() != SUFFIX:
-        raise BadInputError(f"{dest}: an OpenVINO IR is written as NAME.xml (and NAME.bin beside it)")
+def write(ckpt: Checkpoint, path: Path, *, features: bool = False, size: int | None = None) -> None:
+    """The IR for ``ckpt`` at ``path`` (``NAME.xml``; ``NAME.bin`` beside it), converted from the ONNX export at
+    image size ``size`` (default: the checkpoint's input size); written, not checked: converters.save runs it in
+    OpenVINO at float32 against the float64 referee before it publishes it. ``features`` adds the ``stem``,
+    ``stage1``..``stage4`` and ``pooled`` outputs (the parity harness compares them)."""
+    if path.suffix.lower() != SUFFIX:
+        raise BadInputError(f"{path}: an OpenVINO IR is written as NAME.xml (and NAME.bin beside it)")
     reason = why_unavailable()
     if reason:
         raise MissingDependencyError(reason)
-    ckpt.validate(f"exporting {dest}")
-    size = int(check_size or ckpt.preprocessing.input_size)
-    say = log or (lambda _message: None)
+    ckpt.validate(f"exporting {path}")
+    size = int(size or ckpt.preprocessing.input_size)
+    with tempfile.TemporaryDirectory(prefix="convnextv2-openvino-") as tmp:
+        onnx_path = _write_onnx(ckpt, Path(tmp), features, size)
+        model = ir_model(ckpt, onnx_path, features, size)
+    save_ir(model, path)
+
+
+def save_ir(model: Any, path: Path) -> None:
+    """``NAME.xml`` and ``NAME.bin``, the weights kept float32 (OpenVINO's default would halve them)."""
     import openvino as ov
 
-    with tempfile.TemporaryDirectory(prefix="convnextv2-openvino-") as tmp:
-        say(f"exporting ONNX (opset {ONNX_OPSET}) for OpenVINO's converter")
-        onnx_path = _write_onnx(ckpt, Path(tmp), features, size)
-        say("converting to OpenVINO IR")
-        model = ir_model(ckpt, onnx_path, features, size)
-    with atomic_file_with_companions(dest, (bin_name(dest),), overwrite) as work:
-        ov.save_model(model, str(work / dest.name), compress_to_fp16=False)
-        del model
-        gc.collect()
-        say(f"checking {dest.name} in OpenVINO (INFERENCE_PRECISION_HINT=f32) vs the float64 referee")
-        check = check_file(work / dest.name, ckpt, size=size, batch=check_batch)
-        if not check["ok"]:
-            raise CheckFailedError(f"{dest}: OpenVINO IR fails parity, nothing written: {check['message']}")
-    return check
+    ov.save_model(model, str(path), compress_to_fp16=False)
 
 
 def _write_onnx(ckpt: Checkpoint, directory: Path, features: bool, size: int) -> Path:
@@ -122,7 +106,7 @@ def _write_onnx(ckpt: Checkpoint, directory: Path, features: bool, size: int) ->
     from convnextv2.converters.onnx import export as onnx_export
 
     target = directory / "model.onnx"
-    onnx_export.write_unchecked(ckpt, target, size=size, features=features, opset=ONNX_OPSET)
+    onnx_export.write(ckpt, target, size=size, features=features, opset=ONNX_OPSET)
     return target
 
 
@@ -142,12 +126,10 @@ def ir_model(ckpt: Checkpoint, onnx_path: Path, features: bool, size: int) -> An
     return model
 
 
-def write_unchecked(ckpt: Checkpoint, onnx_path: Path, target: Path, *, features: bool, size: int) -> None:
-    """The IR (``target``: NAME.xml, and NAME.bin) converted from an existing ONNX export, without the export's
-    own check and without publishing: for the parity harness, which judges its outputs itself."""
-    import openvino as ov
-
-    ov.save_model(ir_model(ckpt, onnx_path, features, size), str(target), compress_to_fp16=False)
+def write_from_onnx(ckpt: Checkpoint, onnx_path: Path, target: Path, *, features: bool, size: int) -> None:
+    """The IR :func:`write` writes (``target``: NAME.xml, and NAME.bin), converted from an ONNX export already
+    made (the parity harness shares one export between onnxruntime and OpenVINO)."""
+    save_ir(ir_model(ckpt, onnx_path, features, size), target)
 
 
 _GENERATED_NAME = re.compile(r"[A-Z][A-Za-z0-9]*_\d+")
@@ -226,39 +208,6 @@ def run(compiled: Any, images_nchw: np.ndarray) -> dict[str, np.ndarray]:
     request.infer({INPUT_NAME: np.ascontiguousarray(images_nchw, dtype=np.float32)})
     return {output.get_any_name(): np.array(request.get_tensor(output).data, dtype=np.float32, copy=True)
             for output in compiled.outputs}
-
-
-def check_file(path: Path, ckpt: Checkpoint, *, size: int, batch: int = 4, seed: int | None = None) -> dict[str, Any]:
-    """The IR compiled at float32 (read back, not assumed) against the float64 PyTorch referee, every output
-    judged by the float32 parity rule; ``ok`` is the verdict."""
-    from convnextv2.converters.onnx.session import parity
-    from convnextv2.reference import parity_rule as rule
-
-    images = rule.seeded_images(batch, size, rule.DEFAULT_SEED if seed is None else seed)
-    referee = rule.referee_features(ckpt, images)
-    gc.collect()
-    baseline = rule.baseline_features(ckpt, images, "float32")
-    gc.collect()
-    compiled, precision = compile_ir(path, "float32")
-    if precision != "float32":
-        return {"ok": False, "message": f"OpenVINO compiled at {precision} although float32 was asked for"}
-    got = run(compiled, images)
-    del compiled
-    per_output = {name: parity(value, baseline[name], referee[name], "float32", name)
-                  for name, value in got.items() if name in referee}
-    final = "logits" if "logits" in got else "pooled"
-    if final not in per_output:
-        return {"ok": False, "message": f"the IR has no {final!r} output (outputs: {sorted(got)})"}
-    failing = [name for name, v in per_output.items() if not v["passed"]]
-    verdict = per_output[final]
-    message = (f"{final}: max|d| {verdict['max_abs']:.3e} vs float64 referee, PyTorch float32 "
-               f"{verdict['torch_baseline_max_abs']:.3e}"
-               + (f" (ratio {verdict['ratio']:.2f})" if verdict["ratio"] is not None else "")
-               + f", top-1 {'identical' if verdict.get('top1_same', True) else 'DIFFERENT'}"
-               + (f"; failing: {', '.join(failing)}" if failing else "")
-               + f"; ran at {precision}; bar: the float32 parity rule ({rule.describe('float32')}; docs/parity.md)")
-    return {"ok": not failing, "message": message, "precision": precision, "images": [batch, 3, size, size],
-            "outputs": per_output}
 
 
 def companions(path: Path) -> tuple[str, ...]:

@@ -20,10 +20,9 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
-from convnextv2.converters.format_contract import Format, always
+from convnextv2.converters.format_contract import Format, always, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps, replaced_preprocessing
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.publishing import atomic_file
 from convnextv2.converters.torchzip import (
     PickledNamespace,
     is_legacy_torch,
@@ -271,8 +270,14 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
     return found
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str | None = None) -> None:
-    ckpt.validate(f"writing {path}")
+def write(ckpt: Checkpoint, path: Path, *, layout: str | None = None) -> None:
+    """The torch zip at ``path`` (written in place; converters.save makes it atomic)."""
+    write_as(ckpt, path, path, layout=layout)
+
+
+def write_as(ckpt: Checkpoint, path: Path, dest: Path, *, layout: str | None = None) -> None:
+    """As torch.save does, the zip's archive name is the file's stem: ``dest``'s, while ``path`` is unnamed."""
+    ckpt.validate(f"writing {dest}")
     layout = layout or default_layout(ckpt)
     state = canonical_to_state_dict(ckpt, layout)
     container: dict[str, Any] = {"model": state}
@@ -286,13 +291,12 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, layout: str 
             if isinstance(ckpt.info.get("args"), dict):
                 container["args"] = PickledNamespace(ckpt.info["args"])
     total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
-    with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
-          byte_progress(total, f"writing {path.name}") as bar):
-        write_torch_zip(tmp, container, archive_name=path.stem or "archive", progress=bar)
+    with byte_progress(total, f"writing {dest.name}") as bar:
+        write_torch_zip(path, container, archive_name=dest.stem or "archive", progress=bar)
 
 
 # One torch zip read by content (read_named supplies the name its preprocessing comes from): conversions
 # build and check it unnamed.
 FORMAT = Format(NAME, sniff, read, write, unnamed_build=always,
                 unrepresentable=unrepresentable,
-                read_as=read_named, runner="torch")
+                read_as=read_named, runner="torch", write_as=write_as, output_bytes=tensor_bytes)

@@ -189,28 +189,6 @@ def _finish_named_file(tmp: Path, dest: Path, overwrite: bool, stale_companions:
         in_progress.mark_written(dest)
 
 
-# Destinations whose output file is already being built by anonymous_output: a writer's own atomic_file(dest)
-# inside that block writes straight into it instead of making a second temporary.
-_adopted: dict[str, Path] = {}
-
-
-@contextlib.contextmanager
-def anonymous_output(path: str | os.PathLike[str], overwrite: bool = False, *,
-                     expected_bytes: int | None = None, stale_companions: tuple[str, ...] = ()) -> Iterator[Path]:
-    """:func:`atomic_file` for a caller that checks the output before it is published (converters.save reads
-    every output back): yields the unnamed file's path (``/proc/self/fd/N``, or the named fallback), which a
-    writer's own ``atomic_file(path)`` inside the block fills; published as ``path`` when the block succeeds,
-    so a process killed before that leaves nothing at all. Only for files a reader recognises by content:
-    the path has no name of its own to read back."""
-    key = os.fspath(path)
-    with atomic_file(path, overwrite, expected_bytes=expected_bytes, stale_companions=stale_companions) as target:
-        _adopted[key] = target
-        try:
-            yield target
-        finally:
-            _adopted.pop(key, None)
-
-
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expected_bytes: int | None = None,
                 named: bool = False, stale_companions: tuple[str, ...] = ()) -> Iterator[Path]:
@@ -224,11 +202,6 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, *, expect
     ``stale_companions`` (bare file names) are files the replaced output may have had beside it (an ONNX
     model's ``.data``) and this one has not: with ``overwrite`` they are removed once the new file is in place.
     """
-    adopted = _adopted.get(os.fspath(path))
-    if adopted is not None:  # the caller of anonymous_output publishes it; the writer only fills it
-        require_space(Path(path), expected_bytes)
-        yield adopted
-        return
     dest = check_destination(path, overwrite)
     with _output(dest, expected_bytes):
         with signals_deferred():
@@ -299,14 +272,14 @@ def _publish_copy(fd: int, dest: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staging_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+def staging_folder(path: str | os.PathLike[str], *, expected_bytes: int | None = None) -> Iterator[Path]:
     """A private folder beside ``path`` (same filesystem: publishing from it is a rename) for an output that
-    is checked before it is published; removed on exit. It carries an owner record, so after a SIGKILL the
+    is checked before it is published; removed on exit. ``expected_bytes``: as for :func:`atomic_file`. It carries an owner record, so after a SIGKILL the
     next write to ``path`` removes it. Publish from it with :func:`publish_file`, :func:`publish_directory`
     or :func:`publish_with_companions` (no second temporary folder). Interrupted or failed, the message names
     ``path``, not the folder."""
     dest = Path(path)
-    with _output(dest, None):
+    with _output(dest, expected_bytes):
         folder = make_temp_folder(dest)
         try:
             yield folder
@@ -339,8 +312,10 @@ def publish_directory(source: str | os.PathLike[str], path: str | os.PathLike[st
 
 def publish_with_companions(work: str | os.PathLike[str], path: str | os.PathLike[str],
                             companions: tuple[str, ...] = (), overwrite: bool = False) -> None:
-    """Publish ``<work>/<name of path>`` and its companion files (see :func:`atomic_file_with_companions`),
-    written in ``work``, a :func:`staging_folder` of ``path``."""
+    """Publish ``<work>/<name of path>`` and its companion files (bare names of files beside it, an ONNX
+    model's ``.data``), written in ``work``, a :func:`staging_folder` of ``path``, under their final names: the
+    companions first and the main file last, each by rename, so a main file in place always finds its complete
+    companions. With ``overwrite``, a companion the new output lacks is removed from beside the destination."""
     work, dest = Path(work), check_destination(path, overwrite)
     _require_staged(work / dest.name, dest)
     with _output(dest, None):
@@ -425,32 +400,8 @@ def _finish_companions(work: Path, dest: Path, companions: tuple[str, ...], over
         in_progress.mark_written(dest)
 
 
-@contextlib.contextmanager
-def atomic_file_with_companions(path: str | os.PathLike[str], companions: tuple[str, ...] = (),
-                                overwrite: bool = False, *, expected_bytes: int | None = None) -> Iterator[Path]:
-    """Yield a temporary directory in the destination's directory for a file that may come with companion
-    files beside it (an ONNX model and its ``.data`` file): write ``<dir>/<name of path>`` and any of the
-    ``companions`` (bare file names) there, under their final names, so relative references between them hold.
-
-    On success the companions are published first and the main file last, each by rename: a main file in
-    place always finds its complete companions. With ``overwrite``, a companion the new file did not write
-    is removed from beside the destination afterwards (it belonged to the file just replaced). On failure
-    nothing is published and the temporary directory is removed. The directory is a temporary folder with an
-    owner record, like :func:`atomic_directory`'s.
-    """
-    dest = check_destination(path, overwrite)
-    with _output(dest, expected_bytes):
-        work = make_temp_folder(dest)
-        try:
-            yield work
-            _finish_companions(work, dest, companions, overwrite)
-        finally:
-            remove_folder(work)
-
-
-__all__ = ["OWNER_FILE", "anonymous_output", "atomic_directory", "atomic_file", "atomic_file_with_companions",
-           "publish_directory", "publish_file", "publish_staged", "publish_with_companions", "scratch_file",
-           "staging_folder"]
+__all__ = ["OWNER_FILE", "atomic_directory", "atomic_file", "publish_directory", "publish_file", "publish_staged",
+           "publish_with_companions", "scratch_file", "staging_folder"]
 
 
 def publish_staged(work: Path, dest: Path, overwrite: bool, companions: tuple[str, ...] = ()) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.format_contract import Format
 from convnextv2.converters.format_limits import Change, dropped_extras
-from convnextv2.converters.publishing import atomic_directory
 from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.features import final_feature
 
 NAME = "savedmodel"
 SIGNATURE = "serving_default"
@@ -27,7 +27,7 @@ INPUT_NAME = "pixel_values"
 
 
 def output_name(ckpt: Checkpoint) -> str:
-    return "logits" if ckpt.config.num_classes > 0 else "pooled"
+    return final_feature(ckpt.config)
 
 
 def sniff(path: Path) -> bool:
@@ -48,7 +48,8 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
     return dropped_extras(ckpt, "a SavedModel")
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
+def write(ckpt: Checkpoint, path: Path) -> None:
+    """The SavedModel folder at ``path`` (made if absent; converters.save makes it atomic)."""
     ckpt.validate(f"writing {path}")
     from convnextv2.reference.keras_model import build_keras, keras, tf
 
@@ -63,10 +64,10 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False) -> None:
     archive.add_endpoint(SIGNATURE, serve,
                          input_signature=[tf.TensorSpec((None, 3, None, None), tf.float32, name=INPUT_NAME)])
     _track_variables_in_name_order(archive)
-    with atomic_directory(path, overwrite) as tmp:
-        archive.write_out(str(tmp), verbose=False)
-        _canonicalise_function_names(tmp / "saved_model.pb")
-        _write_content_fingerprint(tmp)
+    path.mkdir(exist_ok=True)
+    archive.write_out(str(path), verbose=False)
+    _canonicalise_function_names(path / "saved_model.pb")
+    _write_content_fingerprint(path)
 
 
 # Two exports of the same checkpoint are byte-identical (the determinism suite holds the line). Out of the box

@@ -35,11 +35,9 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
-from convnextv2.converters.format_contract import Format
+from convnextv2.converters.format_contract import Format, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps
-from convnextv2.converters.fs_faults import check_destination
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.publishing import atomic_directory, atomic_file
 from convnextv2.converters.safetensors_io import write_safetensors
 from convnextv2.converters.state_files import (
     SHARD_INDEX_FILES,
@@ -55,7 +53,7 @@ from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.keymap import KeyTable, Rule
 from convnextv2.reference.layouts import CONV_MLP, IDENTITY, TIMM_GRN, Layout
-from convnextv2.reference.variants import IN_CHANNELS, LAYER_NORM_EPS, ModelConfig, check_variant
+from convnextv2.reference.variants import IN_CHANNELS, ModelConfig, check_variant
 
 NAME = "timm"
 CONFIG_FILE = "config.json"
@@ -327,25 +325,14 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
     return fixed_head_norm_eps(ckpt, "a timm model") + dropped_extras(ckpt, "a timm model")
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bool | None = None) -> None:
+def write(ckpt: Checkpoint, path: Path, *, conv_mlp: bool | None = None) -> None:
     """``X.safetensors`` gets ``X.json`` beside it; any other path becomes a timm hub-style folder
-    (``model.safetensors`` + ``config.json``) for ``timm.create_model("local-dir:PATH", pretrained=True)``."""
+    (``model.safetensors`` + ``config.json``) for ``timm.create_model("local-dir:PATH", pretrained=True)``.
+    Written in place (converters.save makes it atomic). What a timm model cannot hold (extras, another final-norm
+    eps) is declared by ``unrepresentable``, which converters.save announces; this writer drops the extras it is
+    given (the eps goes into the metadata)."""
     ckpt.validate(f"writing {path}")
     folder = path.suffix != ".safetensors"
-    if folder:
-        check_destination(path, overwrite)
-    else:
-        check_destination(_sidecar(path), overwrite)  # refuse before writing anything
-    if ckpt.extras():
-        warnings.warn(f"writing {path}: {len(ckpt.extras())} extras tensors (e.g. an FCMAE decoder) have no place "
-                      "in a timm model and are not written", UserWarning, stacklevel=2)
-    if ckpt.config.head_norm and ckpt.config.head_norm_eps != LAYER_NORM_EPS:
-        warnings.warn(
-            f"writing {path}: the final LayerNorm of this checkpoint uses eps {ckpt.config.head_norm_eps:g} "
-            f"(a transformers config) but timm uses {LAYER_NORM_EPS:g} for every norm; timm's outputs will differ "
-            "from the source's in the last digits. The eps is recorded in the file's metadata.",
-            UserWarning, stacklevel=2,
-        )
     if not ckpt.config.head_norm:
         warnings.warn(
             f"writing {path}: this encoder has no final LayerNorm (an FCMAE encoder) but timm's model has one; "
@@ -362,20 +349,16 @@ def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, conv_mlp: bo
     total = sum(int(a.size) * a.dtype.itemsize for a in state.values())
     config_text = json.dumps(timm_config_json(ckpt, conv_mlp), indent=2, sort_keys=True) + "\n"
     if folder:
-        with (atomic_directory(path, overwrite, expected_bytes=total) as tmp,
-              byte_progress(total, f"writing {path.name}") as bar):
-            write_safetensors(tmp / WEIGHTS_FILES[0], list(state.items()), metadata, progress=bar)
-            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        path.mkdir(exist_ok=True)
+        with byte_progress(total, f"writing {path.name}") as bar:
+            write_safetensors(path / WEIGHTS_FILES[0], list(state.items()), metadata, progress=bar)
+            (path / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         return
-    # Two files cannot be renamed into place at once. The sidecar goes first so that new weights are never
-    # seen beside an old sidecar; the weights are the checkpoint (they embed the preprocessing themselves), so
-    # a crash between the renames still leaves the destination either the old or the new complete checkpoint.
-    check_destination(path, overwrite)
-    with atomic_file(_sidecar(path), overwrite=True) as tmp:
-        tmp.write_text(config_text, encoding="utf-8")
-    with (atomic_file(path, overwrite, expected_bytes=total) as tmp,
-          byte_progress(total, f"writing {path.name}") as bar):
-        write_safetensors(tmp, list(state.items()), metadata, progress=bar)
+    # The sidecar is a declared companion: converters.save publishes it before the weights, so that new weights
+    # are never seen beside an old sidecar.
+    _sidecar(path).write_text(config_text, encoding="utf-8")
+    with byte_progress(total, f"writing {path.name}") as bar:
+        write_safetensors(path, list(state.items()), metadata, progress=bar)
 
 
 def companions(path: Path) -> tuple[str, ...]:
@@ -383,4 +366,5 @@ def companions(path: Path) -> tuple[str, ...]:
     return (_sidecar(path).name,) if path.suffix == ".safetensors" else ()
 
 
-FORMAT = Format(NAME, sniff, read, write, companions=companions, unrepresentable=unrepresentable, runner="timm")
+FORMAT = Format(NAME, sniff, read, write, companions=companions, unrepresentable=unrepresentable, runner="timm",
+                output_bytes=tensor_bytes)

@@ -16,6 +16,7 @@ from convnextv2 import converters
 from convnextv2.converters.cli import main
 from convnextv2.fixtures import write_fixture
 from convnextv2.reference import parity_rule as rule
+from convnextv2.reference import schema
 
 SMALL = "custom:depths=1,1,2,1;dims=16,32,48,64"
 
@@ -145,3 +146,30 @@ def test_preprocessing_an_original_file_cannot_state_is_listed_unless_its_name_c
     # The original reader reads a resolution from the file name: then nothing is lost.
     assert converters.save(ckpt, tmp_path / "model_384.pt", format="original", warn=pytest.fail)["changes"] == []
     assert converters.load(tmp_path / "model_384.pt").preprocessing == ckpt.preprocessing
+
+
+def test_save_and_a_direct_write_agree_on_what_a_format_cannot_hold(tmp_path):
+    """What a format cannot hold is declared once (its record's ``unrepresentable``): save announces each declared
+    change, exactly once, and the writer itself, called directly, says nothing of it (it only writes)."""
+    import warnings
+
+    from convnextv2.converters import timm
+
+    src = tmp_path / "fcmae.pt"
+    write_fixture(src, SMALL, "fcmae", seed=1)
+    ckpt = converters.load(src)
+    # A transformers eps on the final norm, and a decoder tensor among the extras: neither has a place in timm.
+    ckpt = dataclasses.replace(ckpt, config=ckpt.config.with_(head_norm=True, head_norm_eps=1e-12),
+                               tensors={**ckpt.tensors, "head.norm.weight": np.ones(64, np.float32),
+                                        "head.norm.bias": np.zeros(64, np.float32),
+                                        f"{schema.EXTRAS_PREFIX}decoder.mask_token": np.zeros(8, np.float32)})
+    declared = [c.message for c in timm.FORMAT.unrepresentable(ckpt, tmp_path / "a.safetensors", {})]
+    assert len(declared) == 2 and "eps 1e-12 -> 1e-06" in declared[0] and "extras" in declared[1], declared
+    with warnings.catch_warnings(record=True) as direct:
+        warnings.simplefilter("always")
+        timm.write(ckpt, tmp_path / "direct.safetensors")
+    assert not [w for w in direct if "extras" in str(w.message) or "eps" in str(w.message)], \
+        [str(w.message) for w in direct]
+    said: list[str] = []
+    converters.save(ckpt, tmp_path / "saved.safetensors", format="timm", warn=said.append)
+    assert [m.split(": ", 1)[1].split("; float64")[0] for m in said] == declared

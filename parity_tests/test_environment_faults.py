@@ -319,13 +319,12 @@ def test_sigkill_leaves_one_marked_folder_that_the_next_conversion_removes(tmp_p
     assert os.listdir(work) == [dst.name]
 
 
-def test_sigkill_of_a_direct_file_write_leaves_nothing_at_all(tmp_path, tiny):
-    """A single file written through atomic_file (O_TMPFILE) has no name until it is complete."""
+def test_sigkill_of_a_library_save_leaves_nothing_at_all(tmp_path, tiny):
+    """A single file written through converters.save (O_TMPFILE) has no name until it is complete."""
     work = tmp_path / "work"
     work.mkdir()
     code = ("import sys; from pathlib import Path; from convnextv2 import converters; "
-            "from convnextv2.converters import canonical; "
-            "canonical.write(converters.load(Path(sys.argv[1])), Path(sys.argv[2]))")
+            "converters.save(converters.load(Path(sys.argv[1])), Path(sys.argv[2]), format='canonical')")
     process = subprocess.Popen([sys.executable, "-c", code, str(tiny), str(work / "out.safetensors")], env=ENV,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

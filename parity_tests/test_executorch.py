@@ -55,7 +55,7 @@ _PLAIN_RUNNER = textwrap.dedent("""
 def small_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     ckpt = make_checkpoint(SMALL, seed=4, num_classes=10)
     path = tmp_path_factory.mktemp("executorch") / "small.pte"
-    executorch.export(ckpt, path, size=64)
+    converters.save(ckpt, path, "executorch", size=64)
     return ckpt, path
 
 
@@ -98,10 +98,10 @@ def test_convert_to_executorch_runs_in_the_plain_runtime(tmp_path):
 def test_export_is_deterministic_and_refuses_to_overwrite(small_program, tmp_path):
     ckpt, first = small_program
     second = tmp_path / "again.pte"
-    executorch.export(ckpt, second, size=64)
+    converters.save(ckpt, second, "executorch", size=64)
     assert first.read_bytes() == second.read_bytes()
     with pytest.raises(BadInputError, match="already exists"):
-        executorch.export(ckpt, second, size=64)
+        converters.save(ckpt, second, "executorch", size=64)
 
 
 def test_a_program_failing_parity_is_not_written(small_program, tmp_path, monkeypatch):
@@ -117,7 +117,7 @@ def test_a_program_failing_parity_is_not_written(small_program, tmp_path, monkey
     monkeypatch.setattr(executorch, "run_program", one_percent_off)
     dest = tmp_path / "bad.pte"
     with pytest.raises(CheckFailedError, match=r"fails parity, nothing written: logits: .*failing: logits"):
-        executorch.export(ckpt, dest, size=64)
+        converters.save(ckpt, dest, "executorch", size=64)
     assert list(tmp_path.iterdir()) == []
 
 

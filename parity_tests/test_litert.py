@@ -114,7 +114,7 @@ def test_weights_stored_after_the_flatbuffer_run_in_plain_litert(monkeypatch, tm
     monkeypatch.setattr(litert, "BUFFER_OFFSET_BYTES", 0)
     ckpt = make_checkpoint("atto", seed=0, fmt="canonical")
     path = tmp_path / "offsets.tflite"
-    litert.export(ckpt, path, check_size=64, check_batch=2)
+    converters.save(ckpt, path, "litert", gate=converters.GateOptions(batch=2), size=64)
     data = path.read_bytes()
     model = litert._schema().Model.GetRootAs(data, 0)
     start = litert._data_start(model)
@@ -132,11 +132,10 @@ def test_weights_stored_after_the_flatbuffer_run_in_plain_litert(monkeypatch, tm
 @pytest.mark.torch
 def test_same_checkpoint_gives_the_same_bytes(atto_tflite, tmp_path):
     work, ckpt = atto_tflite
-    from convnextv2.converters import litert
 
-    litert.export(make_checkpoint(SMALL, seed=3, fmt="canonical", num_classes=5), tmp_path / "small.tflite",
-                  check_size=64, check_batch=1)
-    litert.export(ckpt, tmp_path / "again.tflite")
+    converters.save(make_checkpoint(SMALL, seed=3, fmt="canonical", num_classes=5), tmp_path / "small.tflite",
+                    "litert", gate=converters.GateOptions(batch=1), size=64)
+    converters.save(ckpt, tmp_path / "again.tflite", "litert")
     assert (tmp_path / "again.tflite").read_bytes() == (work / "atto.tflite").read_bytes()
 
 
@@ -201,7 +200,6 @@ def test_no_float64_in_the_savedmodel_and_the_tf_onnx_export(tmp_path):
 def test_the_old_float64_head_is_refused_by_the_converter(monkeypatch, tmp_path):
     """The trap this head avoids: a float64 MatMul is no TFLite builtin, so the converter refuses the graph
     (with Flex ops it would convert, and then not run in plain LiteRT); nothing is written."""
-    from convnextv2.converters import litert
     from convnextv2.reference import keras_model
     from convnextv2.reference.keras_model import ops
 
@@ -212,7 +210,7 @@ def test_the_old_float64_head_is_refused_by_the_converter(monkeypatch, tmp_path)
     monkeypatch.setattr(keras_model.HeadDense, "call", float64_head)
     ckpt = make_checkpoint(SMALL, seed=3, fmt="canonical", num_classes=5)
     with pytest.raises(CheckFailedError, match="'tf.MatMul' op is neither a custom op nor a flex op"):
-        litert.export(ckpt, tmp_path / "model.tflite", check_size=64, check_batch=1)
+        converters.save(ckpt, tmp_path / "model.tflite", "litert", gate=converters.GateOptions(batch=1), size=64)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -108,11 +108,9 @@ def test_same_checkpoint_gives_the_same_bytes(atto_ir, tmp_path):
     """A second export, in another process and after another model was converted, writes the same files:
     OpenVINO's counter-numbered node names are renumbered."""
     work, ckpt = atto_ir
-    from convnextv2.converters import openvino as ov_export
-
-    ov_export.export(make_checkpoint(SMALL, seed=3, fmt="canonical", num_classes=5), tmp_path / "small.xml",
-                     check_size=64, check_batch=1)
-    ov_export.export(ckpt, tmp_path / "again.xml")
+    converters.save(make_checkpoint(SMALL, seed=3, fmt="canonical", num_classes=5), tmp_path / "small.xml",
+                    "openvino", gate=converters.GateOptions(batch=1), size=64)
+    converters.save(ckpt, tmp_path / "again.xml", "openvino")
     assert (tmp_path / "again.bin").read_bytes() == (work / "atto.bin").read_bytes()
     assert (tmp_path / "again.xml").read_bytes() == (work / "atto.xml").read_bytes()
 
@@ -136,15 +134,14 @@ def test_failing_check_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ov_export, "precision_of", lambda compiled: "bfloat16")
     ckpt = make_checkpoint(SMALL, seed=3, fmt="canonical", num_classes=5)
     with pytest.raises(CheckFailedError, match="nothing written"):
-        ov_export.export(ckpt, tmp_path / "model.xml", check_size=64, check_batch=1)
+        converters.save(ckpt, tmp_path / "model.xml", "openvino", gate=converters.GateOptions(batch=1), size=64)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_destination_must_be_xml(tmp_path):
-    from convnextv2.converters import openvino as ov_export
-
     with pytest.raises(BadInputError, match="NAME.xml"):
-        ov_export.export(make_checkpoint(SMALL, seed=3, fmt="canonical"), tmp_path / "model.ir")
+        converters.save(make_checkpoint(SMALL, seed=3, fmt="canonical"), tmp_path / "model.ir", "openvino")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.torch

@@ -19,11 +19,14 @@ from convnextv2.reference.errors import BadInputError, ConvNeXtV2Error
 READ_OPTIONS = {name: ["variant"] for name in converters.MODULES}
 READ_OPTIONS["original"] = ["variant", "ema"]
 READ_OPTIONS["hf"] = READ_OPTIONS["timm"] = ["variant", "revision"]  # huggingface_hub cache folders
-WRITE_OPTIONS = {name: ["overwrite"] for name in converters.MODULES}
-WRITE_OPTIONS["timm"] = ["overwrite", "conv_mlp"]
-WRITE_OPTIONS["original"] = ["overwrite", "layout"]
-WRITE_OPTIONS["onnx"] = ["overwrite", "via", "opset", "dynamic_hw", "features", "fp16", "external_data",
-                         "check_size", "check_batch", "source_path", "log"]
+# overwrite is converters.save's own (writers only write); the gated exports' image size is their own.
+WRITE_OPTIONS = {name: [] for name in converters.MODULES}
+WRITE_OPTIONS["timm"] = ["conv_mlp"]
+WRITE_OPTIONS["original"] = ["layout"]
+WRITE_OPTIONS["onnx"] = ["via", "opset", "dynamic_hw", "features", "fp16", "external_data", "size", "source_path"]
+WRITE_OPTIONS["litert"] = ["features", "fp16", "size"]
+WRITE_OPTIONS["openvino"] = ["features", "size"]
+WRITE_OPTIONS["executorch"] = ["size", "features"]
 
 
 @pytest.fixture(scope="module")

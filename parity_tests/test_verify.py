@@ -55,15 +55,16 @@ def test_every_conversion_reads_its_output_back_bit_for_bit(tmp_path, small):
 def test_a_writer_that_writes_other_values_is_caught_and_nothing_is_published(tmp_path, small, monkeypatch):
     honest = canonical.write
 
-    def bit_flipping_write(ckpt, path, *, overwrite=False):
+    def bit_flipping_write(ckpt, path):
         tensors = dict(ckpt.tensors)
         flipped = np.array(tensors["stem.conv.weight"])
         flipped.view(np.uint32).flat[7] ^= 1  # one ulp in one weight
         tensors["stem.conv.weight"] = flipped
-        honest(dataclasses.replace(ckpt, tensors=tensors), path, overwrite=overwrite)
+        honest(dataclasses.replace(ckpt, tensors=tensors), path)
 
-    # The writer save calls is the one in the format's record.
-    monkeypatch.setattr(canonical, "FORMAT", dataclasses.replace(canonical.FORMAT, write=bit_flipping_write))
+    # The writer save calls is the one in the format's record (write_as, when it has one, knows the name).
+    monkeypatch.setattr(canonical, "FORMAT", dataclasses.replace(canonical.FORMAT, write=bit_flipping_write,
+                                                                 write_as=None))
     ckpt = converters.load(small)
     with pytest.raises(converters.CheckFailedError, match=r"stem\.conv\.weight: 1 element\(s\) differ"):
         converters.save(ckpt, tmp_path / "c.safetensors", format="canonical")

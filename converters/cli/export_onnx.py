@@ -38,10 +38,13 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
                 dynamic_hw: bool, features: bool, fp16: bool, external_data: bool | None, check_size: int | None,
                 overwrite: bool, as_json: bool, **preprocessing: Any) -> None:
     """Export SRC to ONNX, check it in onnxruntime (ORT_ENABLE_ALL) against the float64 PyTorch referee,
-    and only then write DST. Exit 1 when parity fails, 2 when a path cannot run here (the message says why)."""
+    and only then write DST. Exit 1 when parity fails, 2 when a path cannot run here (the message says why).
+
+    A thin command over converters.save (the same gate and read-back as ``convert --to onnx``)."""
     from convnextv2 import converters
     from convnextv2.converters.fs_faults import check_destination
     from convnextv2.converters.onnx import export as onnx_export
+    from convnextv2.converters.onnx.interface import output_names
     from convnextv2.reference.errors import MissingDependencyError
 
     check_destination(dst, overwrite)
@@ -50,14 +53,21 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
         raise MissingDependencyError(reason)
     ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}))
     apply_preprocessing(ckpt, preprocessing)
-    log = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
-    result = onnx_export.export(ckpt, dst, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
-                                external_data=external_data, overwrite=overwrite, check_size=check_size,
-                                source_path=src, log=log)
+    say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
+    used_opset = onnx_export.checked_opset(via, opset)
+    say(f"exporting through {via} (opset {used_opset}{', fp16' if fp16 else ''}{', features' if features else ''})")
+    result = converters.save(ckpt, dst, "onnx", overwrite=overwrite, warn=lambda m: click.echo(f"warning: {m}", err=True),
+                             log=say, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
+                             external_data=external_data, size=check_size, source_path=src)
+    data_path = (dst.with_name(onnx_export.data_file_name(dst))
+                 if onnx_export.writes_external_data(ckpt, fp16, external_data) else None)
+    outputs = output_names(ckpt, features)
     if as_json:
-        click.echo(json.dumps(result.summary(), indent=2, sort_keys=True, default=str))
+        summary = {"output": str(dst), "external_data": str(data_path) if data_path else None, "via": via,
+                   "opset": used_opset, "outputs": outputs, **result}
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
     else:
-        extra = f" + {result.data_path.name}" if result.data_path else ""
-        click.echo(f"wrote {result.path}{extra} ({ckpt.config.variant}, via {via}, opset {result.opset}, "
-                   f"outputs {', '.join(result.outputs)})")
-        click.echo(f"parity: {result.check['message']}")
+        extra = f" + {data_path.name}" if data_path else ""
+        click.echo(f"wrote {dst}{extra} ({ckpt.config.variant}, via {via}, opset {used_opset}, "
+                   f"outputs {', '.join(outputs)})")
+        click.echo(f"parity: {result['check']['message']}")

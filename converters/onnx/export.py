@@ -1,8 +1,8 @@
 """ONNX export: the PyTorch reference through ``torch.onnx`` (default, ``onnx_via_torch``), the Keras reference
 through tf2onnx (``onnx_via_tensorflow``), the Flax reference through jax2onnx (``onnx_via_flax``). This module
-picks the exporter, attaches the metadata, saves the file and its ``.data`` file, and publishes them only once
-the export gate (``onnx.session``: onnx.checker, then onnxruntime at the full optimisation level against the
-float64 PyTorch referee) has passed.
+picks the exporter, attaches the metadata and saves the file and its ``.data`` file; converters.save publishes
+them only once the export gate (converters/runners/gates.py: onnx.checker, then onnxruntime at the full
+optimisation level against the float64 PyTorch referee) has passed.
 
 Interface of every exported file: ``onnx_interface`` (docs/onnx.md). ``metadata_props`` carry the canonical
 metadata.
@@ -10,25 +10,23 @@ metadata.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.digests import sha256_of
-from convnextv2.converters.fs_faults import check_destination, require_space
+from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.converters.onnx import via_flax as onnx_via_flax
 from convnextv2.converters.onnx import via_tensorflow as onnx_via_tensorflow
 from convnextv2.converters.onnx import via_torch as onnx_via_torch
-from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE, output_names
-from convnextv2.converters.onnx.session import check_file
-from convnextv2.converters.publishing import atomic_file, atomic_file_with_companions
-from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
+from convnextv2.converters.onnx.interface import INPUT_NAME, STRIDE
+from convnextv2.reference.errors import BadInputError, MissingDependencyError
 
 # Measured (docs/onnx.md): at opset 20 GELU is the Gelu op, which onnxruntime 1.32 fuses with the preceding
 # bias into BiasGelu at ORT_ENABLE_ALL; the opset-18 Erf pattern the exporter writes is not fused (291 against
@@ -39,20 +37,6 @@ MAX_OPSET = 20
 # protobuf refuses messages of 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 PRODUCER_NAME = "convnextv2-toolkit"
-
-
-@dataclasses.dataclass
-class ExportResult:
-    path: Path
-    data_path: Path | None
-    via: str
-    opset: int
-    outputs: list[str]
-    check: dict[str, Any]
-
-    def summary(self) -> dict[str, Any]:
-        return {"output": str(self.path), "external_data": str(self.data_path) if self.data_path else None,
-                "via": self.via, "opset": self.opset, "outputs": self.outputs, "check": self.check}
 
 
 def data_file_name(path: Path) -> str:
@@ -110,20 +94,6 @@ def _finish_proto(proto: Any, ckpt: Checkpoint, via: str, opset: int, fp16: bool
         entry.key, entry.value = key, meta[key]
 
 
-@contextlib.contextmanager
-def _output_file(dest: Path, external: bool, overwrite: bool, weight_bytes: int) -> Iterator[Path]:
-    """Where the graph is written and checked before it is published. A self-contained graph is one file, built
-    unnamed (a killed export leaves nothing); one with a ``.data`` file needs both under their final names
-    (the graph refers to its data by name), so the pair is built in a marked temporary folder."""
-    data_name = data_file_name(dest)
-    if external:
-        with atomic_file_with_companions(dest, (data_name,), overwrite, expected_bytes=weight_bytes) as work:
-            yield work / dest.name
-        return
-    with atomic_file(dest, overwrite, expected_bytes=weight_bytes, stale_companions=(data_name,)) as target:
-        yield target
-
-
 def _save_proto(proto: Any, target: Path, external: bool) -> None:
     import onnx
 
@@ -146,21 +116,6 @@ def writes_external_data(ckpt: Checkpoint, fp16: bool = False, external_data: bo
     return graph_weight_bytes(ckpt, fp16) > EXTERNAL_DATA_THRESHOLD
 
 
-def write_unchecked(ckpt: Checkpoint, target: Path, *, size: int, features: bool = False, fp16: bool = False,
-                    via: str = "torch", opset: int | None = None) -> None:
-    """The graph :func:`export` writes, at ``target`` (its ``.data`` file beside it past 2 GB), without the
-    export's own onnxruntime check and without publishing: for the parity harness, which runs it in a
-    folder of its own and judges its outputs by the parity rule itself, on more images."""
-    exporter = _exporter(via)
-    opset = DEFAULT_OPSET[via] if opset is None else int(opset)
-    reason = why_unavailable(via)
-    if reason:
-        raise MissingDependencyError(reason)
-    proto = exporter.build(ckpt, opset, False, features, fp16, size)
-    _finish_proto(proto, ckpt, via, opset, fp16, features, False, ckpt.source.sha256 or "")
-    _save_proto(proto, target, writes_external_data(ckpt, fp16))
-
-
 def unnamed_build(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> bool:
     """A self-contained graph is one file the reader knows by content; one with a ``.data`` file is not (the
     graph names its data file)."""
@@ -171,62 +126,62 @@ def companions(path: Path) -> tuple[str, ...]:
     return (data_file_name(path),)
 
 
-def write(ckpt: Checkpoint, path: Path, *, overwrite: bool = False, via: str = "torch", opset: int | None = None,
-          dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
-          check_size: int | None = None, check_batch: int = 4, source_path: str | os.PathLike[str] | None = None,
-          log: Any = None) -> None:
-    """Export through :func:`export` (checked against the float64 referee before it is published)."""
-    export(ckpt, path, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
-           external_data=external_data, overwrite=overwrite, check_size=check_size, check_batch=check_batch,
-           source_path=source_path, log=log)
+def _kept_in_float32(name: str) -> bool:
+    # The float16 export runs LayerNorm and GRN in float32 with their own weights (torch_model.Float32Norm).
+    return any(part in ("norm", "grn") for part in name.split("."))
 
 
-def export(ckpt: Checkpoint, path: str | os.PathLike[str], *, via: str = "torch", opset: int | None = None,
-           dynamic_hw: bool = False, features: bool = False, fp16: bool = False, external_data: bool | None = None,
-           overwrite: bool = False, check_size: int | None = None, check_batch: int = 4,
-           source_path: str | os.PathLike[str] | None = None, log: Any = None) -> ExportResult:
-    """Export ``ckpt`` to ``path``; check it; only then rename it (and its ``.data`` file) into place.
+def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:
+    """What an ONNX export cannot hold: the extras; with ``fp16``, the float16 rounding of every weight but the
+    norms' (the read-back's expectation, and the change converters.save announces)."""
+    found = dropped_extras(ckpt, "an ONNX graph")
+    if options.get("fp16"):
+        rounded = {name: np.asarray(value).astype(np.float16).astype(np.float32)
+                   for name, value in ckpt.model_tensors().items() if not _kept_in_float32(name)}
+        found.append(Change("weights", "weights rounded to float16 (fp16 export)", ckpt.dtype, "float16",
+                            functional=True, values=rounded))
+    return found
 
-    Raises CheckFailedError (exit 1) when onnxruntime's output is outside the parity bar; nothing is written then.
-    """
-    exporter = _exporter(via)
+
+def checked_opset(via: str, opset: int | None) -> int:
+    """The opset an export through ``via`` uses (its default when None); BadInputError when it cannot."""
+    _exporter(via)
     opset = DEFAULT_OPSET[via] if opset is None else int(opset)
     if via == "tensorflow" and opset > 18:
         raise BadInputError(f"--via tensorflow: tf2onnx 1.17 exports up to opset 18, not {opset}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise BadInputError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}: below 18 ReduceL2 (GRN) cannot "
                             "be exported; 20 is the newest opset the exporters and onnxruntime 1.32 agree on")
+    return opset
+
+
+def output_bytes(ckpt: Checkpoint, options: Mapping[str, Any]) -> int:
+    return graph_weight_bytes(ckpt, bool(options.get("fp16")))
+
+
+def write(ckpt: Checkpoint, path: Path, *, via: str = "torch", opset: int | None = None, dynamic_hw: bool = False,
+          features: bool = False, fp16: bool = False, external_data: bool | None = None, size: int | None = None,
+          source_path: str | os.PathLike[str] | None = None) -> None:
+    """Export ``ckpt`` to ``path`` (its ``.data`` file beside it when the weights go there: asked for, or past
+    2 GB), traced at image size ``size`` (default: the checkpoint's input size). Written, not checked:
+    converters.save puts the graph through onnx.checker and onnxruntime (ORT_ENABLE_ALL) against the float64
+    referee before it publishes it. ``source_path``: the file exported from, whose sha256 the metadata records
+    (default: the source the checkpoint records)."""
+    exporter = _exporter(via)
+    opset = checked_opset(via, opset)
     reason = why_unavailable(via)
     if reason:
         raise MissingDependencyError(reason)
-    dest = check_destination(path, overwrite)
-    data_dest = dest.with_name(data_file_name(dest))
-    ckpt.validate(f"exporting {dest}")
-    size = int(check_size or ckpt.preprocessing.input_size)
+    ckpt.validate(f"exporting {path}")
+    size = int(size or ckpt.preprocessing.input_size)
     if size % STRIDE:
         raise BadInputError(f"check size {size} is not a multiple of {STRIDE}")
     # The file the user exported from when we have it; else the source the checkpoint records.
-    source_sha256 = sha256_of(source_path) if source_path else ckpt.source.sha256
-    say = log or (lambda _msg: None)
-
+    source_sha256 = sha256_of(source_path) if source_path else (ckpt.source.sha256 or "")
     weight_bytes = graph_weight_bytes(ckpt, fp16)
     if external_data is False and weight_bytes > EXTERNAL_DATA_THRESHOLD:
         raise BadInputError(f"--no-external-data: the model holds {weight_bytes / 1e9:.2f} GB of weights and a "
                             "protobuf file stops at 2 GB; let the weights go to the .data file")
-    external = writes_external_data(ckpt, fp16, external_data)
-    require_space(dest, weight_bytes)  # before the minutes an export takes, not after
-
-    say(f"exporting through {via} (opset {opset}{', fp16' if fp16 else ''}{', features' if features else ''})")
     proto = exporter.build(ckpt, opset, dynamic_hw, features, fp16, size)
     _finish_proto(proto, ckpt, via, opset, fp16, features, dynamic_hw, source_sha256)
-
-    # Data first, model last (a model file in place always finds its complete data file); with --overwrite a
-    # stale .data file of the replaced model is removed when the new one has none.
-    with _output_file(dest, external, overwrite, weight_bytes) as target:
-        _save_proto(proto, target, external)
-        del proto
-        say(f"checking {dest.name}: onnx.checker, then onnxruntime (ORT_ENABLE_ALL) vs the float64 referee")
-        check = check_file(target, ckpt, size=size, batch=check_batch, fp16=fp16)
-        if not check["ok"]:
-            raise CheckFailedError(f"{dest}: exported graph fails parity, nothing written: {check['message']}")
-    return ExportResult(dest, data_dest if external else None, via, opset, output_names(ckpt, features), check)
+    _save_proto(proto, path, writes_external_data(ckpt, fp16, external_data))

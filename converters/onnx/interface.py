@@ -9,15 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.reference.features import BACKBONE_FEATURES, final_feature
 
 INPUT_NAME = "pixel_values"
-FEATURE_OUTPUTS = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled")
+# Every stage and the pooled features, then the logits of a classifier.
+FEATURE_OUTPUTS = BACKBONE_FEATURES
 # Spatial sizes must be multiples of the total stride.
 STRIDE = 32
 
 
 def output_names(ckpt: Checkpoint, features: bool) -> list[str]:
-    final = "logits" if ckpt.config.num_classes > 0 else "pooled"
+    final = final_feature(ckpt.config)
     if not features:
         return [final]
     names = list(FEATURE_OUTPUTS)

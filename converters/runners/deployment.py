@@ -37,7 +37,7 @@ class OpenVinoRunner(Runner):
             else:
                 def build(folder: Path) -> None:
                     with onnx_graph(ckpt, size, False, self.context) as onnx_path:
-                        openvino_format.write_unchecked(ckpt, onnx_path, folder / "model.xml", features=True,
+                        openvino_format.write_from_onnx(ckpt, onnx_path, folder / "model.xml", features=True,
                                                         size=size)
 
                 with self.context.phase("export"):
@@ -86,7 +86,7 @@ class LiteRtRunner(Runner):
                     parts = {"checkpoint": self.context.cache.digest(ckpt), "size": size, "features": True,
                              "fp16": fp16}
                     folder = stack.enter_context(self.context.artifact(
-                        "litert", parts, lambda folder: litert.write_unchecked(
+                        "litert", parts, lambda folder: litert.write(
                             ckpt, folder / "model.tflite", size=size, features=True, fp16=fp16)))
                 path = folder / "model.tflite"
             with self.context.phase("compile"):
@@ -114,7 +114,7 @@ class ExecuTorchRunner(Runner):
             return executorch.run_program(self.file.path, images, output_names(ckpt, features=False))
 
         def build(folder: Path) -> None:
-            (folder / "model.pte").write_bytes(executorch.program_bytes(ckpt, size, features=True))
+            executorch.write(ckpt, folder / "model.pte", size=size, features=True)
 
         with contextlib.ExitStack() as stack:
             with self.context.phase("export"):

@@ -26,7 +26,7 @@ def onnx_graph(ckpt: Checkpoint, size: int, fp16: bool, context: RunContext) -> 
 
     parts = {"checkpoint": context.cache.digest(ckpt), "size": size, "features": True, "fp16": fp16, "via": "torch",
              "opset": onnx_export.DEFAULT_OPSET["torch"]}
-    with context.artifact("onnx", parts, lambda folder: onnx_export.write_unchecked(
+    with context.artifact("onnx", parts, lambda folder: onnx_export.write(
             ckpt, folder / "model.onnx", size=size, features=True, fp16=fp16)) as folder:
         yield folder / "model.onnx"
 
