@@ -168,3 +168,13 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_2():
         assert done.returncode == 0, done.stdout + done.stderr
     else:
         assert done.returncode == 2 and "needs a GPU" in done.stderr
+
+
+def test_runtime_aliases_come_from_the_runner_records():
+    from convnextv2.converters.cli.parity import _split
+    from convnextv2.converters.runners import registry
+
+    assert _split(("TF, ort", "hf,jax", "pytorch", "keras,onnx,transformers,hf-tf")) == [
+        "tensorflow", "onnxruntime", "transformers-pt", "flax", "torch", "transformers-tf"]
+    for alias in ("tf", "keras", "jax", "onnx", "ort", "pytorch", "hf", "transformers", "hf-tf"):
+        assert registry.get(alias).name == _split((alias,))[0]

@@ -12,18 +12,18 @@ from convnextv2.converters.cli import choices
 from convnextv2.reference import parity_rule
 from convnextv2.reference.errors import BadInputError, CheckFailedError
 
-RUNTIME_ALIASES = {"tf": "tensorflow", "keras": "tensorflow", "jax": "flax", "onnx": "onnxruntime",
-                   "ort": "onnxruntime", "pytorch": "torch", "hf": "transformers-pt", "transformers": "transformers-pt",
-                   "hf-tf": "transformers-tf"}
-
 
 def _split(values: tuple[str, ...]) -> list[str]:
+    from convnextv2.converters.runners import registry
+
+    # Each runner's record lists the other names it answers to (tf -> tensorflow, hf -> transformers-pt, ...).
+    aliases = {alias: entry.name for entry in registry.REGISTRY.values() for alias in entry.record.aliases}
     names: list[str] = []
     for value in values:
         for part in value.split(","):
             part = part.strip().lower()
             if part:
-                names.append(RUNTIME_ALIASES.get(part, part))
+                names.append(aliases.get(part, part))
     return list(dict.fromkeys(names))
 
 

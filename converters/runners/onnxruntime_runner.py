@@ -97,6 +97,7 @@ def input_size(path: Path) -> int | None:
 
 RECORDS = (
     RunnerRecord("onnxruntime", "runtime", "onnxruntime on the ONNX export (converters/onnx/export.py)",
+                 aliases=("onnx", "ort"),
                  requires=("torch", "onnx", "onnxruntime", "onnxscript"), extra="onnx", worker="onnx-export",
                  precisions=("float32", "float16"), opens=("onnx",)),
     RunnerRecord("onnxruntime-as-written", "artifact", "onnxruntime (graph optimisations off)",

@@ -68,14 +68,15 @@ def keep_jax_compilations(context: RunContext) -> None:
 
 
 RECORDS = (
-    RunnerRecord("torch", "runtime", "PyTorch reference (reference/torch_model.py)", requires=("torch",),
-                 extra="torch", worker="torch", precisions=("float32", "float64", "bfloat16", "float16"),
-                 opens=("canonical", "original"), file_label="PyTorch reference"),
+    RunnerRecord("torch", "runtime", "PyTorch reference (reference/torch_model.py)", aliases=("pytorch",),
+                 requires=("torch",), extra="torch", worker="torch",
+                 precisions=("float32", "float64", "bfloat16", "float16"), opens=("canonical", "original"),
+                 file_label="PyTorch reference"),
     RunnerRecord("tensorflow", "runtime", "Keras 3 / TensorFlow reference (reference/keras_model.py)",
-                 requires=("tensorflow", "keras"), extra="tf", worker="tensorflow",
+                 aliases=("tf", "keras"), requires=("tensorflow", "keras"), extra="tf", worker="tensorflow",
                  precisions=("float32", "float64"), opens=("keras",),
                  file_label="Keras reference (reference/keras_model.py)"),
-    RunnerRecord("flax", "runtime", "Flax NNX reference (reference/flax_model.py)", requires=("jax", "flax"),
-                 extra="flax", worker="flax", precisions=("float32", "float64"), opens=("flax",),
-                 file_label="Flax reference (reference/flax_model.py)"),
+    RunnerRecord("flax", "runtime", "Flax NNX reference (reference/flax_model.py)", aliases=("jax",),
+                 requires=("jax", "flax"), extra="flax", worker="flax", precisions=("float32", "float64"),
+                 opens=("flax",), file_label="Flax reference (reference/flax_model.py)"),
 )
