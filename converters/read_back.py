@@ -13,9 +13,10 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,14 @@ from convnextv2.reference.errors import BadInputError, CheckFailedError
 CHUNK_BYTES = 4 << 20
 
 
-def read_back(expected: Checkpoint, path: Path, format: Format, named: Path | None = None) -> tuple[dict[str, Any], Checkpoint]:
+def read_back(expected: Checkpoint, path: Path, format: Format, named: Path | None = None,
+              second_thread_after: Callable[[], None] | None = None) -> tuple[dict[str, Any], Checkpoint]:
     """Read ``path`` with ``format``'s reader and compare it with ``expected`` bit for bit: the figures and the
     checkpoint read, or CheckFailedError naming the first differences. A dtype the format widens exactly
     (bfloat16 into ONNX's float32) compares equal when narrowing it back gives the very same bits. An unnamed
     output (``named``: the path it will be published as) is read under its coming name by a reader whose
-    result depends on the name (``format.read_as``)."""
+    result depends on the name (``format.read_as``). ``second_thread_after``: returns when the second core is
+    free (the source digest done); the second comparing thread waits for it, the first starts at once."""
     started = time.perf_counter()
     try:
         # What the reader would say of this file (a non-default eps, an assumed preprocessing) was said of the
@@ -57,7 +60,7 @@ def read_back(expected: Checkpoint, path: Path, format: Format, named: Path | No
         problems.append(f"{len(missing)} tensor(s) missing: {', '.join(missing[:5])}")
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) not written: {', '.join(unexpected[:5])}")
-    compared, widened, total = _compare_tensors(expected, got, names, problems)
+    compared, widened, total = _compare_tensors(expected, got, names, problems, second_thread_after)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise CheckFailedError(f"{path}: reading the output back does not give what was written: {shown}")
@@ -65,7 +68,8 @@ def read_back(expected: Checkpoint, path: Path, format: Format, named: Path | No
             "seconds": round(time.perf_counter() - started, 3)}, got
 
 
-def _compare_tensors(expected: Checkpoint, got: Checkpoint, names: list[str], problems: list[str]) -> tuple[int, int, int]:
+def _compare_tensors(expected: Checkpoint, got: Checkpoint, names: list[str], problems: list[str],
+                     second_thread_after: Callable[[], None] | None) -> tuple[int, int, int]:
     """Every tensor of ``names`` that ``got`` holds against ``expected``; what differs is added to ``problems``.
     Returns (tensors compared, of which widened exactly, bytes read back)."""
     compared = widened = total = 0
@@ -85,14 +89,53 @@ def _compare_tensors(expected: Checkpoint, got: Checkpoint, names: list[str], pr
                 problems.append(f"{name}: {want.dtype} written, {have.dtype} read back with other values")
         else:
             to_compare.append((name, want, have))
-    # Two threads: the comparison runs at memory speed and numpy lets go of the GIL while it does; the source
-    # digest is done by now, so the second core is free.
-    with ThreadPoolExecutor(max_workers=_COMPARE_THREADS) as pool:
-        verdicts = list(pool.map(lambda item: same_bits(item[1], item[2], release=True), to_compare))
+    verdicts = _compare_on_threads(to_compare, second_thread_after)
     for (name, want, have), same in zip(to_compare, verdicts, strict=True):
         if not same:
             problems.append(f"{name}: {_count_differing(want, have)} element(s) differ from what was written")
     return compared, widened, total
+
+
+def _compare_on_threads(to_compare: list[tuple[str, np.ndarray, np.ndarray]],
+                        second_thread_after: Callable[[], None] | None) -> list[bool]:
+    """``same_bits`` of each pair, tensor by tensor from one shared list: this thread starts at once, a second
+    one (numpy lets go of the GIL while it compares) once ``second_thread_after`` returns, so it takes the core
+    the source digest leaves. The second thread is not waited for unless it took a tensor."""
+    verdicts: list[bool | None] = [None] * len(to_compare)
+    errors: list[BaseException] = []
+    progress = {"taken": 0, "done": 0}
+    changed = threading.Condition()
+
+    def work() -> None:
+        while True:
+            with changed:
+                index = progress["taken"]
+                if index == len(to_compare):
+                    return
+                progress["taken"] = index + 1
+            try:
+                _, want, have = to_compare[index]
+                verdicts[index] = same_bits(want, have, release=True)
+            except BaseException as exc:  # handed to the calling thread
+                errors.append(exc)
+            finally:
+                with changed:
+                    progress["done"] += 1
+                    changed.notify_all()
+
+    def second() -> None:
+        if second_thread_after is not None:
+            second_thread_after()
+        work()
+
+    if _COMPARE_THREADS > 1 and len(to_compare) > 1:
+        threading.Thread(target=second, name="read-back", daemon=True).start()
+    work()
+    with changed:
+        changed.wait_for(lambda: progress["done"] == progress["taken"])
+    if errors:
+        raise errors[0]
+    return [bool(v) for v in verdicts]
 
 
 def _flat_bytes(a: np.ndarray) -> np.ndarray:

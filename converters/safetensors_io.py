@@ -8,6 +8,7 @@ against the ``safetensors`` package.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -18,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.digests import pending_placeholders
+from convnextv2.converters.digests import LazySha256, late_headers, pending_placeholders
 from convnextv2.converters.streaming import TensorStreamer, write_array_bytes
 from convnextv2.converters.strict_json import parse_json_text
-from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.errors import BadInputError, CheckFailedError
 
 # A header larger than this is not a model header; refuse before reading it (no allocation by declared size).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -216,11 +217,30 @@ def write_safetensors(
             write_array_bytes(streamer, array)  # looked up here: fault-injection tests replace it
             if progress is not None:
                 progress.update(int(array.size) * array.dtype.itemsize)
-        if pending:
-            final = header
-            for digest in pending:
-                value = digest.result().encode()
-                if len(value) != len(digest.placeholder):
-                    raise AssertionError("a digest placeholder must have the digest's length")
-                final = final.replace(digest.placeholder.encode(), value)
-            os.pwrite(out.fileno(), final, 8)
+    if not pending:
+        return
+    rewrite = functools.partial(_write_digests, path, header, pending)
+    late = late_headers()
+    if late is None:
+        rewrite()
+    else:  # converters.save reads the file back meanwhile and finishes the rewrite after it
+        late.add(pending, rewrite)
+
+
+def _write_digests(path: str | os.PathLike[str], header: bytes, pending: list[LazySha256]) -> None:
+    """Replace the digests' placeholders in the header written at ``path`` with their values (the same length,
+    so nothing else moves) and read the header back."""
+    final = header
+    for digest in pending:
+        value = digest.result().encode()
+        if len(value) != len(digest.placeholder):
+            raise AssertionError("a digest placeholder must have the digest's length")
+        final = final.replace(digest.placeholder.encode(), value)
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.pwrite(fd, final, 8)
+        if os.pread(fd, len(final), 8) != final:
+            raise CheckFailedError(f"{path}: the header read back after writing the source digest into it differs "
+                                   "from what was written")
+    finally:
+        os.close(fd)

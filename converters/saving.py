@@ -20,6 +20,7 @@ from typing import Any
 
 from convnextv2.converters import format_limits, formats, publishing
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.converters.digests import LateHeaders, headers_written_late
 from convnextv2.converters.format_contract import Format
 from convnextv2.converters.fs_faults import check_destination
 from convnextv2.converters.read_back import read_back
@@ -94,10 +95,10 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
         # before publishing leaves nothing at all.
         with (publishing.atomic_file(dest, overwrite, expected_bytes=expected_bytes,
                                      stale_companions=companions) as target,
-              named_as(target, dest)):
+              named_as(target, dest), headers_written_late() as late):
             output.write(target)
             output.check(summary, target)
-            _check(summary, ckpt, expected, target, record, verify, named=dest)
+            _check(summary, ckpt, expected, target, record, verify, late, named=dest)
         return summary
     if not overwrite:  # a companion written beside the destination is refused before the work, as the main file
         for name in companions:
@@ -105,10 +106,11 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
                 raise BadInputError(f"{dest.parent / name} already exists; pass --overwrite to replace it")
     with publishing.staging_folder(dest, expected_bytes=expected_bytes) as work:
         staged = work / dest.name
-        with named_as(staged, dest):
-            output.write(staged)
-        output.check(summary, staged)
-        _check(summary, ckpt, expected, staged, record, verify)
+        with headers_written_late() as late:
+            with named_as(staged, dest):
+                output.write(staged)
+            output.check(summary, staged)
+            _check(summary, ckpt, expected, staged, record, verify, late)
         publishing.publish_staged(work, dest, overwrite, companions)
     return summary
 
@@ -168,11 +170,14 @@ def _announce(ckpt: Checkpoint, dest: Path, format: str, found: list[format_limi
 
 
 def _check(summary: dict[str, Any], ckpt: Checkpoint, expected: Checkpoint, output: Path, record: Format,
-           verify: bool, named: Path | None = None) -> None:
+           verify: bool, late: LateHeaders, named: Path | None = None) -> None:
+    # The source digest the writer hashes while it streams is still running: the read-back starts on the other
+    # core and takes both once the digest is done; the digest goes into the header after it (read back there).
     if record.readable:
-        summary["read_back"], written = read_back(expected, output, record, named=named)
+        summary["read_back"], written = read_back(expected, output, record, named=named, second_thread_after=late.wait)
     else:
         summary["read_back"], written = {"status": "not readable"}, expected
+    late.finish()
     if verify:
         summary["verify"] = _functional(ckpt, output, record.name, written)
 

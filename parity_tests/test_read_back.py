@@ -1,17 +1,22 @@
 """The read-back compares in chunks on two threads and gives compared pages back: it must still see every
 differing bit, wherever it lies in a tensor (first chunk, a chunk boundary, the last bytes past the last whole
-eight-byte lane), and the pages it gives back must read the same afterwards."""
+eight-byte lane), and the pages it gives back must read the same afterwards. It runs while the source digest is
+still being computed, and the digest still lands in the published header."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import mmap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from convnextv2 import converters
-from convnextv2.converters import formats
+from convnextv2.converters import digests, formats, saving
 from convnextv2.converters.read_back import CHUNK_BYTES, read_back, same_bits
 from convnextv2.converters.read_back import _flat_bytes as flat_bytes
 from convnextv2.converters.read_back import _read_only_mapping as read_only_mapping
@@ -96,3 +101,59 @@ def test_read_back_names_a_large_tensor_changed_on_disk(tmp_path):
     out.write_bytes(bytes(raw))
     with pytest.raises(CheckFailedError, match=rf"{BIG_TENSOR}: 1 element\(s\) differ"):
         read_back(ckpt, out, formats.get("canonical"))
+
+
+def test_read_back_does_not_wait_for_a_second_thread_that_has_not_started(tmp_path):
+    """The second comparing thread starts once the source digest is done; a read-back that ends before that must
+    neither wait for it nor miss a difference."""
+    source = tmp_path / "w.pt"
+    write_fixture(source, variant=WIDE, fmt="original", num_classes=10)
+    ckpt = converters.load(source)
+    out = tmp_path / "w.safetensors"
+    converters.save(ckpt, out, format="canonical")
+    free = threading.Event()
+    releaser = threading.Timer(30.0, free.set)  # a read-back that waits for the second thread takes 30 s
+    releaser.start()
+    try:
+        started = time.perf_counter()
+        summary, _ = read_back(ckpt, out, formats.get("canonical"), second_thread_after=free.wait)
+        assert summary["status"] == "exact" and time.perf_counter() - started < 20
+        header, data_start, _ = read_header(out)
+        begin, _ = header[BIG_TENSOR]["data_offsets"]
+        raw = bytearray(out.read_bytes())
+        raw[data_start + begin + 3] ^= 0x01
+        out.write_bytes(bytes(raw))
+        with pytest.raises(CheckFailedError, match=rf"{BIG_TENSOR}: 1 element\(s\) differ"):
+            read_back(ckpt, out, formats.get("canonical"), second_thread_after=free.wait)
+        assert time.perf_counter() - started < 20
+    finally:
+        releaser.cancel()
+        free.set()
+
+
+def test_the_read_back_runs_while_the_source_digest_is_computed_and_the_digest_lands_in_the_header(tmp_path,
+                                                                                                  monkeypatch):
+    """converters.save reads the output back while the source's sha256 is still being computed, then writes the
+    digest into the header: the published file records hashlib's digest of the source."""
+    source = tmp_path / "w.pt"
+    write_fixture(source, variant=WIDE, fmt="original", num_classes=10)
+    reading_back = threading.Event()
+    overlapped: list[bool] = []
+    hash_mapped, real_read_back = digests._hash_mapped, saving.read_back
+
+    def slow_digest(*args):
+        overlapped.append(reading_back.wait(timeout=30))  # a save that waits for the digest first times out
+        return hash_mapped(*args)
+
+    def marked_read_back(*args, **kwargs):
+        reading_back.set()
+        return real_read_back(*args, **kwargs)
+
+    monkeypatch.setattr(digests, "_hash_mapped", slow_digest)
+    monkeypatch.setattr(saving, "read_back", marked_read_back)
+    out = tmp_path / "w.safetensors"
+    assert converters.save(converters.load(source), out, format="canonical")["read_back"]["status"] == "exact"
+    assert overlapped == [True]
+    header, _, _ = read_header(out)
+    recorded = json.loads(header["__metadata__"]["source"])["sha256"]
+    assert recorded == hashlib.sha256(source.read_bytes()).hexdigest()
