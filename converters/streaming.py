@@ -33,10 +33,12 @@ def write_array_bytes(out: Any, array: np.ndarray) -> None:
 # Bytes moved per system call / per bounce-buffer fill: large enough that call overhead is nothing, small
 # enough that memory stays flat.
 STREAM_CHUNK = 16 * 1024 * 1024
-# Written data is handed to the disk every WRITEBACK_WINDOW bytes and waited for one window later: the final
-# fsync then has little left to do. The pages stay cached (clean, reclaimable like any file's): converters.save
-# reads every output back at once, and from memory that costs a fraction of reading it from the disk.
+# Written data is handed to the disk every WRITEBACK_WINDOW bytes and waited for WRITEBACK_LAG windows later:
+# the copy runs ahead of the disk by at most that much (what is dirty or in flight stays bounded), and the final
+# fsync has little left, which drains while converters.save reads the output back. The pages stay cached (clean,
+# reclaimable like any file's): that read-back reads them from memory, a fraction of reading them from the disk.
 WRITEBACK_WINDOW = 64 * 1024 * 1024
+WRITEBACK_LAG = 4
 _SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
@@ -107,6 +109,7 @@ class TensorStreamer:
                 self.fd = None
         self.synced_to = 0
         self.kicked_to = 0
+        self.kicks: list[int] = []  # the ends of the windows handed to the disk and not yet waited for
         self.sync_file_range = _libc_function("sync_file_range") if self.fd is not None else None
 
     def __enter__(self) -> TensorStreamer:
@@ -146,15 +149,17 @@ class TensorStreamer:
         import ctypes
 
         fd = self.fd
-        # Start writing the new window without waiting; wait for the one before it.
+        # Start writing the new window without waiting; wait for the one WRITEBACK_LAG windows before it.
         self.sync_file_range(fd, ctypes.c_int64(self.kicked_to), ctypes.c_int64(position - self.kicked_to),
                              ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
-        if self.kicked_to > self.synced_to:
-            self.sync_file_range(
-                fd, ctypes.c_int64(self.synced_to), ctypes.c_int64(self.kicked_to - self.synced_to),
-                ctypes.c_uint(_SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER))
-            self.synced_to = self.kicked_to
         self.kicked_to = position
+        self.kicks.append(position)
+        if len(self.kicks) > WRITEBACK_LAG:
+            wait_to = self.kicks.pop(0)
+            self.sync_file_range(
+                fd, ctypes.c_int64(self.synced_to), ctypes.c_int64(wait_to - self.synced_to),
+                ctypes.c_uint(_SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER))
+            self.synced_to = wait_to
 
     # -------------------------------------------------------------- input side
 

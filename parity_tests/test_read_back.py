@@ -17,6 +17,7 @@ import pytest
 
 from convnextv2 import converters
 from convnextv2.converters import digests, formats, saving
+from convnextv2.converters import read_back as read_back_module
 from convnextv2.converters.read_back import CHUNK_BYTES, read_back, same_bits
 from convnextv2.converters.read_back import _flat_bytes as flat_bytes
 from convnextv2.converters.read_back import _read_only_mapping as read_only_mapping
@@ -48,6 +49,18 @@ def test_same_bits_sees_one_differing_byte_anywhere(tmp_path, where):
     assert same_bits(a, _mapped(tmp_path, data, "c.bin"), release=True)
     assert not same_bits(a, b, release=True)
     assert not same_bits(data, other)
+
+
+@pytest.mark.parametrize("where", [0, CHUNK_BYTES - 1, CHUNK_BYTES + 8, 2 * CHUNK_BYTES + 5, -1])
+def test_same_bits_without_memcmp_sees_one_differing_byte_anywhere(tmp_path, where, monkeypatch):
+    """The numpy comparison used where libc's memcmp cannot be loaded: eight-byte lanes, then the bytes after."""
+    monkeypatch.setattr(read_back_module, "_MEMCMP", None)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, size=2 * CHUNK_BYTES + 4099, dtype=np.uint8)
+    other = data.copy()
+    other[where] ^= 0x80
+    assert same_bits(_mapped(tmp_path, data, "a.bin"), _mapped(tmp_path, data, "c.bin"), release=True)
+    assert not same_bits(_mapped(tmp_path, data, "a.bin"), _mapped(tmp_path, other, "b.bin"), release=True)
 
 
 def test_same_bits_tells_signed_zeros_and_nan_payloads_apart():
