@@ -145,14 +145,10 @@ class FileSource:
 Source = Checkpoint | FileSource
 
 
-class Runner:
-    """One runner opened on one source. ``activate`` and ``deactivate`` bracket each ``infer`` (a subclass may load
-    a session in one and drop it in the other); ``infer`` returns the features at a precision."""
+class RecordView:
+    """What a registered runner and an opened one both answer from their record."""
 
-    def __init__(self, record: RunnerRecord, source: Source, context: RunContext | None = None) -> None:
-        self.record = record
-        self.source = source
-        self.context = context or RunContext()
+    record: RunnerRecord
 
     @property
     def name(self) -> str:
@@ -165,6 +161,19 @@ class Runner:
     @property
     def precisions(self) -> tuple[str, ...]:
         return self.record.precisions
+
+    def availability(self) -> str | None:
+        return self.record.availability()
+
+
+class Runner(RecordView):
+    """One runner opened on one source. ``activate`` and ``deactivate`` bracket each ``infer`` (a subclass may load
+    a session in one and drop it in the other); ``infer`` returns the features at a precision."""
+
+    def __init__(self, record: RunnerRecord, source: Source, context: RunContext | None = None) -> None:
+        self.record = record
+        self.source = source
+        self.context = context or RunContext()
 
     @property
     def label(self) -> str:
@@ -186,9 +195,6 @@ class Runner:
     @property
     def file(self) -> FileSource | None:
         return self.source if isinstance(self.source, FileSource) else None
-
-    def availability(self) -> str | None:
-        return self.record.availability()
 
     def activate(self) -> None:
         pass

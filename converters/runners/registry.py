@@ -6,26 +6,18 @@ import dataclasses
 from collections.abc import Callable
 
 from convnextv2.converters.runners import deployment, onnxruntime_runner, peers, references
-from convnextv2.converters.runners.base import RunContext, Runner, RunnerRecord, Source
+from convnextv2.converters.runners.base import RecordView, RunContext, Runner, RunnerRecord, Source
 from convnextv2.reference.errors import BadInputError
 
 Factory = Callable[[RunnerRecord, Source, RunContext], Runner]
 
 
 @dataclasses.dataclass
-class Entry:
+class Entry(RecordView):
     """A registered runner: its record and how to open it on a source."""
 
     record: RunnerRecord
     factory: Factory
-
-    @property
-    def name(self) -> str:
-        return self.record.name
-
-    @property
-    def kind(self) -> str:
-        return self.record.kind
 
     @property
     def description(self) -> str:
@@ -34,9 +26,6 @@ class Entry:
     @property
     def dtypes(self) -> tuple[str, ...]:
         return self.record.precisions
-
-    def availability(self) -> str | None:
-        return self.record.availability()
 
     def open(self, source: Source, context: RunContext | None = None) -> Runner:
         return self.factory(self.record, source, context or RunContext())
