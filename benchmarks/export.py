@@ -30,7 +30,7 @@ import json, sys, time
 start = time.perf_counter()
 import numpy as np, torch
 from convnextv2.converters.torchzip import read_torch_zip
-from convnextv2.parity_tests.peers import import_timm
+from convnextv2.converters.runners.peers import import_timm
 timm = import_timm()
 from timm.models.convnext import checkpoint_filter_fn
 imported = time.perf_counter()

@@ -68,8 +68,8 @@ def _latency(session: Any, images: np.ndarray, repeats: int) -> float:
 def latency(work: Path, repeats: int, threads: int, log: Any) -> list[dict[str, Any]]:
     import torch
 
+    from convnextv2.converters.runners.peers import import_timm
     from convnextv2.converters.torchzip import read_torch_zip
-    from convnextv2.parity_tests.peers import import_timm
 
     timm = import_timm()
     from timm.models.convnext import checkpoint_filter_fn

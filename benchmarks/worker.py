@@ -74,8 +74,8 @@ class Runtimes:
 
     def build_timm(self, spec: dict[str, Any]) -> Any:
         torch = self._torch_common()
+        from convnextv2.converters.runners.peers import import_timm
         from convnextv2.converters.torchzip import read_torch_zip
-        from convnextv2.parity_tests.peers import import_timm
 
         timm = import_timm()
         from timm.models.convnext import checkpoint_filter_fn
@@ -92,7 +92,7 @@ class Runtimes:
 
     def build_transformers(self, spec: dict[str, Any]) -> Any:
         torch = self._torch_common()
-        from convnextv2.parity_tests.peers import import_transformers
+        from convnextv2.converters.runners.peers import import_transformers
 
         transformers = import_transformers()
         if spec.get("hf_dir"):

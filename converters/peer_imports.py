@@ -3,7 +3,8 @@
 The only torchvision for torch 2.13 is a CUDA build whose import fails beside CPU torch on one unguarded
 fake-kernel registration ("operator torchvision::nms does not exist"); timm and transformers import it.
 ConvNeXt V2 uses none of torchvision's compiled ops, so skipping that registration while torchvision imports is
-harmless. Here, below both `converters.runners` and `parity_tests.peers`, so that both use the one guard.
+harmless. Here, below `converters.runners.peers` (the peers and their import helpers), so that every import of
+a peer uses the one guard.
 """
 
 from __future__ import annotations

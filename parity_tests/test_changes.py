@@ -26,7 +26,7 @@ def _hf_folder(tmp_path: Path, *, num_labels: int | None, name: str = "hf") -> P
     norms perturbed away from identity so that the eps matters."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("torch")
-    from convnextv2.parity_tests.peers import import_transformers
+    from convnextv2.converters.runners.peers import import_transformers
 
     try:
         transformers = import_transformers()
@@ -52,7 +52,7 @@ def _transformers_eps_difference(folder: Path, headless: bool) -> float:
     """The same move measured independently: transformers itself in float64, at eps 1e-12 and at 1e-6."""
     import torch
 
-    from convnextv2.parity_tests.peers import import_transformers
+    from convnextv2.converters.runners.peers import import_transformers
 
     transformers = import_transformers()
     cls = transformers.ConvNextV2Model if headless else transformers.ConvNextV2ForImageClassification

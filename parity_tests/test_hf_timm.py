@@ -29,9 +29,9 @@ import torch
 from convnextv2 import converters, fixtures, reference
 from convnextv2.converters import hf as hf_format
 from convnextv2.converters import timm as timm_format
+from convnextv2.converters.runners.peers import import_timm, import_transformers
 from convnextv2.converters.safetensors_io import write_safetensors
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors
-from convnextv2.parity_tests.peers import import_timm, import_transformers
 from convnextv2.reference import parity_rule
 from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.parity_rule import seeded_images
@@ -468,7 +468,7 @@ TF_SCRIPT = """
 import os, sys
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 import numpy as np
-from convnextv2.parity_tests.peers import import_transformers
+from convnextv2.converters.runners.peers import import_transformers
 transformers = import_transformers(tensorflow=True)
 model = transformers.TFConvNextV2ForImageClassification.from_pretrained(sys.argv[1], from_pt=True)
 images = np.load(sys.argv[2])

@@ -24,9 +24,9 @@ import torch
 from convnextv2 import converters, fixtures, reference
 from convnextv2.converters import hf as hf_format
 from convnextv2.converters.checkpoint import Preprocessing
+from convnextv2.converters.runners.peers import import_timm, import_transformers
 from convnextv2.fixtures.hub_folders import commit_hash, write_hub_cache, write_hub_folder
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors, run_cli
-from convnextv2.parity_tests.peers import import_timm, import_transformers
 from convnextv2.reference import parity_rule
 from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.parity_rule import seeded_images

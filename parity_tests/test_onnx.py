@@ -363,8 +363,8 @@ def test_refuses_tanh_gelu_with_the_node_named(tmp_path):
 def _timm_model(ckpt, tmp_path: Path, constructor: str):
     import torch
 
+    from convnextv2.converters.runners.peers import import_timm
     from convnextv2.converters.torchzip import read_torch_zip
-    from convnextv2.parity_tests.peers import import_timm
 
     timm = import_timm()
     from timm.models.convnext import checkpoint_filter_fn
@@ -381,7 +381,7 @@ def _timm_model(ckpt, tmp_path: Path, constructor: str):
 def _hf_model(ckpt, head_eps: float):
     import torch
 
-    from convnextv2.parity_tests.peers import import_transformers
+    from convnextv2.converters.runners.peers import import_transformers
 
     tr = import_transformers()
     config = tr.ConvNextV2Config(depths=list(ckpt.config.depths), hidden_sizes=list(ckpt.config.dims),

@@ -41,7 +41,7 @@ def _needs(module: str, why: str) -> None:
 
 
 def _timm():
-    from convnextv2.parity_tests.peers import import_timm
+    from convnextv2.converters.runners.peers import import_timm
 
     return import_timm()
 
@@ -324,7 +324,7 @@ def test_preprocessing_is_the_graph_input_size_and_marked_assumed(tmp_path, ours
 @pytest.mark.peers
 def test_optimum_export_of_a_transformers_folder(tmp_path):
     _needs("optimum.exporters.onnx", "optimum-onnx makes this artifact; it needs transformers < 4.58")
-    from convnextv2.parity_tests.peers import import_transformers
+    from convnextv2.converters.runners.peers import import_transformers
 
     folder = foreign.transformers_folder(import_transformers(), tmp_path / "hf", (1, 1, 2, 1), (12, 24, 48, 96), 10)
     path = foreign.optimum_export(folder, tmp_path / "optimum")

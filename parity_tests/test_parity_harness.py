@@ -180,7 +180,7 @@ def test_image_pipeline_matches_timm_transforms(tmp_path):
     """timm's eval transform (torchvision on Pillow) is the independent oracle for resize, crop, normalise."""
     from PIL import Image
 
-    from convnextv2.parity_tests.peers import import_timm
+    from convnextv2.converters.runners.peers import import_timm
 
     timm = import_timm()
     from timm.data import create_transform

@@ -26,9 +26,9 @@ from click.testing import CliRunner
 
 from convnextv2 import converters, fixtures
 from convnextv2.converters import hf as hf_format
+from convnextv2.converters.runners.peers import import_transformers
 from convnextv2.parity_tests import runtimes
 from convnextv2.parity_tests.conftest_helpers import assert_same_tensors
-from convnextv2.parity_tests.peers import import_transformers
 
 pytestmark = [pytest.mark.peers, pytest.mark.torch]
 

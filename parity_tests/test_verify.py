@@ -122,7 +122,7 @@ def test_onnx_import_runs_the_graph_and_refuses_one_whose_function_differs_from_
 
 def test_verify_runs_a_transformers_folder_by_transformers_and_the_output_by_its_runtime(tmp_path):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from convnextv2.parity_tests.peers import import_transformers
+    from convnextv2.converters.runners.peers import import_transformers
 
     try:
         transformers = import_transformers()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from convnextv2.parity_tests.peers import import_timm
+    from convnextv2.converters.runners.peers import import_timm
 
     import_timm()
     from timm.data import ImageNetInfo
