@@ -32,6 +32,7 @@ from convnextv2.reference.errors import (
     ConvNeXtV2Error,
     MissingDependencyError,
     SchemaError,
+    UnplacedKeysError,
     UnsafeCheckpointError,
 )
 
@@ -44,7 +45,14 @@ def load(path: str | os.PathLike[str], format: str = "auto", **options: Any) -> 
     name = detect_format(path) if format == "auto" else format
     record = get_format(name)
     check_options(record.read, options, "reading", name)
-    ckpt: Checkpoint = record.read(path, **options)
+    try:
+        ckpt: Checkpoint = record.read(path, **options)
+    except UnplacedKeysError as exc:
+        # A reader knows only its own naming; which family and naming the keys are closest to is asked here,
+        # where every format is known (the V1 refusal, the nearest naming's first unplaced keys).
+        from convnextv2.converters.families import explain
+
+        raise explain(exc) from None
     ckpt.file = _identity(name, path, ckpt)
     return ckpt
 

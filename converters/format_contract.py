@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convnextv2.converters.checkpoint import Checkpoint
+from convnextv2.reference.keymap import KeyTable
 
 if TYPE_CHECKING:  # annotations only: format_limits builds the Change objects, this module only names them
     from convnextv2.converters.format_limits import Change
@@ -43,6 +44,18 @@ def tensor_bytes(ckpt: Checkpoint, options: Mapping[str, Any]) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Naming:
+    """How a format names a state dict's tensors, for finding a model inside a wrapper and for telling a user
+    which naming an unreadable file is closest to (converters/wrapped.py, converters/families.py).
+
+    ``anchors``: keys every state dict of this naming has (the first block's depthwise weight), by which a
+    wrapper's prefix is found; ``tables``: the format's key tables, each layout it reads."""
+
+    anchors: tuple[str, ...]
+    tables: tuple[KeyTable, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Format:
     """One checkpoint format.
 
@@ -62,7 +75,8 @@ class Format:
     *, options)``: a writer that must know the name and place its output will be published as while it fills
     an unnamed ``target`` (a torch zip's archive name, a progress label, a scratch file on the destination's
     filesystem); ``write(ckpt, path)`` is then ``write_as(ckpt, path, path)``. ``output_bytes(ckpt, options)``:
-    the output's size where it is known before writing, for the free-space check.
+    the output's size where it is known before writing, for the free-space check. ``naming``: how a format
+    that stores a state dict names its tensors (None for graphs and archives).
     """
 
     name: str
@@ -78,6 +92,7 @@ class Format:
     gated: bool = False
     write_as: Callable[..., None] | None = None
     output_bytes: Callable[[Checkpoint, Mapping[str, Any]], int | None] = size_unknown
+    naming: Naming | None = None
 
 
-__all__ = ["Format", "always", "carries_everything", "never", "no_companions", "size_unknown", "tensor_bytes"]
+__all__ = ["Format", "Naming", "always", "carries_everything", "never", "no_companions", "size_unknown", "tensor_bytes"]

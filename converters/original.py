@@ -20,9 +20,11 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
-from convnextv2.converters.format_contract import Format, always, tensor_bytes
+from convnextv2.converters.format_contract import Format, Naming, always, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps, replaced_preprocessing
+from convnextv2.converters.inert import Inert
 from convnextv2.converters.progress import byte_progress
+from convnextv2.converters.state_files import select_weights
 from convnextv2.converters.torchzip import (
     PickledNamespace,
     is_legacy_torch,
@@ -30,8 +32,9 @@ from convnextv2.converters.torchzip import (
     read_torch_zip,
     write_torch_zip,
 )
+from convnextv2.converters.wrapped import unwrap
 from convnextv2.reference import layouts, schema
-from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.errors import BadInputError, UnplacedKeysError
 from convnextv2.reference.keymap import KeyTable, Rule
 from convnextv2.reference.variants import check_variant
 
@@ -93,10 +96,6 @@ def sniff(path: Path) -> bool:
     return path.is_file() and (is_torch_zip(path) or is_legacy_torch(path))
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
-
-
 def _plain(value: Any) -> Any:
     """JSON-friendly copy of plain pickled data (args, epoch) for the record."""
     if isinstance(value, Mapping):
@@ -107,54 +106,44 @@ def _plain(value: Any) -> Any:
         return value.decode("latin-1")
     if isinstance(value, np.ndarray):
         return f"<tensor {list(value.shape)} {value.dtype}>"
+    if isinstance(value, Inert):
+        return repr(value)
     return value
 
 
-def select_state_dict(obj: Any, ema: bool, where: str) -> tuple[Mapping[str, np.ndarray], dict[str, Any]]:
-    """Find the model weights in a loaded checkpoint; return them and the plain-data leftovers."""
-    info: dict[str, Any] = {}
-    if _is_state_dict(obj):
-        if ema:
-            raise BadInputError(f"{where}: --ema asked for model_ema, but the file is a bare state dict")
-        return obj, {"container": "bare"}
-    if not isinstance(obj, Mapping):
-        raise BadInputError(f"{where}: expected a dict checkpoint, found {type(obj).__name__}")
-    key = "model_ema" if ema else "model"
-    if key not in obj:
-        hint = " (the file has 'model'; drop --ema)" if ema and "model" in obj else ""
-        raise BadInputError(f"{where}: no {key!r} entry; top-level keys are {sorted(map(str, obj))[:10]}{hint}")
-    state = obj[key]
-    if not isinstance(state, Mapping):
-        raise BadInputError(f"{where}: {key!r} is a {type(state).__name__}, not a state dict")
-    bad = [str(k) for k, v in state.items() if not isinstance(v, np.ndarray)]
-    if bad:
-        raise BadInputError(f"{where}: {key!r} holds non-tensor entries {bad[:5]}")
-    info["container"] = key
-    for extra in ("epoch", "args"):
-        if extra in obj:
-            info[extra] = _plain(obj[extra])
-    dropped = sorted(str(k) for k in obj if k not in (key, "epoch", "args"))
-    if dropped:
-        info["dropped"] = dropped
-    return state, info
+# Plain training data kept beside the weights and written back into the layout it came from.
+KEPT_ENTRIES = ("epoch", "args")
+# The key every dense original state dict has (first block's depthwise weight): where it sits tells the prefix.
+ANCHORS = ("stages.0.0.dwconv.weight",)
+# The raw pretraining checkpoints' MinkowskiEngine encoder: sparse kernels under "encoder.".
+_SPARSE_MARKER = re.compile(r"^encoder\.stages\.\d+\.\d+\.dwconv\.kernel$")
 
 
-def _strip_module_prefix(state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
+def select_state_dict(obj: Any, ema: bool, where: str, prefix: str | None = None
+                      ) -> tuple[Mapping[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """The original state dict in a loaded checkpoint: (state dict with any wrapper prefix removed, the
+    plain-data leftovers for ``info``, what the wrapper was for ``Source.layout``)."""
+    weights = select_weights(obj, where, ema=ema, keep=KEPT_ENTRIES)
+    info: dict[str, Any] = {"container": weights.container}
+    info.update({name: _plain(value) for name, value in weights.kept.items()})
+    if weights.skipped:
+        info["skipped"] = weights.skipped
+    state: Mapping[str, np.ndarray] = weights.state
+    wrapper: dict[str, Any] = {}
+    if not (prefix is None and any(_SPARSE_MARKER.match(k) for k in state)):
+        wrapped = unwrap(state, ANCHORS, where, NAME, prefix=prefix)
+        state, wrapper = wrapped.state, wrapped.layout()
+    return state, info, wrapper
 
 
 def detect_layout(state: Mapping[str, np.ndarray]) -> str:
-    if any(k.startswith("encoder.") for k in state):
+    if any(_SPARSE_MARKER.match(k) for k in state):
         return "fcmae-sparse"
     return "finetuned" if "head.weight" in state else "fcmae"
 
 
 def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], str, list[int] | None]:
     """Rename/reshape an original state dict; returns (canonical tensors, layout, stored GRN shape)."""
-    state = _strip_module_prefix(state)
     layout = detect_layout(state)
     table = key_table(layout)
     tensors: dict[str, np.ndarray] = {}
@@ -173,7 +162,8 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
             grn_shape = [1] * (array.ndim - 1) + [-1]
         tensors[name] = rule.transform.to_canonical(array, f"{where}: {key}")
     if unknown:
-        raise BadInputError(f"{where}: {len(unknown)} key(s) not in the {layout} layout: {', '.join(unknown[:10])}")
+        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, unknown,
+                                f"{where}: {len(unknown)} key(s) not in the {layout} layout: {', '.join(unknown[:10])}")
     return tensors, layout, grn_shape
 
 
@@ -183,16 +173,18 @@ def preprocessing_from_name(file_name: str) -> Preprocessing:
     return (Preprocessing.for_resolution(int(match.group(1))) if match else Preprocessing()).with_origin("assumed")
 
 
-def read(path: Path, *, variant: str | None = None, ema: bool = False) -> Checkpoint:
-    return read_named(path, path.name, variant=variant, ema=ema)
+def read(path: Path, *, variant: str | None = None, ema: bool = False, prefix: str | None = None) -> Checkpoint:
+    """``prefix``: where the model sits in a wrapper's state dict (``backbone.``), when several places hold one."""
+    return read_named(path, path.name, variant=variant, ema=ema, prefix=prefix)
 
 
-def read_named(path: Path, file_name: str, *, variant: str | None = None, ema: bool = False) -> Checkpoint:
+def read_named(path: Path, file_name: str, *, variant: str | None = None, ema: bool = False,
+               prefix: str | None = None) -> Checkpoint:
     """``read`` of a file as though it were called ``file_name``: the preprocessing a .pt file implies comes
     from its name, and a conversion reads its output back before the output has one."""
     where = str(path)
     obj = read_torch_zip(path)
-    state, info = select_state_dict(obj, ema, where)
+    state, info, wrapper = select_state_dict(obj, ema, where, prefix)
     tensors, layout, grn_shape = state_dict_to_canonical(state, where)
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
     ckpt = Checkpoint(
@@ -203,7 +195,7 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, ema: b
             format=NAME,
             file_name=file_name,
             digest=lazy_sha256(path),  # a full read: done when needed
-            layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema},
+            layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema, **wrapper},
         ),
         info=info,
     )
@@ -299,4 +291,5 @@ def write_as(ckpt: Checkpoint, path: Path, dest: Path, *, layout: str | None = N
 # build and check it unnamed.
 FORMAT = Format(NAME, sniff, read, write, unnamed_build=always,
                 unrepresentable=unrepresentable,
-                read_as=read_named, runner="torch", write_as=write_as, output_bytes=tensor_bytes)
+                read_as=read_named, runner="torch", write_as=write_as, output_bytes=tensor_bytes,
+                naming=Naming(ANCHORS, (DENSE, SPARSE)))

@@ -15,27 +15,104 @@ from typing import Any
 
 import numpy as np
 
+from convnextv2.converters.inert import Inert, inert_globals
 from convnextv2.converters.safetensors_io import is_safetensors, read_safetensors, sniff_header
 from convnextv2.converters.strict_json import load_json
 from convnextv2.converters.torchzip import is_torch_zip, read_torch_zip
 from convnextv2.reference import schema
-from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.errors import BadInputError, UnsafeCheckpointError
+
+# ------------------------------------------------------------ the weights inside a checkpoint's container
+
+# Where training code puts the weights: facebookresearch and DeiT-style scripts under "model" (and the EMA copy
+# under "model_ema"), mmengine, Lightning and open_clip under "state_dict", DeepSpeed under "module".
+WEIGHT_ENTRIES = ("model", "state_dict", "module")
+EMA_ENTRY = "model_ema"
+
+
+@dataclasses.dataclass
+class Weights:
+    """The state dict found in a loaded checkpoint and what surrounded it.
+
+    ``container``: "bare" or the entry the weights came from. ``kept``: the entries a format asked to keep
+    (plain data, as the file has them). ``skipped``: every other entry, with the placeholders it holds by
+    the global the file named (torchzip.Inert: read, never constructed)."""
+
+    state: dict[str, np.ndarray]
+    container: str
+    kept: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    def skipped_note(self) -> str | None:
+        if not self.skipped:
+            return None
+        parts = []
+        for entry, inert in self.skipped.items():
+            held = ", ".join(f"{name} x{count}" for name, count in inert.items())
+            parts.append(f"{entry} ({held})" if held else entry)
+        return "skipped: " + ", ".join(parts)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def _refuse_inert(value: Any, where: str, what: str) -> None:
+    if isinstance(value, Inert):
+        raise UnsafeCheckpointError(
+            f"{where}: {what} is a pickled {value.pickled_global}, not a checkpoint; refusing pickled global "
+            f"{value.pickled_global}: nothing of it was constructed or run")
+
+
+def _check_tensors(state: Mapping[Any, Any], where: str, entry: str) -> dict[str, np.ndarray]:
+    for key, value in state.items():
+        _refuse_inert(value, where, f"{entry!r} entry {key!r}")
+    bad = [str(k) for k, v in state.items() if not isinstance(v, np.ndarray)]
+    if bad:
+        raise BadInputError(f"{where}: {entry!r} holds non-tensor entries {bad[:5]}")
+    return {str(k): v for k, v in state.items()}
+
+
+def select_weights(obj: Any, where: str, *, ema: bool = False, keep: tuple[str, ...] = (),
+                   entries: tuple[str, ...] = WEIGHT_ENTRIES) -> Weights:
+    """The weights in a loaded checkpoint: a bare state dict, or the first of ``entries`` the file has
+    (``ema``: ``model_ema``). Nothing beside them is interpreted: ``keep`` names the entries returned as they
+    are, every other one is reported as skipped."""
+    _refuse_inert(obj, where, "the file's object")
+    if _is_state_dict(obj):
+        if ema:
+            raise BadInputError(f"{where}: --ema asked for {EMA_ENTRY}, but the file is a bare state dict")
+        return Weights({str(k): v for k, v in obj.items()}, "bare")
+    if not isinstance(obj, Mapping):
+        raise BadInputError(f"{where}: expected a dict checkpoint, found {type(obj).__name__}")
+    wanted = (EMA_ENTRY,) if ema else entries
+    found = next((name for name in wanted if name in obj), None)
+    if found is None:
+        hint = " (the file has 'model'; drop --ema)" if ema and "model" in obj else ""
+        expected = " or ".join(repr(name) for name in wanted)
+        raise BadInputError(f"{where}: no {expected} entry holding the weights; top-level keys are "
+                            f"{sorted(map(str, obj))[:10]}{hint}")
+    state = obj[found]
+    _refuse_inert(state, where, f"{found!r}")
+    if not isinstance(state, Mapping):
+        raise BadInputError(f"{where}: {found!r} is a {type(state).__name__}, not a state dict")
+    weights = Weights(_check_tensors(state, where, found), found)
+    for name, value in obj.items():
+        if name == found:
+            continue
+        if name in keep:
+            weights.kept[str(name)] = value
+        else:
+            weights.skipped[str(name)] = dict(sorted(inert_globals(value).items()))
+    return weights
 
 
 def read_state_file(path: Path, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, safetensors metadata) of a safetensors file or a bare torch-zip state dict (safe reader)."""
+    """(tensors, safetensors metadata) of a safetensors file or a torch-zip state dict (safe reader)."""
     if is_safetensors(path):
         return read_safetensors(path)
     if is_torch_zip(path):
-        obj = read_torch_zip(path)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping) or not obj:
-            raise BadInputError(f"{where}: expected a state dict, found {type(obj).__name__}")
-        bad = [str(k) for k, v in obj.items() if not isinstance(v, np.ndarray)]
-        if bad:
-            raise BadInputError(f"{where}: the state dict holds non-tensor entries {bad[:5]}")
-        return {str(k): v for k, v in obj.items()}, {}
+        return select_weights(read_torch_zip(path), where).state, {}
     raise BadInputError(f"{where}: not a safetensors file or a torch zip state dict")
 
 
@@ -49,10 +126,7 @@ def peek_keys(path: Path) -> list[str]:
                 return []  # a canonical file
             return [k for k in header if k != "__metadata__"]
         if is_torch_zip(path):
-            obj = read_torch_zip(path)
-            if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-                obj = obj["state_dict"]
-            return [str(k) for k in obj] if isinstance(obj, Mapping) else []
+            return list(select_weights(read_torch_zip(path), str(path)).state)
     except Exception:  # a sniffer must answer, never raise
         return []
     return []

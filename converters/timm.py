@@ -35,7 +35,7 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
-from convnextv2.converters.format_contract import Format, tensor_bytes
+from convnextv2.converters.format_contract import Format, Naming, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import write_safetensors
@@ -49,8 +49,9 @@ from convnextv2.converters.state_files import (
 )
 from convnextv2.converters.strict_json import load_json
 from convnextv2.converters.toolkit_metadata import embedded_metadata, restore_embedded
+from convnextv2.converters.wrapped import candidate_prefixes, unwrap
 from convnextv2.reference import schema
-from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.errors import BadInputError, UnplacedKeysError
 from convnextv2.reference.keymap import KeyTable, Rule
 from convnextv2.reference.layouts import CONV_MLP, IDENTITY, TIMM_GRN, Layout
 from convnextv2.reference.variants import IN_CHANNELS, ModelConfig, check_variant
@@ -89,17 +90,12 @@ KEYS = _keys(IDENTITY)
 CONV_MLP_KEYS = _keys(CONV_MLP)
 
 
-def _strip_module_prefix(keys_or_state: Any) -> Any:
-    if keys_or_state and all(str(k).startswith("module.") for k in keys_or_state):
-        if isinstance(keys_or_state, Mapping):
-            return {k[len("module."):]: v for k, v in keys_or_state.items()}
-        return [k[len("module."):] for k in keys_or_state]
-    return keys_or_state
+# The key every timm ConvNeXt state dict has (first block's depthwise weight): where it sits tells the prefix.
+ANCHORS = ("stages.0.blocks.0.conv_dw.weight",)
 
 
 def _looks_timm(keys: list[str]) -> bool:
-    keys = _strip_module_prefix(keys)
-    return "stem.0.weight" in keys and any(".blocks." in k and ".conv_dw." in k for k in keys)
+    return bool(candidate_prefixes(keys, ANCHORS))
 
 
 def _hub_weights(directory: Path) -> Path | None:
@@ -142,7 +138,6 @@ def sniff(path: Path) -> bool:
 
 def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tuple[dict[str, np.ndarray], bool]:
     """timm keys -> canonical tensors; returns (tensors, whether the MLP weights were 1x1 convolutions)."""
-    state = _strip_module_prefix(state)
     tensors: dict[str, np.ndarray] = {}
     unknown: list[str] = []
     conv_mlp: set[bool] = set()
@@ -163,7 +158,8 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
             conv_mlp.add(layout is CONV_MLP)
         tensors[name] = layout.to_canonical(array, f"{where}: {key}")
     if unknown:
-        raise BadInputError(f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 timm keys: {', '.join(unknown[:10])}")
+        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, unknown,
+                                f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 timm keys: {', '.join(unknown[:10])}")
     if len(conv_mlp) > 1:
         raise BadInputError(f"{where}: MLP weights mix 1x1-conv (4-D) and linear (2-D) shapes")
     return tensors, conv_mlp == {True}
@@ -204,8 +200,10 @@ def _config_beside(weights: Path) -> Path | None:
     return None
 
 
-def read(path: Path, *, variant: str | None = None, revision: str | None = None) -> Checkpoint:
-    """``revision``: a branch, tag or commit of a huggingface_hub cache folder (default: main)."""
+def read(path: Path, *, variant: str | None = None, revision: str | None = None, prefix: str | None = None
+         ) -> Checkpoint:
+    """``revision``: a branch, tag or commit of a huggingface_hub cache folder (default: main). ``prefix``:
+    where the model sits in a wrapper's state dict (open_clip's ``visual.trunk.``), when several places hold one."""
     where = str(path)
     folder: HubFolder = hub_folder(path, revision)
     if folder.directory != path:
@@ -217,7 +215,8 @@ def read(path: Path, *, variant: str | None = None, revision: str | None = None)
     else:
         weights = path
     state, meta = read_weights(weights)
-    tensors, conv_mlp = state_dict_to_canonical(state, str(weights))
+    wrapped = unwrap(state, ANCHORS, str(weights), NAME, prefix=prefix)
+    tensors, conv_mlp = state_dict_to_canonical(wrapped.state, str(weights))
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))
     embedded = restore_embedded(meta, str(weights))
     config_path = _config_beside(weights)
@@ -248,7 +247,8 @@ def read(path: Path, *, variant: str | None = None, revision: str | None = None)
                           f"defaults ({pre.input_size}px, crop_pct {pre.crop_pct})", UserWarning, stacklevel=2)
         digest = source_digest(folder.directory if path.is_dir() else path)
         source = Source(format=NAME, file_name=path.name, digest=digest,
-                        layout={"conv_mlp": conv_mlp, "weights_file": weights.name, **folder.layout()})
+                        layout={"conv_mlp": conv_mlp, "weights_file": weights.name, **folder.layout(),
+                                **wrapped.layout()})
         info = {}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
     ckpt.validate(where)
@@ -367,4 +367,4 @@ def companions(path: Path) -> tuple[str, ...]:
 
 
 FORMAT = Format(NAME, sniff, read, write, companions=companions, unrepresentable=unrepresentable, runner="timm",
-                output_bytes=tensor_bytes)
+                output_bytes=tensor_bytes, naming=Naming(ANCHORS, (CONV_MLP_KEYS,)))

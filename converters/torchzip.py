@@ -1,8 +1,12 @@
 """Read and write PyTorch zip checkpoints without torch and without running pickled code.
 
 Reading: a restricted unpickler that resolves only the globals a checkpoint needs (tensor rebuild,
-storage types, OrderedDict, argparse.Namespace as plain data, bytes) to our own harmless stand-ins;
-anything else is refused by name. Storages are mapped from the file (torch stores them uncompressed),
+storage types, OrderedDict, argparse.Namespace as plain data, bytes) to our own harmless stand-ins. Any other
+global becomes an inert placeholder (:class:`Inert`): nothing of it is imported, constructed or called, and its
+arguments and state are dropped, so a training checkpoint's logs (mmengine's ``HistoryBuffer``, numpy scalars)
+read without running anything; a reader then refuses a placeholder wherever weights are expected. Globals
+that can only mean running code (``os``, ``subprocess``, ``builtins``, ``torch``'s loaders...) are refused by
+name wherever they appear. Storages are mapped from the file (torch stores them uncompressed),
 so tensors are numpy views of the file and nothing is copied.
 
 Writing: the pickle is emitted opcode by opcode (it only ever holds dicts, plain values and tensor
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from convnextv2.converters.inert import inert_class, is_code_module
 from convnextv2.converters.streaming import TensorStreamer, write_array_bytes
 from convnextv2.reference.errors import BadInputError, UnsafeCheckpointError
 
@@ -169,13 +174,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.storages: dict[str, Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if is_code_module(module):
             raise UnsafeCheckpointError(
                 f"{self.where}: refusing pickled global {module}.{name}: it could run code. Only tensors and "
                 "plain data are read; nothing was executed"
-            ) from None
+            )
+        return inert_class(module, name)
 
     def persistent_load(self, pid: Any) -> Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"

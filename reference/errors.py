@@ -18,6 +18,18 @@ class UnsafeCheckpointError(BadInputError):
     """A checkpoint asks for something that could run code (a pickled global we do not allow)."""
 
 
+class UnplacedKeysError(BadInputError):
+    """A state dict has keys a format's naming does not place. Carries every key (with its shape), so that the
+    reading entry point can say which family and naming the file is closest to (converters/families.py)."""
+
+    def __init__(self, where: str, naming: str, keys: dict[str, tuple[int, ...]], unplaced: list[str], message: str):
+        self.where = where
+        self.naming = naming
+        self.keys = keys
+        self.unplaced = unplaced
+        super().__init__(message)
+
+
 class SchemaError(BadInputError):
     """A tensor set does not match the canonical schema for its config; lists every problem at once."""
 
