@@ -44,13 +44,13 @@ def variants(as_json: bool) -> None:
 @click.option("--revision", default=None, metavar="NAME",
               help="huggingface_hub cache folders (models--ORG--NAME): the branch, tag or commit to read "
                    "(default: main).")
+@choices.prefix_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: Path, fmt: str, ema: bool, revision: str | None, as_json: bool) -> None:
+def inspect(path: Path, fmt: str, ema: bool, revision: str | None, prefix: str | None, as_json: bool) -> None:
     """Describe a checkpoint: format, size, classes, parameters, dtype, metadata."""
     from convnextv2 import converters
 
-    ckpt = converters.load(path, format=fmt, **({"ema": True} if ema else {}),
-                           **({"revision": revision} if revision is not None else {}))
+    ckpt = converters.load(path, format=fmt, **choices.read_options(ema, revision, prefix))
     data = ckpt.describe()
     data["path"] = str(path)
     pre = ckpt.preprocessing
@@ -156,6 +156,7 @@ def apply_preprocessing(ckpt: Any, given: dict[str, Any]) -> None:
 @click.option("--revision", default=None, metavar="NAME",
               help="huggingface_hub cache folders (models--ORG--NAME): the branch, tag or commit to read "
                    "(default: main).")
+@choices.prefix_option
 @click.option("--layout", type=choices.ORIGINAL_LAYOUT, default=None,
               help="--to original: which original layout (default: the source's, else finetuned/fcmae).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
@@ -172,7 +173,7 @@ def apply_preprocessing(ckpt: Any, given: dict[str, Any]) -> None:
 @preprocessing_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str | None, ema: bool,
-            revision: str | None, layout: str | None, overwrite: bool, source_digest: bool, verify: bool, strict: bool, as_json: bool,
+            revision: str | None, prefix: str | None, layout: str | None, overwrite: bool, source_digest: bool, verify: bool, strict: bool, as_json: bool,
             **preprocessing: Any) -> None:
     """Convert SRC to another format, writing DST atomically.
 
@@ -185,8 +186,7 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     check_destination(dst, overwrite)  # fail before reading a large source
     if layout is not None and to_format != "original":
         raise click.UsageError("--layout applies only to --to original")
-    ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}),
-                           **({"revision": revision} if revision is not None else {}))
+    ckpt = converters.load(src, format=from_format, variant=variant, **choices.read_options(ema, revision, prefix))
     if not source_digest and ckpt.source.pending_digest() is not None:
         ckpt.source.sha256 = ""
     summary: dict[str, Any] = {"source": str(src), "from": ckpt.file.format if ckpt.file else ckpt.source.format}

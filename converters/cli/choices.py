@@ -66,3 +66,22 @@ FROM = RegistryChoice(readable_formats)
 TO = RegistryChoice(writable_formats)
 FIXTURE = RegistryChoice(fixture_formats)
 ORIGINAL_LAYOUT = RegistryChoice(original_layouts)
+
+
+def prefix_option(command: Any) -> Any:
+    """--prefix: where the model sits in a bigger model's state dict."""
+    return click.option(
+        "--prefix", default=None, metavar="PREFIX",
+        help="Where the ConvNeXt V2 sits in a bigger model's state dict (backbone., visual.trunk., module.), "
+             "when the file holds several (default: found by its keys).")(command)
+
+
+def read_options(ema: bool = False, revision: str | None = None, prefix: str | None = None) -> dict[str, Any]:
+    """The reader options a command was given, and only those: a format whose reader does not declare one then
+    refuses it by name instead of ignoring it."""
+    given: dict[str, Any] = {"ema": True} if ema else {}
+    if revision is not None:
+        given["revision"] = revision
+    if prefix is not None:
+        given["prefix"] = prefix
+    return given

@@ -20,6 +20,7 @@ from convnextv2.converters.onnx.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSE
               help="Format of SRC (auto: detected by content).")
 @click.option("--variant", default=None, help="Expected size (atto..huge or custom:...); cross-checked against the shapes.")
 @click.option("--ema", is_flag=True, help="Original checkpoints: export model_ema instead of model.")
+@choices.prefix_option
 @click.option("--via", type=click.Choice(list(VIAS)), default="torch", show_default=True,
               help="Which reference is exported: torch (torch.onnx), tensorflow (tf2onnx), flax (jax2onnx).")
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None,
@@ -34,7 +35,7 @@ from convnextv2.converters.onnx.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSE
 @click.option("--overwrite", is_flag=True, help="Replace an existing destination (atomically).")
 @preprocessing_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema: bool, via: str, opset: int | None,
+def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema: bool, prefix: str | None, via: str, opset: int | None,
                 dynamic_hw: bool, features: bool, fp16: bool, external_data: bool | None, check_size: int | None,
                 overwrite: bool, as_json: bool, **preprocessing: Any) -> None:
     """Export SRC to ONNX, check it in onnxruntime (ORT_ENABLE_ALL) against the float64 PyTorch referee,
@@ -51,7 +52,7 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
     reason = onnx_export.why_unavailable(via)
     if reason:
         raise MissingDependencyError(reason)
-    ckpt = converters.load(src, format=from_format, variant=variant, **({"ema": True} if ema else {}))
+    ckpt = converters.load(src, format=from_format, variant=variant, **choices.read_options(ema, prefix=prefix))
     apply_preprocessing(ckpt, preprocessing)
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     used_opset = onnx_export.checked_opset(via, opset)

@@ -55,6 +55,7 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
 @click.option("--revision", default=None, metavar="NAME",
               help="huggingface_hub cache folders (models--ORG--NAME): the branch, tag or commit to read "
                    "(default: main).")
+@choices.prefix_option
 @click.option("--runtimes", "runtime_values", multiple=True, metavar="LIST",
               help="torch, tensorflow, flax, onnxruntime, openvino, litert, executorch (comma-separated or repeated; 'all' = default: every "
                    "installed one, the others listed as not available; 'none').")
@@ -87,7 +88,7 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
 @click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
               help="Worker processes running the runtimes side by side, while the referee is computed (default: "
                    "one per core, as memory allows; $CONVNEXTV2_PARITY_JOBS; 1: all in this process).")
-def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
+def parity(src: Path, fmt: str, ema: bool, revision: str | None, prefix: str | None, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
            image_size: int | None, batch: int, seed: int, images_dir: Path | None, dtypes: tuple[str, ...],
            atol: tuple[str, ...], rtol: tuple[str, ...], reports: tuple[Path, ...], overwrite: bool,
            as_json: bool, no_cache: bool, jobs: int | None) -> None:
@@ -137,8 +138,7 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, runtime_values:
         raise BadInputError(f"--images {images_dir}: not a directory")
 
     loading = time.perf_counter()
-    ckpt = converters.load(src, format=fmt, **({"ema": True} if ema else {}),
-                           **({"revision": revision} if revision is not None else {}))
+    ckpt = converters.load(src, format=fmt, **choices.read_options(ema, revision, prefix))
     loaded = time.perf_counter() - loading
 
     def say(message: str) -> None:
