@@ -17,8 +17,11 @@ from convnextv2.reference.errors import BadInputError, ConvNeXtV2Error
 
 # What each format's reader and writer take, as documented in their modules (docs/*.md for the CLI flags).
 READ_OPTIONS = {name: ["variant"] for name in converters.MODULES}
-READ_OPTIONS["original"] = ["variant", "ema"]
-READ_OPTIONS["hf"] = READ_OPTIONS["timm"] = ["variant", "revision"]  # huggingface_hub cache folders
+# prefix: where the model sits in a bigger model's state dict (converters/wrapped.py)
+READ_OPTIONS["original"] = ["variant", "ema", "prefix"]
+READ_OPTIONS["hf"] = ["variant", "revision"]  # huggingface_hub cache folders
+READ_OPTIONS["timm"] = ["variant", "revision", "prefix"]
+READ_OPTIONS["mmpretrain"] = ["variant", "prefix"]
 # overwrite is converters.save's own (writers only write); the gated exports' image size is their own.
 WRITE_OPTIONS = {name: [] for name in converters.MODULES}
 WRITE_OPTIONS["timm"] = ["conv_mlp"]
@@ -40,7 +43,7 @@ def test_misspelt_read_option_is_refused_by_name(original_file):
     with pytest.raises(BadInputError) as info:
         converters.load(original_file, emma=True)
     message = str(info.value)
-    assert message == "unknown option 'emma' for reading format 'original'; expected one of: ema, variant"
+    assert message == "unknown option 'emma' for reading format 'original'; expected one of: ema, prefix, variant"
     assert info.value.exit_code == 2
     # The correct spelling is accepted and does what it says (this fixture has no model_ema).
     with pytest.raises(BadInputError, match="model_ema"):
