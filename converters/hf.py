@@ -339,7 +339,8 @@ def read(path: Path, *, variant: str | None = None, revision: str | None = None)
     if (directory / PREPROCESSOR_FILE).is_file() and hf_config is not None:
         preprocessor = load_json(directory / PREPROCESSOR_FILE)
 
-    state, meta = read_weights(weights)
+    stored = read_weights(weights)
+    state, meta = stored.state, stored.metadata
     state, legacy_grn = _rename_legacy_grn(state, str(weights))
     tensors, prefixed = state_dict_to_canonical(state, str(weights))
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))

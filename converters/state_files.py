@@ -107,12 +107,23 @@ def select_weights(obj: Any, where: str, *, ema: bool = False, keep: tuple[str, 
     return weights
 
 
-def read_state_file(path: Path, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, safetensors metadata) of a safetensors file or a torch-zip state dict (safe reader)."""
+@dataclasses.dataclass
+class StoredWeights:
+    """What a weights file held: the tensors, its safetensors metadata (empty for a torch zip) and the entries
+    skipped beside the weights of a torch-zip container (``Weights.skipped``)."""
+
+    state: dict[str, np.ndarray]
+    metadata: dict[str, str]
+    skipped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+
+def read_state_file(path: Path, where: str) -> StoredWeights:
+    """A safetensors file or a torch-zip state dict (safe reader)."""
     if is_safetensors(path):
-        return read_safetensors(path)
+        return StoredWeights(*read_safetensors(path))
     if is_torch_zip(path):
-        return select_weights(read_torch_zip(path), where).state, {}
+        weights = select_weights(read_torch_zip(path), where)
+        return StoredWeights(weights.state, {}, weights.skipped)
     raise BadInputError(f"{where}: not a safetensors file or a torch zip state dict")
 
 
@@ -139,7 +150,7 @@ def peek_keys(path: Path) -> list[str]:
 SHARD_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def read_weights(weights: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_weights(weights: Path) -> StoredWeights:
     """One weights file, or every shard an index lists, merged (metadata from the first shard). A shard must
     sit beside its index, and every tensor the index lists must be in the shards."""
     if weights.name not in SHARD_INDEX_FILES:
@@ -154,16 +165,16 @@ def read_weights(weights: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         shard_path = weights.parent / shard
         if Path(shard).name != shard or not shard_path.is_file():
             raise BadInputError(f"{weights}: shard {shard!r} is missing from the directory")
-        tensors, shard_meta = read_state_file(shard_path, str(shard_path))
-        twice = sorted(set(tensors) & set(state))
+        shard_weights = read_state_file(shard_path, str(shard_path))
+        twice = sorted(set(shard_weights.state) & set(state))
         if twice:
             raise BadInputError(f"{weights}: tensor(s) {twice[:5]} are in more than one shard")
-        meta = meta or shard_meta
-        state.update(tensors)
+        meta = meta or shard_weights.metadata
+        state.update(shard_weights.state)
     missing = sorted(set(map(str, weight_map)) - set(state))
     if missing:
         raise BadInputError(f"{weights}: {len(missing)} tensor(s) listed in the index are in no shard: {missing[:5]}")
-    return state, meta
+    return StoredWeights(state, meta)
 
 
 # ------------------------------------------------------------ huggingface_hub cache folders

@@ -214,8 +214,9 @@ def read(path: Path, *, variant: str | None = None, revision: str | None = None,
             raise BadInputError(f"{where}: no {', '.join((*WEIGHTS_FILES, *SHARD_INDEX_FILES))} in the directory")
     else:
         weights = path
-    state, meta = read_weights(weights)
-    wrapped = unwrap(state, ANCHORS, str(weights), NAME, prefix=prefix)
+    stored = read_weights(weights)
+    meta = stored.metadata
+    wrapped = unwrap(stored.state, ANCHORS, str(weights), NAME, prefix=prefix)
     tensors, conv_mlp = state_dict_to_canonical(wrapped.state, str(weights))
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))
     embedded = restore_embedded(meta, str(weights))
@@ -250,6 +251,8 @@ def read(path: Path, *, variant: str | None = None, revision: str | None = None,
                         layout={"conv_mlp": conv_mlp, "weights_file": weights.name, **folder.layout(),
                                 **wrapped.layout()})
         info = {}
+    if stored.skipped:  # a training checkpoint: what sat beside the weights is named, never interpreted
+        info = {**info, "skipped": stored.skipped}
     ckpt = Checkpoint(config=config, tensors=tensors, preprocessing=pre, source=source, info=info)
     ckpt.validate(where)
     check_variant(config, variant, where)

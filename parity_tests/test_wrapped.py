@@ -151,4 +151,5 @@ def test_a_ddp_checkpoint_written_by_torch_reads_as_timm(tmp_path):
     wrapped = converters.load(path)
     plain = converters.load(Path(str(path) + ".plain"))
     assert wrapped.source.format == "timm" and wrapped.source.layout["prefix"] == "module."
+    assert wrapped.info["skipped"] == {"epoch": {}}
     _same_tensors(wrapped, plain)
