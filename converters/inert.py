@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from convnextv2.reference.errors import UnsafeCheckpointError
+
 
 class Inert:
     """Stands in for an object of a class this reader does not construct; ``pickled_global`` names the class
@@ -61,6 +63,24 @@ def is_code_module(module: str) -> bool:
     return module.split(".")[0] in CODE_MODULES or module in CODE_MODULES
 
 
+def is_inert(obj: Any) -> bool:
+    """A placeholder: an object built in place of one, or the stand-in class itself (a class or function the
+    file named as a value, e.g. the functions mmengine's ``HistoryBuffer`` keeps in its state)."""
+    return isinstance(obj, Inert) or (isinstance(obj, type) and issubclass(obj, Inert))
+
+
+def inert_attribute(owner: Any, name: Any) -> type[Inert]:
+    """What ``builtins.getattr`` means in a checkpoint's pickle: below protocol 4, pickle names a method or a
+    nested class as ``getattr(Class, "name")`` (mmengine's ``HistoryBuffer`` state holds ``HistoryBuffer.min``
+    that way). Allowed only on a placeholder, and answered with another one: nothing of the real class is
+    reached. On anything else (a module brought in some other way, our own stand-ins) it is refused."""
+    if not (is_inert(owner) and isinstance(name, str)):
+        raise UnsafeCheckpointError(
+            f"refusing pickled global builtins.getattr applied to a {type(owner).__name__}: it could run code. "
+            "Only a placeholder's attributes are named this way; nothing was executed")
+    return inert_class(owner.pickled_global, name)
+
+
 def inert_globals(obj: Any) -> collections.Counter[str]:
     """How many placeholders of each global ``obj`` holds (plain data walked; placeholders are leaves)."""
     found: collections.Counter[str] = collections.Counter()
@@ -68,7 +88,7 @@ def inert_globals(obj: Any) -> collections.Counter[str]:
     stack = [obj]
     while stack:
         item = stack.pop()
-        if isinstance(item, Inert):
+        if is_inert(item):
             found[item.pickled_global] += 1
         elif isinstance(item, (dict, list, tuple, set, frozenset)) and id(item) not in seen:
             seen.add(id(item))
@@ -78,4 +98,4 @@ def inert_globals(obj: Any) -> collections.Counter[str]:
     return found
 
 
-__all__ = ["CODE_MODULES", "Inert", "inert_class", "inert_globals", "is_code_module"]
+__all__ = ["CODE_MODULES", "Inert", "inert_attribute", "inert_class", "inert_globals", "is_code_module", "is_inert"]
