@@ -178,7 +178,7 @@ def test_payloads_are_real(tmp_path):
 
 def test_payload_cases_cover_every_placement():
     ids = {c.name for c in hostile.pickle_cases()}
-    for where in ("top", "args", "nested", "tensor", "legacy", "raw"):
+    for where in ("top", "args", "nested", "tensor", "legacy", "raw", "message_hub"):
         assert any(i.endswith(f"-{where}") for i in ids), where
     assert len(hostile.PAYLOADS) >= 20
 

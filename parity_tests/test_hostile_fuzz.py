@@ -174,6 +174,8 @@ OPCODES = [b"N", b"\x88", b"\x89", b"K\x01", b"J\xff\xff\xff\x7f", b"X\x01\x00\x
            hostile.p_global("torch", "FloatStorage"), hostile.p_global("argparse", "Namespace"),
            hostile.p_global("_codecs", "encode"), hostile.p_global("builtins", "set"),
            hostile.p_global("os", "system"), b"\x80\x04\x8c\x02os\x8c\x06system\x93",
+           # getattr (answered on placeholders only) and a global that becomes a placeholder
+           hostile.p_global("builtins", "getattr"), hostile.p_global("logging", "FileHandler"),
            hostile.p_str("storage"), hostile.p_str("0"), hostile.p_str("cpu"), hostile.p_str("latin1")]
 
 
