@@ -42,7 +42,14 @@ def load(path: str | os.PathLike[str], format: str = "auto", **options: Any) -> 
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path} does not exist")
-    name = detect_format(path) if format == "auto" else format
+    try:
+        name = detect_format(path) if format == "auto" else format
+    except BadInputError as exc:
+        # A file no format claims may still be a state dict whose names can be read (a safetensors file): say
+        # which family and naming it is closest to (ConvNeXt V1 saved as safetensors, another model entirely).
+        from convnextv2.converters.families import explain_unclaimed
+
+        raise explain_unclaimed(path, exc) from None
     record = get_format(name)
     check_options(record.read, options, "reading", name)
     try:

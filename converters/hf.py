@@ -34,7 +34,7 @@ import numpy as np
 
 from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import source_digest
-from convnextv2.converters.format_contract import Format
+from convnextv2.converters.format_contract import Format, Naming
 from convnextv2.converters.format_limits import Change, dropped_extras
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.safetensors_io import write_safetensors
@@ -49,7 +49,7 @@ from convnextv2.converters.state_files import (
 from convnextv2.converters.strict_json import load_json
 from convnextv2.converters.toolkit_metadata import embedded_metadata, restore_embedded
 from convnextv2.reference import schema
-from convnextv2.reference.errors import BadInputError
+from convnextv2.reference.errors import BadInputError, UnplacedKeysError
 from convnextv2.reference.keymap import KeyTable, Rule
 from convnextv2.reference.layouts import HF_GRN
 from convnextv2.reference.variants import (
@@ -66,6 +66,10 @@ SAFE_WEIGHTS_FILE = "model.safetensors"
 BIN_WEIGHTS_FILE = "pytorch_model.bin"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 MODEL_PREFIX = "convnextv2."
+# transformers' ConvNeXt V1 (ConvNextModel, ConvNextForImageClassification): its folders are claimed so that they
+# are refused as V1 (converters.families), not as an unknown format; its classifier's base keys carry "convnext.".
+V1_MODEL_TYPE = "convnext"
+V1_MODEL_PREFIX = "convnext."
 CLASSIFY_ARCH = "ConvNextV2ForImageClassification"
 HEADLESS_ARCH = "ConvNextV2Model"
 # transformers' default for layer_norm_eps when a config omits it.
@@ -92,6 +96,9 @@ KEYS = KeyTable([
     Rule("layernorm.{p}", "head.norm.{p}"),
     CLASSIFIER,
 ])
+# The key every transformers ConvNeXt state dict has (first block's depthwise weight): where it sits tells the
+# prefix, for telling which naming an unreadable file is closest to (converters.families).
+ANCHORS = ("encoder.stages.0.layers.0.dwconv.weight",)
 
 
 # ------------------------------------------------------------ transformers specifics
@@ -127,12 +134,15 @@ def imagenet1k_labels() -> dict[str, list[str]]:
 
 # ------------------------------------------------------------ sniffing
 
-def _is_hf_config(path: Path) -> bool:
+def _model_type(path: Path) -> Any:
     try:
-        data = load_json(path)
+        return load_json(path).get("model_type")
     except BadInputError:
-        return False
-    return data.get("model_type") == "convnextv2"
+        return None
+
+
+def _is_hf_config(path: Path) -> bool:
+    return _model_type(path) == "convnextv2"
 
 
 def _weights_file(directory: Path) -> Path | None:
@@ -144,14 +154,14 @@ def _weights_file(directory: Path) -> Path | None:
 
 def _looks_hf(keys: list[str]) -> bool:
     stem = "embeddings.patch_embeddings.weight"
-    return stem in keys or MODEL_PREFIX + stem in keys
+    return any(prefix + stem in keys for prefix in ("", MODEL_PREFIX, V1_MODEL_PREFIX))
 
 
 def sniff(path: Path) -> bool:
     if path.is_dir():
         folder = sniff_hub_folder(path)
-        return folder is not None and (folder / CONFIG_FILE).is_file() and _is_hf_config(folder / CONFIG_FILE) \
-            and _weights_file(folder) is not None
+        return folder is not None and (folder / CONFIG_FILE).is_file() \
+            and _model_type(folder / CONFIG_FILE) in ("convnextv2", V1_MODEL_TYPE) and _weights_file(folder) is not None
     return path.is_file() and _looks_hf(peek_keys(path))
 
 
@@ -201,7 +211,8 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
         name, rule = mapped
         tensors[name] = rule.transform.to_canonical(array, f"{where}: {key}")
     if unknown:
-        raise BadInputError(f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 transformers keys: {', '.join(unknown[:10])}")
+        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, unknown,
+                                f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 transformers keys: {', '.join(unknown[:10])}")
     return tensors, prefixed
 
 
@@ -341,6 +352,12 @@ def read(path: Path, *, variant: str | None = None, revision: str | None = None)
 
     stored = read_weights(weights)
     state, meta = stored.state, stored.metadata
+    if path.is_dir() and _model_type(directory / CONFIG_FILE) == V1_MODEL_TYPE:
+        # Refused as ConvNeXt V1 by converters.load, with the key that shows it (families.explain); nothing
+        # unplaced is listed, so where the weights show no V1 sign the config's word stands.
+        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, [],
+                                f"{where}: {CONFIG_FILE} says model_type {V1_MODEL_TYPE!r} (ConvNeXt V1); this "
+                                "toolkit reads ConvNeXt V2 only")
     state, legacy_grn = _rename_legacy_grn(state, str(weights))
     tensors, prefixed = state_dict_to_canonical(state, str(weights))
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))
@@ -498,4 +515,4 @@ def write(ckpt: Checkpoint, path: Path) -> None:
 
 
 FORMAT = Format(NAME, sniff, read, write, unrepresentable=unrepresentable, runner="transformers-pt",
-                output_bytes=output_bytes)
+                output_bytes=output_bytes, naming=Naming(ANCHORS, (KEYS,)))

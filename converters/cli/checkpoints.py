@@ -47,18 +47,39 @@ def variants(as_json: bool) -> None:
 @choices.prefix_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(path: Path, fmt: str, ema: bool, revision: str | None, prefix: str | None, as_json: bool) -> None:
-    """Describe a checkpoint: format, size, classes, parameters, dtype, metadata."""
+    """Describe a checkpoint: format, family and naming, where it sat in a wrapper, size, classes, parameters,
+    dtype, metadata."""
     from convnextv2 import converters
+    from convnextv2.converters import families
 
     ckpt = converters.load(path, format=fmt, **choices.read_options(ema, revision, prefix))
     data = ckpt.describe()
     data["path"] = str(path)
+    found = families.form(ckpt)
+    data.update(found)
     pre = ckpt.preprocessing
     source = ckpt.source
     layout = source.layout.get("layout") if source.format == data["format"] else None
+    # The wrapper and the skipped entries are the source's record: this file's own where the file is its own
+    # source (same digest), otherwise said to be of the file it was converted from.
+    own = source.format == data["format"] and (source.sha256 == data["sha256"] or
+                                               (path.is_dir() and source.file_name == path.name))
+    of_source = "" if own else f" (in the source {source.file_name or '-'})"
     lines = [
         f"path         {path}",
         f"format       {data['format']}" + (f" ({layout})" if layout else ""),
+        f"family       {found['family']}",
+    ]
+    if found["naming"]:
+        lines.append(f"naming       {found['naming']}")
+    if found["prefix"]:
+        behind = found["left_behind"]
+        lines.append(f"wrapper      under {found['prefix']!r}" + (
+            f"; left behind {sum(behind.values())} tensor(s): {families.left_behind_text(behind)}" if behind
+            else "; nothing left behind") + of_source)
+    if found["skipped"]:
+        lines.append(f"skipped      {families.skipped_text(found['skipped'])}{of_source}")
+    lines += [
         f"sha256       {data['sha256'] or '-'}",
         f"variant      {data['variant']}  depths={data['depths']} dims={data['dims']}",
         f"classes      {data['num_classes'] or 'none (headless)'}"
@@ -70,8 +91,9 @@ def inspect(path: Path, fmt: str, ema: bool, revision: str | None, prefix: str |
     ]
     if data["extras"]:
         lines.append(f"extras       {data['extras']} tensors kept verbatim under extras.*")
-    if ckpt.info:
-        lines.append(f"info         {json.dumps(ckpt.info, default=str)[:200]}")
+    info = {k: v for k, v in ckpt.info.items() if k != "skipped"}  # skipped has its own line
+    if info:
+        lines.append(f"info         {json.dumps(info, default=str)[:200]}")
     _emit(data, as_json, lines)
 
 
