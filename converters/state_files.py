@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from convnextv2.converters.inert import Inert, inert_globals
+from convnextv2.converters.inert import inert_globals, is_inert
 from convnextv2.converters.safetensors_io import is_safetensors, read_safetensors, sniff_header
 from convnextv2.converters.strict_json import load_json
 from convnextv2.converters.torchzip import is_torch_zip, read_torch_zip
@@ -58,7 +58,7 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _refuse_inert(value: Any, where: str, what: str) -> None:
-    if isinstance(value, Inert):
+    if is_inert(value):
         raise UnsafeCheckpointError(
             f"{where}: {what} is a pickled {value.pickled_global}, not a checkpoint; refusing pickled global "
             f"{value.pickled_global}: nothing of it was constructed or run")
