@@ -153,6 +153,30 @@ def tests_transformers5(session: nox.Session) -> None:
     _timed(session, python, "-m", "pytest", "-n", "2", "-q", *TRANSFORMERS5_TESTS, *session.posargs, env=env)
 
 
+# mmpretrain 1.2 (OpenMMLab) in a site dir of its own, as transformers 5 above: a few pure-Python wheels and
+# OpenCV, installed with --no-deps beside the environment's torch. Its tests are deselected elsewhere.
+MMPRETRAIN_DIR = ".venv-mmpretrain"
+MMPRETRAIN_PINS = "constraints-mmpretrain.txt"
+
+
+@nox.session(venv_backend="none")
+def tests_mmpretrain(session: nox.Session) -> None:
+    """The mmpretrain tests against OpenMMLab mmpretrain 1.2 (constraints-mmpretrain.txt)."""
+    python = _install_if_isolated(session)
+    pins = _pins(MMPRETRAIN_PINS)
+    directory = Path(MMPRETRAIN_DIR).resolve()
+    if not _site_dir_is_current(directory, pins):
+        shutil.rmtree(directory, ignore_errors=True)
+        _timed(session, python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+               str(directory), "-r", MMPRETRAIN_PINS)
+    # With the expected version set, a missing or other mmpretrain fails the tests instead of deselecting them.
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")])),
+           "CONVNEXTV2_EXPECT_MMPRETRAIN": pins["mmpretrain"]}
+    # Every test marked mmpretrain, whichever file holds it (test_mmpretrain.py, test_training_checkpoints.py).
+    _timed(session, python, "-m", "pytest", "-n", "2", "-q", "-m", "mmpretrain", "parity_tests", *session.posargs,
+           env=env)
+
+
 _SHARED_PARITY_CACHE: list[str] = []
 
 

@@ -20,9 +20,10 @@ from convnextv2.reference.errors import BadInputError
 # format name -> module. Order matters for auto-detection: the most specific sniffers first.
 MODULES: dict[str, str] = {
     "canonical": "convnextv2.converters.canonical",
-    # hf and timm peek at key names and claim only their own torch zips; original takes every other one.
+    # hf, timm and mmpretrain peek at key names and claim only their own torch zips; original takes every other one.
     "hf": "convnextv2.converters.hf",
     "timm": "convnextv2.converters.timm",
+    "mmpretrain": "convnextv2.converters.mmpretrain",
     "original": "convnextv2.converters.original",
     "keras": "convnextv2.converters.keras",
     "flax": "convnextv2.converters.flax",

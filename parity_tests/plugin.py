@@ -17,7 +17,9 @@ cheap and import no deep-learning framework.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ MARKERS = {
     "slow": "long checks (huge model, full matrix)",
     "heavy": "a slow case whose peak memory cannot share a 24 GB machine with another case (set by this plugin on "
              "every slow case at huge); nox -s tests_slow runs them after the rest, one at a time",
+    "mmpretrain": "needs OpenMMLab mmpretrain 1.2 (its own site dir); nox -s tests_mmpretrain runs them",
 }
 
 
@@ -102,6 +105,18 @@ def _wanted(item: Any, config: Any, shard: tuple[int, int] | None) -> bool:
     return shard is None or shard_of(item.nodeid, shard[1]) == shard[0]
 
 
+# mmpretrain lives in a site dir of its own (nox -s tests_mmpretrain, which sets this variable to the pinned
+# version): without it, its tests are deselected and counted, not skipped; with the variable set, a missing
+# mmpretrain is a failure.
+EXPECT_MMPRETRAIN = "CONVNEXTV2_EXPECT_MMPRETRAIN"
+MMPRETRAIN = "mmpretrain"
+_MMPRETRAIN_DESELECTED = "mmpretrain_deselected"
+
+
+def _without_mmpretrain() -> bool:
+    return not os.environ.get(EXPECT_MMPRETRAIN) and importlib.util.find_spec(MMPRETRAIN) is None
+
+
 # Any case that builds the huge model (its id names the size) holds 5-17 GB: with `--dist loadgroup` two of them
 # never run at once on one CI runner, whichever test file they come from.
 HUGE_GROUP = "huge"
@@ -122,15 +137,39 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     shard = parse_shard(config.getoption("--shard"))
     keep: list[Any] = []
     drop: list[Any] = []
+    without_mmpretrain = _without_mmpretrain()
+    unrun = 0
     for item in items:
         if "huge" in item.nodeid and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(HUGE_GROUP))
         if is_heavy(item) and item.get_closest_marker(HEAVY) is None:
             item.add_marker(getattr(pytest.mark, HEAVY))
-        (keep if _wanted(item, config, shard) else drop).append(item)
+        wanted = _wanted(item, config, shard)
+        if wanted and without_mmpretrain and item.get_closest_marker(MMPRETRAIN) is not None:
+            wanted, unrun = False, unrun + 1
+        (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
+    config.stash[_UNRUN] = unrun
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller prints the count
+        config.workeroutput[_MMPRETRAIN_DESELECTED] = unrun
+
+
+_UNRUN = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist's controller: every worker collects the same tests, so any one's count is the count."""
+    count = getattr(node, "workeroutput", {}).get(_MMPRETRAIN_DESELECTED, 0)
+    node.config.stash[_UNRUN] = max(node.config.stash.get(_UNRUN, 0), count)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: Any, config: Any) -> None:
+    unrun = config.stash.get(_UNRUN, 0)
+    if unrun and not hasattr(config, "workeroutput"):
+        terminalreporter.write_line(f"{unrun} mmpretrain tests deselected: nox -s tests_mmpretrain runs them (CI does)")
 
 
 # The framework groups of the matrix (nox -s parity runs one session per group).

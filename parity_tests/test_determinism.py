@@ -25,8 +25,8 @@ from convnextv2 import converters, fixtures
 # openvino, litert: each export is checked in its runtime against the float64 referee (a minute on two cores).
 SLOW_FORMATS = {"onnx", "keras", "savedmodel", "executorch", "openvino", "litert"}
 DIRECTORY_FORMATS = {"hf", "savedmodel"}
-SUFFIX = {"canonical": ".safetensors", "original": ".pt", "timm": ".safetensors", "flax": ".safetensors",
-          "onnx": ".onnx", "keras": ".keras", "openvino": ".xml", "litert": ".tflite"}
+SUFFIX = {"canonical": ".safetensors", "original": ".pt", "timm": ".safetensors", "mmpretrain": ".pth",
+          "flax": ".safetensors", "onnx": ".onnx", "keras": ".keras", "openvino": ".xml", "litert": ".tflite"}
 FIXTURE_KINDS = ["canonical", "original", "fcmae", "fcmae-sparse"]
 
 

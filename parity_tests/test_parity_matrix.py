@@ -48,9 +48,10 @@ RUNTIME_GROUPS = {
 # Layouts the ``original`` reader understands, each a source format of its own in the matrix.
 ORIGINAL_LAYOUTS = ("original", "fcmae", "fcmae-sparse")
 # Every format the toolkit is meant to read; test_every_expected_format_is_readable holds the line.
-EXPECTED_SOURCE_FORMATS = ("original", "fcmae", "fcmae-sparse", "canonical", "hf", "timm", "keras", "flax", "onnx")
+EXPECTED_SOURCE_FORMATS = ("original", "fcmae", "fcmae-sparse", "canonical", "hf", "timm", "mmpretrain", "keras", "flax",
+                           "onnx")
 SUFFIX = {"original": ".pt", "fcmae": ".pt", "fcmae-sparse": ".pt", "canonical": ".safetensors", "hf": "",
-          "timm": ".safetensors", "keras": ".keras", "flax": ".safetensors", "onnx": ".onnx"}
+          "timm": ".safetensors", "mmpretrain": ".pth", "keras": ".keras", "flax": ".safetensors", "onnx": ".onnx"}
 SEED = 0
 # Formats the toolkit writes but by design does not read back (a SavedModel is a traced graph without names).
 WRITE_ONLY_FORMATS = ("savedmodel",)
