@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,7 +67,7 @@ from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.format_contract import Format, Naming, always, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.state_files import peek_keys, select_weights
+from convnextv2.converters.state_files import peek_keys, plain_data, select_weights
 from convnextv2.converters.strict_json import parse_json_text
 from convnextv2.converters.toolkit_metadata import EMBEDDED_PREFIX, restore_embedded
 from convnextv2.converters.torchzip import is_torch_zip, read_torch_zip, write_torch_zip
@@ -118,26 +117,6 @@ _BLOCK_ORDER = {"depthwise_conv": 0, "norm": 1, "pointwise_conv1": 2, "pointwise
 def sniff(path: Path) -> bool:
     # A torch zip is claimed only when its keys hold mmpretrain's anchor (the original reader takes every other).
     return path.is_file() and is_torch_zip(path) and bool(candidate_prefixes(peek_keys(path), ANCHORS))
-
-
-def plain(value: Any) -> Any:
-    """A JSON-safe copy of pickled plain data (mmengine's meta): tuples become lists, tensors and objects this
-    reader did not construct become a short description."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((plain(v) for v in value), key=repr)
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    if isinstance(value, np.ndarray):
-        return f"<tensor {list(value.shape)} {value.dtype}>"
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)  # JSON has no NaN or infinity
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)  # a placeholder (converters/inert.py) says which class the file named
 
 
 def preprocessing_from_name(file_name: str) -> Preprocessing:
@@ -228,7 +207,7 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, prefix
     if raw_meta is not None and not isinstance(raw_meta, Mapping):
         raise BadInputError(f"{where}: 'meta' is a {type(raw_meta).__name__}, expected a dict")
     embedded = _toolkit_fields(raw_meta or {}, where)
-    meta = {str(k): plain(v) for k, v in (raw_meta or {}).items() if k != TOOLKIT_META}
+    meta = {str(k): plain_data(v) for k, v in (raw_meta or {}).items() if k != TOOLKIT_META}
     # The classifier's head and the data preprocessor sit beside the backbone, in the model that holds it.
     wrapped = unwrap(weights.state, ANCHORS, where, NAME, prefix=prefix, keep_outside=("head.", PREPROCESSOR))
     state = dict(wrapped.state)

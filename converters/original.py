@@ -22,9 +22,8 @@ from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.format_contract import Format, Naming, always, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps, replaced_preprocessing
-from convnextv2.converters.inert import Inert
 from convnextv2.converters.progress import byte_progress
-from convnextv2.converters.state_files import select_weights
+from convnextv2.converters.state_files import plain_data, select_weights
 from convnextv2.converters.torchzip import (
     PickledNamespace,
     is_legacy_torch,
@@ -96,21 +95,6 @@ def sniff(path: Path) -> bool:
     return path.is_file() and (is_torch_zip(path) or is_legacy_torch(path))
 
 
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy of plain pickled data (args, epoch) for the record."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    if isinstance(value, np.ndarray):
-        return f"<tensor {list(value.shape)} {value.dtype}>"
-    if isinstance(value, Inert):
-        return repr(value)
-    return value
-
-
 # Plain training data kept beside the weights and written back into the layout it came from.
 KEPT_ENTRIES = ("epoch", "args")
 # The key every dense original state dict has (first block's depthwise weight): where it sits tells the prefix.
@@ -125,7 +109,7 @@ def select_state_dict(obj: Any, ema: bool, where: str, prefix: str | None = None
     plain-data leftovers for ``info``, what the wrapper was for ``Source.layout``)."""
     weights = select_weights(obj, where, ema=ema, keep=KEPT_ENTRIES)
     info: dict[str, Any] = {"container": weights.container}
-    info.update({name: _plain(value) for name, value in weights.kept.items()})
+    info.update({name: plain_data(value) for name, value in weights.kept.items()})
     if weights.skipped:
         info["skipped"] = weights.skipped
     state: Mapping[str, np.ndarray] = weights.state

@@ -8,6 +8,7 @@ look at the tensor names without touching tensor data.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,6 +106,26 @@ def select_weights(obj: Any, where: str, *, ema: bool = False, keep: tuple[str, 
         else:
             weights.skipped[str(name)] = dict(sorted(inert_globals(value).items()))
     return weights
+
+
+def plain_data(value: Any) -> Any:
+    """A JSON-safe copy of pickled plain data kept beside the weights (training args, mmengine's meta): tuples become lists, tensors and objects this
+    reader did not construct become a short description."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain_data(v) for v in value), key=repr)
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, np.ndarray):
+        return f"<tensor {list(value.shape)} {value.dtype}>"
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # JSON has no NaN or infinity
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)  # a placeholder (converters/inert.py) says which class the file named
 
 
 @dataclasses.dataclass
