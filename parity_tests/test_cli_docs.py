@@ -79,15 +79,31 @@ def test_readme_exit_codes_match_the_cli_doc():
     assert rows(readme) == rows(_sections()["Exit codes"]), "README's exit-code table differs from docs/cli.md's"
 
 
-def _option_rows(body: str) -> dict[str, str]:
-    """Option -> its documented default (the third cell of its row in a section's option table)."""
+def _option_rows(body: str, cell: int = 2) -> dict[str, str]:
+    """Option -> one cell of its row in a section's option table (2: the documented default, 1: its values)."""
     rows = {}
     for line in body.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) >= 4 and cells[0].startswith("`-"):
             for option in re.findall(r"`(-[^`]+)`", cells[0]):
-                rows[option] = cells[2]
+                rows[option] = cells[cell]
     return rows
+
+
+@pytest.mark.parametrize("name", _commands())
+def test_documented_choices_are_the_real_ones(name):
+    """An option that takes one of a list (formats, layouts, runtimes) documents exactly that list, in order:
+    a format added to the registry shows up here or the test says where it is missing."""
+    rows = _option_rows(_sections().get(f"`convnextv2 {name}`", ""), cell=1)
+    wrong = []
+    for param in main.commands[name].params:
+        if not isinstance(param, click.Option) or not isinstance(param.type, click.Choice) \
+                or param.opts[0] not in rows:
+            continue
+        documented = re.findall(r"`([^`]+)`", rows[param.opts[0]])
+        if documented != [str(c) for c in param.type.choices]:
+            wrong.append(f"{param.opts[0]}: documented {documented}, the command offers {list(param.type.choices)}")
+    assert not wrong, f"{DOC}, section `convnextv2 {name}`: " + "; ".join(wrong)
 
 
 @pytest.mark.parametrize("name", _commands())
