@@ -7,9 +7,11 @@ derandomized so the suite is quick and repeatable; ``nox -s fuzz`` runs the same
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -38,7 +40,10 @@ settings.load_profile(os.environ.get("CONVNEXTV2_HYPOTHESIS_PROFILE", "ci"))
 
 # The checkout this file sits in: the atheris driver is tools/fuzz.py, outside the installed package.
 REPOSITORY = Path(__file__).resolve().parents[1]
+# Made at import (the readers below are built once per process, xdist workers included) and removed at exit:
+# every collection of this module would otherwise leave one behind in the temporary folder.
 WORKDIR = Path(tempfile.mkdtemp(prefix="hypothesis-readers-"))
+atexit.register(shutil.rmtree, WORKDIR, True)
 READERS = {target: make_reader(target, WORKDIR / target) for target in ("safetensors", "torchzip", "onnx")}
 for _target in READERS:
     (WORKDIR / _target).mkdir(exist_ok=True)
