@@ -136,18 +136,24 @@ def _site_dir_is_current(directory: Path, pins: dict[str, str]) -> bool:
     return wanted <= present and len(present) == len(wanted)
 
 
+def _site_dir(session: nox.Session, python: str, folder: str, pin_file: str) -> tuple[Path, dict[str, str]]:
+    """A site dir of its own for a tool whose pins clash with ours, (re)installed when its pins changed."""
+    pins = _pins(pin_file)
+    directory = Path(folder).resolve()
+    if not _site_dir_is_current(directory, pins):
+        shutil.rmtree(directory, ignore_errors=True)  # a stale pin set would leave its extra packages behind
+        # --no-deps: pip would otherwise add a second numpy, torch... beside the environment's; the pin file is
+        # the complete list (the tests check every requirement is met).
+        _timed(session, python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+               str(directory), "-r", pin_file)
+    return directory, pins
+
+
 @nox.session(venv_backend="none")
 def tests_transformers5(session: nox.Session) -> None:
     """The transformers tests again under transformers 5 (constraints-transformers5.txt)."""
     python = _install_if_isolated(session)
-    pins = _pins(TRANSFORMERS5_PINS)
-    directory = Path(TRANSFORMERS5_DIR).resolve()
-    if not _site_dir_is_current(directory, pins):
-        shutil.rmtree(directory, ignore_errors=True)  # a stale pin set would leave its extra packages behind
-        # --no-deps: pip would otherwise add a second numpy, torch... beside the environment's; the pin file is
-        # the complete list, and test_transformers5.py checks every requirement is met.
-        _timed(session, python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
-               str(directory), "-r", TRANSFORMERS5_PINS)
+    directory, pins = _site_dir(session, python, TRANSFORMERS5_DIR, TRANSFORMERS5_PINS)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")])),
            "CONVNEXTV2_EXPECT_TRANSFORMERS": pins["transformers"], "HF_HUB_OFFLINE": "1"}
     _timed(session, python, "-m", "pytest", "-n", "2", "-q", *TRANSFORMERS5_TESTS, *session.posargs, env=env)
@@ -163,12 +169,7 @@ MMPRETRAIN_PINS = "constraints-mmpretrain.txt"
 def tests_mmpretrain(session: nox.Session) -> None:
     """The mmpretrain tests against OpenMMLab mmpretrain 1.2 (constraints-mmpretrain.txt)."""
     python = _install_if_isolated(session)
-    pins = _pins(MMPRETRAIN_PINS)
-    directory = Path(MMPRETRAIN_DIR).resolve()
-    if not _site_dir_is_current(directory, pins):
-        shutil.rmtree(directory, ignore_errors=True)
-        _timed(session, python, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
-               str(directory), "-r", MMPRETRAIN_PINS)
+    directory, pins = _site_dir(session, python, MMPRETRAIN_DIR, MMPRETRAIN_PINS)
     # With the expected version set, a missing or other mmpretrain fails the tests instead of deselecting them.
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")])),
            "CONVNEXTV2_EXPECT_MMPRETRAIN": pins["mmpretrain"]}

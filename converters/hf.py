@@ -206,13 +206,12 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
         mapped = KEYS.to_canonical(base)
         # With the prefix every base-model key must carry it; the classifier never does.
         if mapped is None or (prefixed and (base == key) != (mapped[1] is CLASSIFIER)):
-            unknown.append(f"{key} {list(array.shape)}")
+            unknown.append(key)
             continue
         name, rule = mapped
         tensors[name] = rule.transform.to_canonical(array, f"{where}: {key}")
     if unknown:
-        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, unknown,
-                                f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 transformers keys: {', '.join(unknown[:10])}")
+        raise UnplacedKeysError.in_state(where, NAME, state, unknown, "transformers' ConvNeXt V2 naming")
     return tensors, prefixed
 
 

@@ -174,14 +174,12 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> dict
             continue
         mapped = TABLE.to_canonical(key)
         if mapped is None:
-            unknown.append(f"{key} {list(array.shape)}")
+            unknown.append(key)
             continue
         name, rule = mapped
         tensors[name] = rule.transform.to_canonical(array, f"{where}: {key}")
     if unknown:
-        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, unknown,
-                                f"{where}: {len(unknown)} key(s) not in the mmpretrain ConvNeXt V2 layout: "
-                                f"{', '.join(unknown[:10])}")
+        raise UnplacedKeysError.in_state(where, NAME, state, unknown, "the mmpretrain ConvNeXt V2 layout")
     return tensors
 
 

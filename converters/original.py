@@ -139,15 +139,14 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
             if layout == "fcmae-sparse" and not key.startswith("encoder."):
                 tensors[EXTRAS_NAMESPACE + key] = array
             else:
-                unknown.append(f"{key} {list(array.shape)}")
+                unknown.append(key)
             continue
         name, rule = mapped
         if rule.transform.name == layouts.GRN and grn_shape is None:
             grn_shape = [1] * (array.ndim - 1) + [-1]
         tensors[name] = rule.transform.to_canonical(array, f"{where}: {key}")
     if unknown:
-        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, unknown,
-                                f"{where}: {len(unknown)} key(s) not in the {layout} layout: {', '.join(unknown[:10])}")
+        raise UnplacedKeysError.in_state(where, NAME, state, unknown, f"the {layout} layout")
     return tensors, layout, grn_shape
 
 

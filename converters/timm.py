@@ -144,7 +144,7 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
     for key, array in state.items():
         mapped = CONV_MLP_KEYS.to_canonical(key)
         if mapped is None:
-            unknown.append(f"{key} {list(array.shape)}")
+            unknown.append(key)
             continue
         name, rule = mapped
         layout = rule.transform
@@ -158,8 +158,7 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
             conv_mlp.add(layout is CONV_MLP)
         tensors[name] = layout.to_canonical(array, f"{where}: {key}")
     if unknown:
-        raise UnplacedKeysError(where, NAME, {k: tuple(v.shape) for k, v in state.items()}, unknown,
-                                f"{where}: {len(unknown)} key(s) are not ConvNeXt V2 timm keys: {', '.join(unknown[:10])}")
+        raise UnplacedKeysError.in_state(where, NAME, state, unknown, "timm's ConvNeXt V2 naming")
     if len(conv_mlp) > 1:
         raise BadInputError(f"{where}: MLP weights mix 1x1-conv (4-D) and linear (2-D) shapes")
     return tensors, conv_mlp == {True}

@@ -222,7 +222,7 @@ def test_v2_with_a_few_stray_keys_keeps_the_readers_message(tmp_path, timm_v2):
     path = tmp_path / "v2.pth"
     torch.save({**state, **stray}, path)
     message = _refused(path, tmp_path)
-    assert message == (f"{path}: 2 key(s) are not ConvNeXt V2 timm keys: "
+    assert message == (f"{path}: 2 key(s) not in timm's ConvNeXt V2 naming: "
                        f"stages.1.blocks.0.mlp.extra.weight [3, 2], ema_decay []")
 
 

@@ -3,6 +3,8 @@ exit codes (README, "Exit codes")."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ConvNeXtV2Error(Exception):
     """Base of every error the toolkit raises on purpose."""
@@ -28,6 +30,14 @@ class UnplacedKeysError(BadInputError):
         self.keys = keys
         self.unplaced = unplaced
         super().__init__(message)
+
+    @classmethod
+    def in_state(cls, where: str, naming: str, state: Any, unplaced: list[str], not_in: str) -> UnplacedKeysError:
+        """The refusal of a reader whose table leaves ``unplaced`` keys of ``state`` (a name -> array mapping);
+        ``not_in`` says what they are not in ("the finetuned layout")."""
+        shapes = {str(k): tuple(getattr(v, "shape", ())) for k, v in state.items()}
+        shown = ", ".join(f"{key} {list(shapes.get(key, ()))}" for key in unplaced[:10])
+        return cls(where, naming, shapes, unplaced, f"{where}: {len(unplaced)} key(s) not in {not_in}: {shown}")
 
 
 class SchemaError(BadInputError):
