@@ -26,6 +26,8 @@ from convnextv2.converters.formats import (
 )
 from convnextv2.converters.formats import get as get_format
 from convnextv2.converters.saving import GateOptions, save
+from convnextv2.converters.state_files import skipped_text
+from convnextv2.converters.wrapped import left_behind_text
 from convnextv2.reference.errors import (
     BadInputError,
     CheckFailedError,
@@ -61,7 +63,24 @@ def load(path: str | os.PathLike[str], format: str = "auto", **options: Any) -> 
 
         raise explain(exc) from None
     ckpt.file = _identity(name, path, ckpt)
+    ckpt.notes = _what_was_left_out(path, ckpt)
     return ckpt
+
+
+def _what_was_left_out(path: Path, ckpt: Checkpoint) -> list[str]:
+    # Only a reader's record of this very file: a canonical file converted from a wrapped source carries that
+    # record along, but reading it leaves nothing out.
+    pending = ckpt.source.pending_digest()
+    if pending is None or pending.path != path:
+        return []
+    notes = []
+    behind = ckpt.source.layout.get("left_behind")
+    if behind:
+        notes.append(f"read the ConvNeXt V2 under {ckpt.source.layout.get('prefix')!r}; left behind "
+                     f"{sum(behind.values())} tensor(s) of the wider model: {left_behind_text(behind)}")
+    if ckpt.info.get("skipped"):
+        notes.append(f"skipped beside the weights: {skipped_text(ckpt.info['skipped'])}")
+    return notes
 
 
 def _identity(name: str, path: Path, ckpt: Checkpoint) -> FileIdentity:

@@ -187,6 +187,9 @@ class Checkpoint:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The file this checkpoint was read from (set by ``converters.load``); None for one built in memory.
     file: FileIdentity | None = dataclasses.field(default=None, compare=False, repr=False)
+    # What reading that file left out, for the user (the wider model's tensors, a training run's optimizer
+    # and logs); said by the commands, never stored.
+    notes: list[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def validate(self, where: str = "checkpoint") -> None:
         schema.validate({k: v.shape for k, v in self.tensors.items()}, self.config, where)

@@ -193,19 +193,5 @@ def form(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def left_behind_text(groups: Mapping[str, int]) -> str:
-    """``visual.head.* (1), neck.* (12)``: a group ending in a dot stands for every key under it."""
-    return ", ".join(f"{group}{'*' if group.endswith('.') else ''} ({count})" for group, count in groups.items())
-
-
-def skipped_text(skipped: Mapping[str, Mapping[str, int]]) -> str:
-    """``message_hub (mmengine.logging.history_buffer.HistoryBuffer x1), optimizer``."""
-    parts = []
-    for entry, held in skipped.items():
-        inert = ", ".join(f"{name} x{count}" for name, count in held.items())
-        parts.append(f"{entry} ({inert})" if inert else entry)
-    return ", ".join(parts)
-
-
-__all__ = ["FAMILY", "Fit", "closest", "explain", "explain_unclaimed", "fit", "form", "layer_scale_key", "left_behind_text", "namings",
-           "skipped_text", "v1_evidence"]
+__all__ = ["FAMILY", "Fit", "closest", "explain", "explain_unclaimed", "fit", "form", "layer_scale_key", "namings",
+           "v1_evidence"]

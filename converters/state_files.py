@@ -45,13 +45,16 @@ class Weights:
     skipped: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def skipped_note(self) -> str | None:
-        if not self.skipped:
-            return None
-        parts = []
-        for entry, inert in self.skipped.items():
-            held = ", ".join(f"{name} x{count}" for name, count in inert.items())
-            parts.append(f"{entry} ({held})" if held else entry)
-        return "skipped: " + ", ".join(parts)
+        return "skipped: " + skipped_text(self.skipped) if self.skipped else None
+
+
+def skipped_text(skipped: Mapping[str, Mapping[str, int]]) -> str:
+    """``message_hub (mmengine.logging.history_buffer.HistoryBuffer x1), optimizer``."""
+    parts = []
+    for entry, held in skipped.items():
+        inert = ", ".join(f"{name} x{count}" for name, count in held.items())
+        parts.append(f"{entry} ({inert})" if inert else entry)
+    return ", ".join(parts)
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -36,14 +36,10 @@ class Wrapped:
             found["left_behind"] = dict(self.left_behind)
         return found
 
-    def note(self) -> str | None:
-        """One line for the user: what the checkpoint sat inside and what stayed behind."""
-        if not self.left_behind:
-            return None
-        groups = ", ".join(f"{group}{'*' if group.endswith('.') else ''} ({count})"
-                           for group, count in self.left_behind.items())
-        total = sum(self.left_behind.values())
-        return f"read the ConvNeXt V2 under {self.prefix!r}; left behind {total} tensor(s) of the wider model: {groups}"
+
+def left_behind_text(groups: Mapping[str, int]) -> str:
+    """``visual.head.* (1), neck.* (12)``: a group ending in a dot stands for every key under it."""
+    return ", ".join(f"{group}{'*' if group.endswith('.') else ''} ({count})" for group, count in groups.items())
 
 
 def candidate_prefixes(keys: Sequence[str], anchors: Sequence[str]) -> list[str]:
@@ -102,4 +98,4 @@ def unwrap(state: Mapping[str, np.ndarray], anchors: Sequence[str], where: str, 
     return Wrapped(inside, chosen, dict(sorted(outside.items())))
 
 
-__all__ = ["Wrapped", "candidate_prefixes", "unwrap"]
+__all__ = ["Wrapped", "candidate_prefixes", "left_behind_text", "unwrap"]

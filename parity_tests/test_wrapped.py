@@ -8,6 +8,7 @@ distillation layouts wrap the toolkit's original-layout fixture under the prefix
 from __future__ import annotations
 
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,20 @@ def test_a_ddp_checkpoint_written_by_torch_reads_as_timm(tmp_path):
     assert wrapped.source.format == "timm" and wrapped.source.layout["prefix"] == "module."
     assert wrapped.info["skipped"] == {"epoch": {}}
     _same_tensors(wrapped, plain)
+
+
+def test_what_is_left_out_is_said_at_conversion_once(tmp_path, atto):
+    state = {"backbone." + k: v for k, v in _original_state(atto).items()}
+    state["neck.fpn.weight"] = np.ones((4, 4), np.float32)
+    path = _write(tmp_path / "det.pth", {"state_dict": state, "optimizer": {"state": {}, "param_groups": []}})
+    runner = CliRunner()
+    first = tmp_path / "first.safetensors"
+    done = runner.invoke(main, ["convert", str(path), "-o", str(first), "--to", "canonical", "--json"])
+    assert done.exit_code == 0, done.output
+    notes = ["read the ConvNeXt V2 under 'backbone.'; left behind 1 tensor(s) of the wider model: neck.* (1)",
+             "skipped beside the weights: optimizer"]
+    assert [f"note: {n}" for n in notes] == [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert json.loads(done.stdout)["notes"] == notes
+    # The canonical output records its source, but reading it leaves nothing out.
+    again = runner.invoke(main, ["convert", str(first), "-o", str(tmp_path / "second.safetensors"), "--to", "canonical"])
+    assert again.exit_code == 0 and "note:" not in again.stderr

@@ -51,6 +51,8 @@ def inspect(path: Path, fmt: str, ema: bool, revision: str | None, prefix: str |
     dtype, metadata."""
     from convnextv2 import converters
     from convnextv2.converters import families
+    from convnextv2.converters.state_files import skipped_text
+    from convnextv2.converters.wrapped import left_behind_text
 
     ckpt = converters.load(path, format=fmt, **choices.read_options(ema, revision, prefix))
     data = ckpt.describe()
@@ -75,10 +77,10 @@ def inspect(path: Path, fmt: str, ema: bool, revision: str | None, prefix: str |
     if found["prefix"]:
         behind = found["left_behind"]
         lines.append(f"wrapper      under {found['prefix']!r}" + (
-            f"; left behind {sum(behind.values())} tensor(s): {families.left_behind_text(behind)}" if behind
+            f"; left behind {sum(behind.values())} tensor(s): {left_behind_text(behind)}" if behind
             else "; nothing left behind") + of_source)
     if found["skipped"]:
-        lines.append(f"skipped      {families.skipped_text(found['skipped'])}{of_source}")
+        lines.append(f"skipped      {skipped_text(found['skipped'])}{of_source}")
     lines += [
         f"sha256       {data['sha256'] or '-'}",
         f"variant      {data['variant']}  depths={data['depths']} dims={data['dims']}",
@@ -209,9 +211,11 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     if layout is not None and to_format != "original":
         raise click.UsageError("--layout applies only to --to original")
     ckpt = converters.load(src, format=from_format, variant=variant, **choices.read_options(ema, revision, prefix))
+    choices.say_notes(ckpt)
     if not source_digest and ckpt.source.pending_digest() is not None:
         ckpt.source.sha256 = ""
-    summary: dict[str, Any] = {"source": str(src), "from": ckpt.file.format if ckpt.file else ckpt.source.format}
+    summary: dict[str, Any] = {"source": str(src), "from": ckpt.file.format if ckpt.file else ckpt.source.format,
+                               "notes": list(ckpt.notes)}
     if summary["from"] == "onnx":
         # An ONNX graph is read by recognising its operators; running it is the proof that the tensors
         # recovered compute what the graph computes.

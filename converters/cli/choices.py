@@ -85,3 +85,9 @@ def read_options(ema: bool = False, revision: str | None = None, prefix: str | N
     if prefix is not None:
         given["prefix"] = prefix
     return given
+
+
+def say_notes(ckpt: Any) -> None:
+    """What reading the source left out (converters.load's ``Checkpoint.notes``), on stderr: never silently."""
+    for note in ckpt.notes:
+        click.echo(f"note: {note}", err=True)

@@ -53,6 +53,7 @@ def export_onnx(src: Path, dst: Path, from_format: str, variant: str | None, ema
     if reason:
         raise MissingDependencyError(reason)
     ckpt = converters.load(src, format=from_format, variant=variant, **choices.read_options(ema, prefix=prefix))
+    choices.say_notes(ckpt)
     apply_preprocessing(ckpt, preprocessing)
     say = (lambda _m: None) if as_json else (lambda m: click.echo(m, err=True))
     used_opset = onnx_export.checked_opset(via, opset)

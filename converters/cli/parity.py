@@ -139,6 +139,7 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, prefix: str | N
 
     loading = time.perf_counter()
     ckpt = converters.load(src, format=fmt, **choices.read_options(ema, revision, prefix))
+    choices.say_notes(ckpt)
     loaded = time.perf_counter() - loading
 
     def say(message: str) -> None:
