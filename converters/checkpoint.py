@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ from convnextv2.reference import schema
 from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.variants import ModelConfig
 
+# A released resolution in a file name: "_384_" / "_384." (facebookresearch), "-384px_" (mmpretrain).
+_RESOLUTION_IN_NAME = re.compile(r"(?:^|[-_])(224|256|288|384|512)(?:px)?(?=[-_.]|$)")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,6 +45,13 @@ class Preprocessing:
         if input_size >= 384:
             return cls(input_size=input_size, crop_pct=1.0, crop_mode="squash")
         return cls(input_size=input_size)
+
+    @classmethod
+    def assumed_from_file_name(cls, file_name: str) -> Preprocessing:
+        """What a file that states no preprocessing (a .pt / .pth state dict) implies: the resolution in its name
+        (facebookresearch ``_384_``, mmpretrain ``-384px_``), else the toolkit's default; marked assumed."""
+        match = _RESOLUTION_IN_NAME.search(file_name)
+        return (cls.for_resolution(int(match.group(1))) if match else cls()).with_origin("assumed")
 
     def with_origin(self, origin: str) -> Preprocessing:
         if origin not in PREPROCESSING_ORIGINS:

@@ -106,8 +106,6 @@ TABLE = KeyTable([
 
 # A detector backbone's per-stage output norms (also norm3 once any of norm0..2 is present).
 _STAGE_NORM = re.compile(r"^norm([0-3])\.(weight|bias)$")
-# mmpretrain names its 384/512 px fine-tunes "...-384px_..."; facebookresearch's "_384_".
-_RESOLUTION_IN_NAME = re.compile(r"(?:^|[-_])(224|256|288|384|512)(?:px)?(?=[-_.]|$)")
 # Registration order inside a block (the state dict's order), which differs from the canonical forward order.
 _BLOCK_ORDER = {"depthwise_conv": 0, "norm": 1, "pointwise_conv1": 2, "pointwise_conv2": 3, "grn": 4}
 
@@ -117,12 +115,6 @@ _BLOCK_ORDER = {"depthwise_conv": 0, "norm": 1, "pointwise_conv1": 2, "pointwise
 def sniff(path: Path) -> bool:
     # A torch zip is claimed only when its keys hold mmpretrain's anchor (the original reader takes every other).
     return path.is_file() and is_torch_zip(path) and bool(candidate_prefixes(peek_keys(path), ANCHORS))
-
-
-def preprocessing_from_name(file_name: str) -> Preprocessing:
-    # mmpretrain's test pipelines: ResizeEdge 256 + CenterCrop 224 at 224 px, a plain resize at 384/512 px.
-    match = _RESOLUTION_IN_NAME.search(file_name)
-    return (Preprocessing.for_resolution(int(match.group(1))) if match else Preprocessing()).with_origin("assumed")
 
 
 def _scaled(values: np.ndarray) -> tuple[float, float, float]:
@@ -213,7 +205,7 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, prefix
     tensors = state_dict_to_canonical(state, where)
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
 
-    pre = preprocessing_from_name(file_name)
+    pre = Preprocessing.assumed_from_file_name(file_name)
     if stated is not None:
         mean, std = _stated_pixels(stated)
         pre = dataclasses.replace(pre, mean=mean, std=std).with_origin("read")

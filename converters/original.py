@@ -44,8 +44,6 @@ EXTRAS_NAMESPACE = "extras.fcmae."
 # GRN's stored shape per layout when the source does not tell us (a canonical file from elsewhere).
 DEFAULT_GRN_SHAPE = {"finetuned": [1, 1, 1, -1], "fcmae": [1, -1], "fcmae-sparse": [1, -1]}
 
-_RESOLUTION_IN_NAME = re.compile(r"_(224|256|288|384|512)(?:_|\.|$)")
-
 
 # ------------------------------------------------------------ key tables
 
@@ -150,12 +148,6 @@ def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> tupl
     return tensors, layout, grn_shape
 
 
-def preprocessing_from_name(file_name: str) -> Preprocessing:
-    # A .pt file states no preprocessing: a resolution in its name, else the toolkit's default, is a guess.
-    match = _RESOLUTION_IN_NAME.search(file_name)
-    return (Preprocessing.for_resolution(int(match.group(1))) if match else Preprocessing()).with_origin("assumed")
-
-
 def read(path: Path, *, variant: str | None = None, ema: bool = False, prefix: str | None = None) -> Checkpoint:
     """``prefix``: where the model sits in a wrapper's state dict (``backbone.``), when several places hold one."""
     return read_named(path, path.name, variant=variant, ema=ema, prefix=prefix)
@@ -173,7 +165,7 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, ema: b
     ckpt = Checkpoint(
         config=config,
         tensors=tensors,
-        preprocessing=preprocessing_from_name(file_name),
+        preprocessing=Preprocessing.assumed_from_file_name(file_name),
         source=Source(
             format=NAME,
             file_name=file_name,
@@ -241,7 +233,7 @@ def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) ->
         found += fixed_head_norm_eps(ckpt, target)
     kept = [n for n in ckpt.extras() if n.startswith(EXTRAS_NAMESPACE)] if layout == "fcmae-sparse" else []
     found += dropped_extras(ckpt, target, kept)
-    found += replaced_preprocessing(ckpt, "an original .pt file", preprocessing_from_name(Path(path).name))
+    found += replaced_preprocessing(ckpt, "an original .pt file", Preprocessing.assumed_from_file_name(Path(path).name))
     return found
 
 
