@@ -17,13 +17,15 @@ Read: such a file, with or without ``meta``, with the model under ``backbone.`` 
 (``module.backbone.``, a bare backbone state dict; converters/wrapped.py finds it by the anchor key and
 ``--prefix`` chooses between several). Beside the weights, ``meta`` is kept as plain JSON data in
 ``Source.layout["meta"]`` (``class_names`` finds the class names in it); other entries of a training checkpoint
-(``message_hub``, ``optimizer``...) are skipped and named in ``info["skipped"]``. ``data_preprocessor.mean`` /
-``.std`` (shape (3, 1, 1), 0-255 scale; usually non-persistent, but some files carry them) give the mean and std
-(divided by 255) and mark the preprocessing "read" (its input size and crop are still the assumption below,
-which the buffers do not state); otherwise it is assumed: mmpretrain's ImageNet test pipeline
-for ConvNeXt V2 (``configs/_base_/datasets/imagenet_bs64_swin_224.py``: ResizeEdge short side 256 bicubic,
-CenterCrop 224), or at 384/512 px (``-384px`` in the file name) a plain bicubic resize, which are the toolkit's
-``Preprocessing.for_resolution``. Input size and crop are never stated by an mmpretrain file.
+(``message_hub``, ``optimizer``...) are skipped and named in ``info["skipped"]``. The preprocessing is
+read where the file states it: a training run's config, which mmengine's Runner keeps in ``meta["cfg"]``
+(converters/mmengine_config.py parses it, never runs it: its ``data_preprocessor`` mean/std and its test
+pipeline's ResizeEdge + CenterCrop or square Resize); then ``data_preprocessor.mean`` / ``.std`` buffers (shape
+(3, 1, 1), 0-255 scale; usually non-persistent, but some files carry them), which state mean and std only.
+Whatever is not stated is assumed: mmpretrain's ImageNet test pipeline for ConvNeXt V2
+(``configs/_base_/datasets/imagenet_bs64_swin_224.py``: ResizeEdge short side 256 bicubic, CenterCrop 224), or at
+384/512 px (``-384px`` in the file name) a plain bicubic resize, which are the toolkit's
+``Preprocessing.for_resolution``; with nothing stated at all, the preprocessing is marked assumed.
 
 A detection / segmentation backbone (mmdet, mmseg: ``out_indices=(0, 1, 2, 3)``, ``gap_before_final_norm=False``)
 has one LayerNorm per output stage, ``backbone.norm{0..3}``, applied to each stage's feature map: it reads as a
@@ -56,6 +58,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,7 @@ from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.format_contract import Format, Naming, always, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps
+from convnextv2.converters.mmengine_config import stated_preprocessing
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.state_files import peek_keys, plain_data, select_weights
 from convnextv2.converters.strict_json import parse_json_text
@@ -151,6 +155,19 @@ def _stated_pixels(stated: Mapping[str, Any]) -> tuple[tuple[float, float, float
     return (_scaled(np.asarray(stated["mean"], dtype)), _scaled(np.asarray(stated["std"], dtype)))
 
 
+def _preprocessing_from_run(pre: Preprocessing, config_text: Any, where: str) -> Preprocessing:
+    """What the training run's config (mmengine's ``meta["cfg"]``) states over ``pre``: its data preprocessor's
+    mean and std, its test pipeline's size, crop and interpolation."""
+    stated = stated_preprocessing(config_text)
+    if not stated.pop("rgb", True):
+        # The toolkit's preprocessing feeds RGB; a model trained on BGR needs its channels swapped first.
+        warnings.warn(f"{where}: the run's config feeds the model BGR images (data_preprocessor to_rgb=False); its "
+                      "mean and std are not taken, and images must reach this model as BGR", UserWarning, stacklevel=4)
+        stated.pop("mean", None)
+        stated.pop("std", None)
+    return dataclasses.replace(pre, **stated).with_origin("read") if stated else pre
+
+
 def state_dict_to_canonical(state: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
     """Rename an mmpretrain state dict (backbone-relative names, ``head.fc`` beside them) to canonical tensors;
     a detector backbone's stage norms become extras."""
@@ -205,7 +222,7 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, prefix
     tensors = state_dict_to_canonical(state, where)
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
 
-    pre = Preprocessing.assumed_from_file_name(file_name)
+    pre = _preprocessing_from_run(Preprocessing.assumed_from_file_name(file_name), meta.get("cfg"), where)
     if stated is not None:
         mean, std = _stated_pixels(stated)
         pre = dataclasses.replace(pre, mean=mean, std=std).with_origin("read")

@@ -521,3 +521,59 @@ def test_mmpretrains_convnext_v1_is_refused(tmp_path, mm):
         converters.load(path)
     message = str(info.value)
     assert str(path) in message and ("V1" in message or "gamma" in message)
+
+
+# ------------------------------------------------------------ the training run's config (meta["cfg"])
+
+def _with_run_config(src: Path, dest: Path, config_text: str) -> Path:
+    obj = read_torch_zip(src)
+    state = collections.OrderedDict((k, np.array(v)) for k, v in obj["state_dict"].items())
+    meta = {key: value for key, value in obj["meta"].items() if key != mm_format.TOOLKIT_META}
+    write_torch_zip(dest, {"meta": {**meta, "cfg": config_text}, "state_dict": state}, archive_name=dest.stem)
+    return dest
+
+
+@mmpretrain_only
+@pytest.mark.parametrize(("config", "expected"), [
+    ("convnext-v2-atto_32xb32_in1k.py", dict(input_size=224, crop_pct=224 / 256, crop_mode="center")),
+    ("convnext-v2-base_32xb32_in1k-384px.py", dict(input_size=384, crop_pct=1.0, crop_mode="squash")),
+])
+def test_the_runs_config_states_the_preprocessing(tmp_path, mm, config, expected):
+    """mmengine's Runner stores the config's pretty_text in meta["cfg"]: mmpretrain's own ConvNeXt V2 configs,
+    printed by mmengine, give their test pipeline and normaliser; nothing in the text is run."""
+    import mmpretrain
+    from mmengine.config import Config
+
+    configs = Path(mmpretrain.__file__).parent / ".mim" / "configs" / "convnext_v2"
+    text = Config.fromfile(str(configs / config)).pretty_text
+    src = _to_mmpretrain(_original_fixture(tmp_path / "atto.pt"), tmp_path / "atto.pth")
+    ckpt = converters.load(_with_run_config(src, tmp_path / "epoch_300.pth", text))
+    pre = ckpt.preprocessing
+    assert pre.origin == "read"
+    assert (pre.input_size, pre.crop_pct, pre.crop_mode, pre.interpolation) == (
+        expected["input_size"], pytest.approx(expected["crop_pct"]), expected["crop_mode"], "bicubic")
+    assert pre.mean == pytest.approx((123.675 / 255, 116.28 / 255, 103.53 / 255))
+    assert pre.std == pytest.approx((58.395 / 255, 57.12 / 255, 57.375 / 255))
+
+
+def test_a_config_is_parsed_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    text = (f"import os\nos.system('touch {marker}')\n"
+            f"data_preprocessor = dict(mean=[1.0, 2.0, __import__('os').system('touch {marker}')], std=[1, 1, 1])\n"
+            "test_pipeline = [dict(type='ResizeEdge', scale=320, edge='short', interpolation='bilinear'), "
+            "dict(type='CenterCrop', crop_size=288)]\n")
+    src = _to_mmpretrain(_original_fixture(tmp_path / "atto.pt"), tmp_path / "atto.pth")
+    ckpt = converters.load(_with_run_config(src, tmp_path / "run.pth", text))
+    assert not marker.exists()
+    pre = ckpt.preprocessing
+    # The normaliser's expression is not a literal: left out, as if unstated; the pipeline is taken.
+    assert (pre.input_size, pre.crop_pct, pre.interpolation) == (288, pytest.approx(0.9), "bilinear")
+    assert pre.mean == converters.Preprocessing().mean
+
+
+def test_a_bgr_run_is_said_and_its_normaliser_not_taken(tmp_path):
+    text = "data_preprocessor = dict(mean=[103.53, 116.28, 123.675], std=[57.375, 57.12, 58.395], to_rgb=False)\n"
+    src = _to_mmpretrain(_original_fixture(tmp_path / "atto.pt"), tmp_path / "atto.pth")
+    with pytest.warns(UserWarning, match=r"feeds the model BGR images \(data_preprocessor to_rgb=False\)"):
+        ckpt = converters.load(_with_run_config(src, tmp_path / "bgr.pth", text))
+    assert ckpt.preprocessing.mean == converters.Preprocessing().mean
