@@ -219,7 +219,10 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, prefix
     wrapped = unwrap(weights.state, ANCHORS, where, NAME, prefix=prefix, keep_outside=("head.", PREPROCESSOR))
     state = dict(wrapped.state)
     stated = _stated_preprocessing(state, where)
-    tensors = state_dict_to_canonical(state, where)
+    try:
+        tensors = state_dict_to_canonical(state, where)
+    except UnplacedKeysError as exc:
+        raise exc.in_file_names(wrapped.file_names) from None
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
 
     pre = _preprocessing_from_run(Preprocessing.assumed_from_file_name(file_name), meta.get("cfg"), where)

@@ -31,7 +31,7 @@ from convnextv2.converters.torchzip import (
     read_torch_zip,
     write_torch_zip,
 )
-from convnextv2.converters.wrapped import unwrap
+from convnextv2.converters.wrapped import Wrapped, unwrap
 from convnextv2.reference import layouts, schema
 from convnextv2.reference.errors import BadInputError, UnplacedKeysError
 from convnextv2.reference.keymap import KeyTable, Rule
@@ -101,21 +101,17 @@ ANCHORS = ("stages.0.0.dwconv.weight",)
 _SPARSE_MARKER = re.compile(r"^encoder\.stages\.\d+\.\d+\.dwconv\.kernel$")
 
 
-def select_state_dict(obj: Any, ema: bool, where: str, prefix: str | None = None
-                      ) -> tuple[Mapping[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-    """The original state dict in a loaded checkpoint: (state dict with any wrapper prefix removed, the
-    plain-data leftovers for ``info``, what the wrapper was for ``Source.layout``)."""
+def select_state_dict(obj: Any, ema: bool, where: str, prefix: str | None = None) -> tuple[Wrapped, dict[str, Any]]:
+    """The original state dict in a loaded checkpoint, found under any wrapper prefix, and the plain-data
+    leftovers for ``info``."""
     weights = select_weights(obj, where, ema=ema, keep=KEPT_ENTRIES)
     info: dict[str, Any] = {"container": weights.container}
     info.update({name: plain_data(value) for name, value in weights.kept.items()})
     if weights.skipped:
         info["skipped"] = weights.skipped
-    state: Mapping[str, np.ndarray] = weights.state
-    wrapper: dict[str, Any] = {}
-    if not (prefix is None and any(_SPARSE_MARKER.match(k) for k in state)):
-        wrapped = unwrap(state, ANCHORS, where, NAME, prefix=prefix)
-        state, wrapper = wrapped.state, wrapped.layout()
-    return state, info, wrapper
+    if prefix is None and any(_SPARSE_MARKER.match(k) for k in weights.state):
+        return Wrapped(weights.state, "", {}), info  # the sparse layout's own "encoder.", not a wrapper
+    return unwrap(weights.state, ANCHORS, where, NAME, prefix=prefix), info
 
 
 def detect_layout(state: Mapping[str, np.ndarray]) -> str:
@@ -159,8 +155,11 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, ema: b
     from its name, and a conversion reads its output back before the output has one."""
     where = str(path)
     obj = read_torch_zip(path)
-    state, info, wrapper = select_state_dict(obj, ema, where, prefix)
-    tensors, layout, grn_shape = state_dict_to_canonical(state, where)
+    wrapped, info = select_state_dict(obj, ema, where, prefix)
+    try:
+        tensors, layout, grn_shape = state_dict_to_canonical(wrapped.state, where)
+    except UnplacedKeysError as exc:
+        raise exc.in_file_names(wrapped.file_names) from None
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, where)
     ckpt = Checkpoint(
         config=config,
@@ -170,7 +169,8 @@ def read_named(path: Path, file_name: str, *, variant: str | None = None, ema: b
             format=NAME,
             file_name=file_name,
             digest=lazy_sha256(path),  # a full read: done when needed
-            layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema, **wrapper},
+            layout={"layout": layout, "grn_shape": grn_shape or DEFAULT_GRN_SHAPE[layout], "ema": ema,
+                    **wrapped.layout()},
         ),
         info=info,
     )

@@ -216,7 +216,10 @@ def read(path: Path, *, variant: str | None = None, revision: str | None = None,
     stored = read_weights(weights)
     meta = stored.metadata
     wrapped = unwrap(stored.state, ANCHORS, str(weights), NAME, prefix=prefix)
-    tensors, conv_mlp = state_dict_to_canonical(wrapped.state, str(weights))
+    try:
+        tensors, conv_mlp = state_dict_to_canonical(wrapped.state, str(weights))
+    except UnplacedKeysError as exc:
+        raise exc.in_file_names(wrapped.file_names) from None
     config = schema.infer_config({k: v.shape for k, v in tensors.items()}, str(weights))
     embedded = restore_embedded(meta, str(weights))
     config_path = _config_beside(weights)

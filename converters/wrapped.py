@@ -26,6 +26,8 @@ class Wrapped:
     state: dict[str, np.ndarray]
     prefix: str
     left_behind: dict[str, int]
+    # A name in ``state`` -> the file's own name for it (only where they differ).
+    file_names: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def layout(self) -> dict[str, Any]:
         """What a reader records in ``Source.layout`` (empty for a plain state dict)."""
@@ -87,15 +89,20 @@ def unwrap(state: Mapping[str, np.ndarray], anchors: Sequence[str], where: str, 
         chosen = candidates[0]
     parent = chosen[: chosen.rstrip(".").rfind(".") + 1] if chosen.count(".") > 1 else ""
     inside: dict[str, np.ndarray] = {}
+    file_names: dict[str, str] = {}
     outside: Counter[str] = Counter()
     for key, array in state.items():
         if key.startswith(chosen):
-            inside[key[len(chosen):]] = array
+            name = key[len(chosen):]
         elif any(key.startswith(parent + extra) for extra in keep_outside):
-            inside[key[len(parent):]] = array
+            name = key[len(parent):]
         else:
             outside[_group(key, chosen)] += 1
-    return Wrapped(inside, chosen, dict(sorted(outside.items())))
+            continue
+        inside[name] = array
+        if name != key:
+            file_names[name] = key
+    return Wrapped(inside, chosen, dict(sorted(outside.items())), file_names)
 
 
 __all__ = ["Wrapped", "candidate_prefixes", "left_behind_text", "unwrap"]

@@ -36,8 +36,25 @@ class UnplacedKeysError(BadInputError):
         """The refusal of a reader whose table leaves ``unplaced`` keys of ``state`` (a name -> array mapping);
         ``not_in`` says what they are not in ("the finetuned layout")."""
         shapes = {str(k): tuple(getattr(v, "shape", ())) for k, v in state.items()}
+        return cls._listing(where, naming, shapes, unplaced, not_in)
+
+    @classmethod
+    def _listing(cls, where: str, naming: str, shapes: dict[str, tuple[int, ...]], unplaced: list[str],
+                 not_in: str) -> UnplacedKeysError:
         shown = ", ".join(f"{key} {list(shapes.get(key, ()))}" for key in unplaced[:10])
-        return cls(where, naming, shapes, unplaced, f"{where}: {len(unplaced)} key(s) not in {not_in}: {shown}")
+        error = cls(where, naming, shapes, unplaced, f"{where}: {len(unplaced)} key(s) not in {not_in}: {shown}")
+        error.not_in = not_in
+        return error
+
+    not_in: str = ""
+
+    def in_file_names(self, names: dict[str, str]) -> UnplacedKeysError:
+        """The same refusal in the file's own key names (``names``: the name a reader saw -> the file's, for a
+        model read from under a wrapper prefix), so that what it quotes can be found in the file."""
+        if not self.not_in or not names:
+            return self
+        shapes = {names.get(k, k): shape for k, shape in self.keys.items()}
+        return self._listing(self.where, self.naming, shapes, [names.get(k, k) for k in self.unplaced], self.not_in)
 
 
 class SchemaError(BadInputError):
