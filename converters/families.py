@@ -24,7 +24,7 @@ from convnextv2.converters import formats
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.format_contract import Naming
 from convnextv2.converters.safetensors_io import sniff_header
-from convnextv2.converters.wrapped import candidate_prefixes
+from convnextv2.converters.wrapped import candidate_prefixes, wrapper_parent
 from convnextv2.reference.errors import BadInputError, UnplacedKeysError
 
 FAMILY = "ConvNeXt V2"
@@ -70,7 +70,7 @@ def fit(keys: Sequence[str], name: str, naming: Naming) -> Fit:
     for prefix in [*anchored, ""]:
         # Parts of a model may sit beside its wrapper (a classifier's head.fc beside backbone.): a key is
         # also placed by the name it has under the wrapper's parent, as wrapped.unwrap's keep_outside reads it.
-        parent = prefix[: prefix.rstrip(".").rfind(".") + 1] if prefix.count(".") > 1 else ""
+        parent = wrapper_parent(prefix)
         placed: list[str] = []
         unplaced: list[str] = []
         for key in keys:

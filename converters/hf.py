@@ -463,14 +463,9 @@ def canonical_to_state_dict(ckpt: Checkpoint) -> collections.OrderedDict[str, np
         tensors["head.norm.weight"] = np.ones(width, dtype=dtype)
         tensors["head.norm.bias"] = np.zeros(width, dtype=dtype)
     prefix = MODEL_PREFIX if config.num_classes else ""
-    entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-    for name, array in tensors.items():
-        mapped = KEYS.to_foreign(name)
-        if mapped is None:
-            raise BadInputError(f"tensor {name} has no place in the transformers layout")
-        key, rule = mapped
-        entries[key if rule is CLASSIFIER else prefix + key] = rule.transform.to_foreign(array)
-    return entries
+    return collections.OrderedDict(
+        (key if rule is CLASSIFIER else prefix + key, array)
+        for key, rule, array in KEYS.to_foreign_tensors(tensors, "the transformers layout"))
 
 
 def unrepresentable(ckpt: Checkpoint, path: Path, options: Mapping[str, Any]) -> list[Change]:

@@ -16,6 +16,7 @@ from typing import Any
 
 # A config's text is a few tens of kB; a larger one is not read (parsing is linear, but its tree is not small).
 MAX_CONFIG_CHARS = 1_000_000
+# mmcv's normalisers work on 0-255 pixels; the toolkit's mean and std on 0-1.
 PIXEL_SCALE = 255.0
 # mmcv's interpolation names -> the toolkit's (Preprocessing.interpolation).
 _INTERPOLATIONS = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "lanczos": "lanczos",
@@ -136,4 +137,4 @@ def stated_preprocessing(text: Any) -> dict[str, Any]:
     return found
 
 
-__all__ = ["literal_config", "stated_preprocessing"]
+__all__ = ["PIXEL_SCALE", "literal_config", "stated_preprocessing"]

@@ -69,7 +69,7 @@ from convnextv2.converters.checkpoint import Checkpoint, Preprocessing, Source
 from convnextv2.converters.digests import lazy_sha256
 from convnextv2.converters.format_contract import Format, Naming, always, tensor_bytes
 from convnextv2.converters.format_limits import Change, dropped_extras, fixed_head_norm_eps
-from convnextv2.converters.mmengine_config import stated_preprocessing
+from convnextv2.converters.mmengine_config import PIXEL_SCALE, stated_preprocessing
 from convnextv2.converters.progress import byte_progress
 from convnextv2.converters.state_files import peek_keys, plain_data, select_weights
 from convnextv2.converters.strict_json import parse_json_text
@@ -89,9 +89,8 @@ BACKBONE = "backbone."
 TOOLKIT_META = EMBEDDED_PREFIX.rstrip(".")
 # The key every mmpretrain ConvNeXt state dict has (first block's depthwise weight): where it sits tells the prefix.
 ANCHORS = ("stages.0.0.depthwise_conv.weight",)
-# ClsDataPreprocessor's buffers, when a file carries them: (3, 1, 1), RGB, on the 0-255 scale.
+# ClsDataPreprocessor's buffers, when a file carries them: (3, 1, 1), RGB, on the 0-255 scale (PIXEL_SCALE).
 PREPROCESSOR = "data_preprocessor."
-PIXEL_SCALE = 255.0
 
 # Names relative to the backbone; the classifier ``head.fc`` sits beside it. GRN is (4C,) as in timm.
 TABLE = KeyTable([
@@ -311,13 +310,8 @@ def _preprocessor_buffers(ckpt: Checkpoint) -> dict[str, np.ndarray]:
 
 
 def canonical_to_state_dict(ckpt: Checkpoint) -> collections.OrderedDict[str, np.ndarray]:
-    entries: list[tuple[str, np.ndarray]] = []
-    for name, array in ckpt.model_tensors().items():
-        mapped = TABLE.to_foreign(name)
-        if mapped is None:
-            raise BadInputError(f"tensor {name} has no place in the mmpretrain layout")
-        key, rule = mapped
-        entries.append(((key if key.startswith("head.") else BACKBONE + key), rule.transform.to_foreign(array)))
+    entries = [((key if key.startswith("head.") else BACKBONE + key), array)
+               for key, _, array in TABLE.to_foreign_tensors(ckpt.model_tensors(), "the mmpretrain layout")]
     entries += [(BACKBONE + name[len(EXTRAS_NAMESPACE):], array) for name, array in _written_extras(ckpt).items()]
     entries += list(_preprocessor_buffers(ckpt).items())
     entries.sort(key=lambda item: _order(item[0]))  # stable: weight before bias, gamma before beta

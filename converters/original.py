@@ -203,13 +203,7 @@ def canonical_to_state_dict(ckpt: Checkpoint, layout: str) -> collections.Ordere
     source_layout = ckpt.source.layout if ckpt.source.format == NAME else {}
     grn_shape = source_layout.get("grn_shape") if source_layout.get("layout") == layout else None
     table = key_table(layout, grn_shape)
-    entries: list[tuple[str, np.ndarray]] = []
-    for name, array in ckpt.model_tensors().items():
-        mapped = table.to_foreign(name)
-        if mapped is None:
-            raise BadInputError(f"tensor {name} has no place in the {layout} layout")
-        key, rule = mapped
-        entries.append((key, rule.transform.to_foreign(array)))
+    entries = [(key, array) for key, _, array in table.to_foreign_tensors(ckpt.model_tensors(), f"the {layout} layout")]
     entries.sort(key=lambda item: _original_order(item[0]))
     if layout == "fcmae-sparse":
         entries += [(k[len(EXTRAS_NAMESPACE):], v) for k, v in sorted(ckpt.extras().items())

@@ -270,14 +270,9 @@ def default_conv_mlp(ckpt: Checkpoint) -> bool:
 
 
 def canonical_to_state_dict(ckpt: Checkpoint, conv_mlp: bool) -> collections.OrderedDict[str, np.ndarray]:
-    entries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-    for name, array in ckpt.model_tensors().items():
-        mapped = (CONV_MLP_KEYS if conv_mlp else KEYS).to_foreign(name)
-        if mapped is None:
-            raise BadInputError(f"tensor {name} has no place in the timm layout")
-        key, rule = mapped
-        entries[key] = rule.transform.to_foreign(array)
-    return entries
+    table = CONV_MLP_KEYS if conv_mlp else KEYS
+    return collections.OrderedDict(
+        (key, array) for key, _, array in table.to_foreign_tensors(ckpt.model_tensors(), "the timm layout"))
 
 
 def timm_config_json(ckpt: Checkpoint, conv_mlp: bool) -> dict[str, Any]:

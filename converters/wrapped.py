@@ -63,6 +63,12 @@ def _group(key: str, prefix: str) -> str:
     return ".".join(parts[:count]) + ("." if count < len(parts) else "")
 
 
+def wrapper_parent(prefix: str) -> str:
+    """The model that holds a wrapper: ``module.`` for ``module.backbone.``, "" for ``backbone.``. Parts of a
+    model may sit beside the wrapper there, as a classifier's ``head.`` beside its ``backbone.``."""
+    return prefix[: prefix.rstrip(".").rfind(".") + 1] if prefix.count(".") > 1 else ""
+
+
 def unwrap(state: Mapping[str, np.ndarray], anchors: Sequence[str], where: str, naming: str, *,
            prefix: str | None = None, keep_outside: Sequence[str] = ()) -> Wrapped:
     """The state dict under the prefix one of ``anchors`` appears at (``prefix``: the user's choice where there
@@ -87,7 +93,7 @@ def unwrap(state: Mapping[str, np.ndarray], anchors: Sequence[str], where: str, 
                             f"{', '.join(repr(c) for c in candidates)}; choose one with --prefix")
     else:
         chosen = candidates[0]
-    parent = chosen[: chosen.rstrip(".").rfind(".") + 1] if chosen.count(".") > 1 else ""
+    parent = wrapper_parent(chosen)
     inside: dict[str, np.ndarray] = {}
     file_names: dict[str, str] = {}
     outside: Counter[str] = Counter()
@@ -105,4 +111,4 @@ def unwrap(state: Mapping[str, np.ndarray], anchors: Sequence[str], where: str, 
     return Wrapped(inside, chosen, dict(sorted(outside.items())), file_names)
 
 
-__all__ = ["Wrapped", "candidate_prefixes", "left_behind_text", "unwrap"]
+__all__ = ["Wrapped", "candidate_prefixes", "left_behind_text", "unwrap", "wrapper_parent"]

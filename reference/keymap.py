@@ -8,9 +8,11 @@ each rule also names the tensor's layout change (a ``reference.layouts.Layout``)
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from convnextv2.reference.errors import BadInputError
 from convnextv2.reference.layouts import IDENTITY, Layout
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -55,3 +57,15 @@ class KeyTable:
             if match:
                 return rule.foreign.format(**match.groupdict()), rule
         return None
+
+    def to_foreign_tensors(self, tensors: Mapping[str, Any], target: str) -> list[tuple[str, Rule, Any]]:
+        """Every canonical tensor under its foreign name and in its foreign layout, in ``tensors``' order, with
+        the rule that placed it; a tensor the table has no place for is refused (``target``: "the timm layout")."""
+        placed = []
+        for name, array in tensors.items():
+            mapped = self.to_foreign(name)
+            if mapped is None:
+                raise BadInputError(f"tensor {name} has no place in {target}")
+            key, rule = mapped
+            placed.append((key, rule, rule.transform.to_foreign(array)))
+        return placed
