@@ -322,6 +322,9 @@ class Verdict:
     tolerance: Tolerance | None = dataclasses.field(default=None, metadata=_INTERNAL)
     # What a caller reports beside the decision (an export gate's images and per-output figures).
     figures: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_INTERNAL)
+    # A deployment artifact's row (``convnextv2 parity --artifact``): its path, format, runtime, precision found,
+    # conventions found, where it first diverges and, quantized, its metrics (docs/parity.md "Artifacts").
+    artifact: dict[str, Any] | None = None
 
     @property
     def precision(self) -> str:
