@@ -38,8 +38,9 @@ FEATURES = rule.FEATURES
 DTYPES = rule.PRECISIONS
 REPORT_SCHEMA = "convnextv2-parity-report"
 REPORT_SCHEMA_VERSION = "1"
-__all__ = ["DTYPES", "FEATURES", "FeatureResult", "ParityReport", "ParityRequest", "Verdict", "Tolerance",
-           "parse_tolerances", "run_parity"]
+ARTIFACT_KIND = "artifact"
+__all__ = ["DTYPES", "FEATURES", "Artifacts", "FeatureResult", "ParityReport", "ParityRequest", "Verdict",
+           "Tolerance", "parse_tolerances", "run_parity"]
 
 
 def parse_tolerances(values: Sequence[str], option: str) -> dict[str, float]:
@@ -79,8 +80,18 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.status in ("pass", "unavailable") for r in self.runtimes) and any(
-            r.status == "pass" for r in self.runtimes)
+        # A runtime that cannot run here is listed, not failed; an artifact the user handed in that cannot be
+        # run here was not checked, so it never counts as a pass.
+        return all(r.status == "pass" if r.kind == ARTIFACT_KIND else r.status in ("pass", "unavailable")
+                   for r in self.runtimes) and any(r.status == "pass" for r in self.runtimes)
+
+    @property
+    def artifacts(self) -> list[Verdict]:
+        return [r for r in self.runtimes if r.kind == ARTIFACT_KIND]
+
+    def unchecked(self) -> list[Verdict]:
+        """Artifacts that could not be run here (each says why)."""
+        return [r for r in self.artifacts if r.status == "unavailable"]
 
     @property
     def exit_code(self) -> int:
@@ -108,9 +119,20 @@ class ParityReport:
             "tolerance": self.tolerance,
             "features": list(FEATURES),
             "runtimes": [r.to_json_dict() for r in self.runtimes],
+            "artifacts": [artifact_entry(r) for r in self.artifacts],
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             **({"cache": self.cache} if self.cache is not None else {}),
         }
+
+
+def artifact_entry(result: Verdict) -> dict[str, Any]:
+    """An artifact's entry of the JSON report: what its runner found (path, format, runtime, precision,
+    conventions, first divergence, metrics) and the verdict's status and reason."""
+    entry = dict(result.artifact or {})
+    entry.update(status=result.status, reason=result.reason, row=result.name)
+    entry.setdefault("first_divergence", None)
+    entry.setdefault("metrics", None)
+    return entry
 
 
 # ------------------------------------------------------------------ inputs and the run
@@ -208,6 +230,16 @@ class Execution:
 
 
 @dataclasses.dataclass
+class Artifacts:
+    """Deployment files made anywhere (by this toolkit or any other tool), each run in its own runtime and judged
+    against the same referee as the runtimes (converters/runners/artifact.py); ``pins`` fixes the conventions
+    the runner would otherwise find (an ``artifact.Pins``; none: every convention found)."""
+
+    paths: Sequence[Path | str] = ()
+    pins: Any = None
+
+
+@dataclasses.dataclass
 class ParityRequest:
     checkpoint: Checkpoint
     execution: Execution
@@ -215,17 +247,20 @@ class ParityRequest:
     tolerances: Tolerances = dataclasses.field(default_factory=Tolerances)
     referee: RefereeSource = dataclasses.field(default_factory=RefereeSource)
     checkpoint_path: str | None = None  # as the report names it
+    artifacts: Artifacts = dataclasses.field(default_factory=Artifacts)
 
     _GROUPS = {"inputs": ("images", "inputs_info", "image_size", "batch", "seed", "images_dir"),
                "tolerances": ("atol", "rtol"),
                "referee": ("referee_ckpt", "referee_features", "baseline_features", "referee_source"),
-               "execution": ("dtypes", "jobs", "cache", "progress")}
+               "execution": ("dtypes", "jobs", "cache", "progress"),
+               "artifacts": ("artifacts", "artifact_pins")}
 
     @classmethod
     def of(cls, ckpt: Checkpoint, runtimes: Sequence[str | Runtime | registry.Entry], **options: Any) -> ParityRequest:
         """A request from flat keyword options (the names ``run_parity`` has always taken)."""
         renamed = {"inputs_info": "info", "referee_ckpt": "checkpoint", "referee_features": "features",
-                   "baseline_features": "baseline", "referee_source": "label"}
+                   "baseline_features": "baseline", "referee_source": "label", "artifacts": "paths",
+                   "artifact_pins": "pins"}
         parts: dict[str, dict[str, Any]] = {group: {} for group in cls._GROUPS}
         path = options.pop("checkpoint_path", None)
         for key, value in options.items():
@@ -234,7 +269,8 @@ class ParityRequest:
                 raise TypeError(f"run_parity() got an unexpected option {key!r}")
             parts[group][renamed.get(key, key)] = value
         return cls(ckpt, Execution(runtimes, **parts["execution"]), Inputs(**parts["inputs"]),
-                   Tolerances(**parts["tolerances"]), RefereeSource(**parts["referee"]), path)
+                   Tolerances(**parts["tolerances"]), RefereeSource(**parts["referee"]), path,
+                   Artifacts(**parts["artifacts"]))
 
 
 def run_parity(request: ParityRequest | Checkpoint, runtimes: Sequence[str | Runtime | registry.Entry] = (),
@@ -277,6 +313,25 @@ class _Run:
         self.say = request.execution.progress or (lambda message: None)
         cache.report_to(request.execution.progress)  # a damaged cache entry is reported as it is found
         self.timings: dict[str, float] = {}
+        # Each artifact read before any model runs: an unreadable one is bad input, and the precisions they hold
+        # decide which reduced-precision baselines the referee needs.
+        self.probes = self._probe_artifacts()
+
+    def _probe_artifacts(self) -> list[Any]:
+        given = self.request.artifacts
+        if not given.paths:
+            return []
+        from convnextv2.converters.runners import artifact
+
+        start = time.perf_counter()
+        probes = [artifact.probe(Path(path), given.pins) for path in given.paths]
+        self.timings["artifacts: probe"] = time.perf_counter() - start
+        return probes
+
+    def _baseline_dtypes(self) -> list[str]:
+        """The reduced precisions judged in this run: those asked of the runtimes and those the artifacts hold."""
+        wanted = [*self.dtypes, *(probe.precision for probe in self.probes)]
+        return [dtype for dtype in dict.fromkeys(wanted) if dtype in rule.REDUCED_PRECISIONS]
 
     def reference_run(self, dtype: str) -> dict[str, np.ndarray]:
         """The PyTorch reference on these weights and images: computed once, then taken from the cache."""
@@ -298,8 +353,8 @@ class _Run:
             self.say("baseline: torch float32")
             baseline = self.reference_run("float32")
         baselines = {"float32": baseline}
-        for dtype in self.dtypes:
-            if dtype in rule.REDUCED_PRECISIONS and dtype not in baselines:
+        for dtype in self._baseline_dtypes():
+            if dtype not in baselines:
                 self.say(f"baseline: torch {dtype} (norms in float32)")
                 baselines[dtype] = self.reference_run(dtype)
         return rule.Referee.from_features(self.images, features, baselines)
@@ -346,7 +401,19 @@ class _Run:
                     self.cache.merge(summary)
             results = [self._check(runtime, dtype, outcomes.get((runtime.name, dtype)), referee)
                        for runtime in self.resolved for dtype in self.dtypes]
+            results += [self._check_artifact(probe, referee) for probe in self.probes]
         return self._report(referee, results)
+
+    def _check_artifact(self, probe: Any, referee: rule.Referee) -> Verdict:
+        from convnextv2.converters.runners import artifact
+
+        explicit = self.request.tolerances.at(probe.precision) if probe.precision in DTYPES else None
+        tolerance = explicit if explicit is not None and explicit.explicit else None
+        start = time.perf_counter()
+        try:
+            return artifact.check(probe, self.ckpt, referee, self.request.artifacts.pins, tolerance, self.say)
+        finally:
+            self.timings[f"artifact {probe.path.name}"] = time.perf_counter() - start
 
     def _check(self, runtime: Runtime | registry.Entry, dtype: str, outcome: Outcome | None,
                referee: rule.Referee) -> Verdict:
@@ -378,7 +445,8 @@ class _Run:
                       **({"reduced": reduced} if reduced else {})},
             tolerance={d: {"rule": "explicit" if t.explicit else "derived", "description": t.describe(),
                            "atol": t.atol, "rtol": t.rtol, "factor": rule.FACTOR, "floor": rule.FLOOR[d]}
-                       for d, t in ((d, self.request.tolerances.at(d)) for d in DTYPES) if d in self.dtypes},
+                       for d, t in ((d, self.request.tolerances.at(d)) for d in DTYPES)
+                       if d in self.dtypes or d in self._baseline_dtypes()},
             runtimes=results,
             timings=self.timings,
             cache=self.cache.summary(),

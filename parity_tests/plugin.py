@@ -5,6 +5,8 @@ site-packages, where no conftest of this repository is on the path.
 Options:
   --full-matrix       every size at 224, tiny/base at 384, huge at 512 (default: small sizes at 64 px)
   --checkpoint PATH   also check this checkpoint on every runtime (repeatable; any readable format)
+  --artifact FILE     with --checkpoint: also judge this deployment file, made by any tool, against each
+                      checkpoint in its own runtime (repeatable); as ``convnextv2 parity --artifact``
   --shard I/N         run only the I-th of N stable slices of the collected tests (CI sharding)
   --parity-report DIR write a JSON/Markdown/JUnit/HTML parity report per --checkpoint into DIR
   --parity-timings FILE  one JSON line per test phase: its duration and, for matrix cases, where the parity
@@ -44,6 +46,9 @@ def pytest_addoption(parser: Any) -> None:
                     help="all 8 sizes at 224 px, tiny/base at 384, huge at 512 (default: small sizes at 64 px)")
     group.addoption("--checkpoint", action="append", default=[], metavar="PATH",
                     help="also check this checkpoint (any readable format) on every runtime; repeatable")
+    group.addoption("--artifact", action="append", default=[], metavar="FILE",
+                    help="with --checkpoint: also judge this deployment file (ONNX, .tflite, OpenVINO .xml, .pte, "
+                         ".keras, SavedModel, .pt2) against each checkpoint, in its own runtime; repeatable")
     group.addoption("--shard", default=None, metavar="I/N",
                     help="run only shard I of N (1-based) of the collected tests, split by a stable hash")
     group.addoption("--parity-report", default=None, metavar="DIR",
@@ -96,6 +101,8 @@ def pytest_configure(config: Any) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     parse_shard(config.getoption("--shard"))
+    if config.getoption("--artifact") and not config.getoption("--checkpoint"):
+        raise pytest.UsageError("--artifact needs --checkpoint: an artifact is judged against a checkpoint")
 
 
 def _wanted(item: Any, config: Any, shard: tuple[int, int] | None) -> bool:

@@ -37,17 +37,73 @@ def _label(result: Verdict) -> str:
 def _verdict(result: Verdict) -> str:
     if result.status == "fail":
         return f"FAIL (first diverges at {result.first_divergence})"
+    if result.status == "unavailable" and result.artifact is not None:
+        return "NOT CHECKED (cannot run here)"
     return {"pass": "pass", "error": "ERROR", "unavailable": "not available"}[result.status]
 
 
 def _summary_line(report: ParityReport) -> str:
     ran = [r for r in report.runtimes if r.status != "unavailable"]
-    failed = report.failures()
+    failed = report.failures() + report.unchecked()
     if report.passed:
         return f"PASS: {len(ran)} runtime run(s) within tolerance"
     if not failed:
         return "FAIL: no runtime could run"
     return "FAIL: " + "; ".join(f"{_label(r)} {_verdict(r)}" for r in failed)
+
+
+def _convention_text(name: str, found: dict[str, Any]) -> str:
+    text = f"{name} {found.get('value')} ({found.get('how', '?')}"
+    candidates = found.get("candidates") or []
+    if candidates:
+        text += "; tried " + ", ".join(
+            f"{c.get('value')} {_fmt(c.get('scale_aware_error'))}" for c in candidates)
+    return text + ")"
+
+
+def artifact_lines(result: Verdict) -> list[str]:
+    """What an artifact row says beyond its verdict: where the file came from and what it was run in, the
+    conventions found (and every candidate tried), where it first diverges, and for a reduced-precision failure
+    the float16 headroom of the stages past float16's range."""
+    entry = result.artifact
+    if not entry:
+        return []
+    lines = [f"{entry.get('format')} file {entry.get('path')}, run in {entry.get('runtime')}; precision "
+             f"{entry.get('precision')} ({entry.get('precision_how', 'found')})"]
+    conventions = entry.get("conventions") or {}
+    if conventions:
+        lines.append("conventions: " + "; ".join(_convention_text(k, v) for k, v in conventions.items()
+                                                 if isinstance(v, dict)))
+    where = entry.get("first_divergence")
+    if where:
+        parts = [f"first diverges at {where.get('feature')}"]
+        if where.get("block") is not None:
+            parts.append(f"block {where['block']}")
+        if where.get("op"):
+            parts.append(f"op {where['op']}")
+        if where.get("tensor"):
+            parts.append(f"tensor {where['tensor']}")
+        if where.get("scale_aware_error") is not None:
+            parts.append(f"error {_fmt(where['scale_aware_error'])} vs tolerance {_fmt(where.get('tolerance'))}")
+        if where.get("non_finite_op"):
+            parts.append(f"first non-finite or saturated output: {where['non_finite_op']}")
+        lines.append(", ".join(parts))
+    localisation = entry.get("localisation") or {}
+    if localisation.get("how"):
+        lines.append(f"stages: {localisation['how']}")
+    metrics = entry.get("metrics")
+    if metrics:
+        sqnr = metrics.get("sqnr_db") or {}
+        lines.append("quantization: SQNR " + ", ".join(f"{k} {v:.1f} dB" for k, v in sqnr.items() if v is not None)
+                     + (f"; top-1 {metrics['top1_agreement']:.0%}" if metrics.get("top1_agreement") is not None else "")
+                     + (f", top-5 {metrics['top5_agreement']:.0%}" if metrics.get("top5_agreement") is not None else ""))
+    headroom = entry.get("headroom") or {}
+    past = [f"{stage} {what} {value:.3g}" for stage, figures in headroom.items() if isinstance(figures, dict)
+            for what, value in figures.items()
+            if what != "float16_max" and isinstance(value, (int, float)) and value >= figures.get("float16_max", 65504)]
+    if past:
+        lines.append("float16 headroom exceeded (keep these in float32): " + "; ".join(past))
+    return lines
 
 
 # ------------------------------------------------------------------ terminal
@@ -89,6 +145,7 @@ def terminal_table(report: ParityReport) -> str:
         lines.append(f"{_label(r):<28} {_verdict(r):<32} " + " ".join(cells) + f" {top1:>6} {r.seconds:>6.1f}")
         if r.reason:
             lines.append(f"{'':<28} {r.reason}")
+        lines += [f"{'':<28} {line}" for line in artifact_lines(r)]
     lines += ["", "cells: scale-aware error max|runtime - referee| / max|referee|; '!' = above tolerance", "",
               _summary_line(report)]
     return "\n".join(lines)
@@ -126,7 +183,8 @@ def to_markdown(report: ParityReport) -> str:
         top1 = "" if logits is None or logits.top1_agreement is None else f"{logits.top1_agreement:.0%}"
         top5 = "" if logits is None or logits.top5_overlap is None else f"{logits.top5_overlap:.0%}"
         out.append(f"| {_label(r)} | {_verdict(r)} | " + " | ".join(cells) + f" | {top1} | {top5} |")
-    notes = [f"- {_label(r)}: {r.reason}" for r in report.runtimes if r.reason]
+    notes = [f"- {_label(r)}: " + "; ".join(filter(None, [r.reason, *artifact_lines(r)]))
+             for r in report.runtimes if r.reason or r.artifact]
     if notes:
         out += ["", *notes]
     out += ["", "Tolerance: " + "; ".join(f"{d}: {t['description']}" for d, t in report.tolerance.items()), ""]
@@ -141,10 +199,16 @@ def to_junit(report: ParityReport) -> bytes:
     for r in report.runtimes:
         suite = ET.SubElement(suites, "testsuite", name=f"parity.{_label(r)}", time=f"{r.seconds:.3f}")
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+        if r.artifact:
+            ET.SubElement(suite, "system-out").text = "\n".join(artifact_lines(r))
         if r.status in ("unavailable", "error"):
             case = ET.SubElement(suite, "testcase", classname=f"parity.{_label(r)}", name="run")
             counts["tests"] += 1
-            if r.status == "unavailable":
+            if r.status == "unavailable" and r.artifact is not None:
+                # An artifact that cannot run here was not checked: a failure, not a skip.
+                ET.SubElement(case, "failure", message=r.reason, type="NotChecked").text = r.reason
+                counts["failures"] += 1
+            elif r.status == "unavailable":
                 ET.SubElement(case, "skipped", message=r.reason)
                 counts["skipped"] += 1
             else:
@@ -292,8 +356,9 @@ def to_html(report: ParityReport) -> str:
             text = "–" if fr is None or fr.scale_aware_error is None else _fmt(fr.scale_aware_error)
             style = ' class="fail"' if fr is not None and fr.status == "fail" else ""
             cells.append(f"<td{style}>{text}</td>")
+        note = "<br>".join(html.escape(line) for line in filter(None, [r.reason, *artifact_lines(r)]))
         rows.append(f"<tr><td>{html.escape(_label(r))}</td><td>{html.escape(_verdict(r))}</td>{''.join(cells)}"
-                    f"<td>{html.escape(r.reason)}</td></tr>")
+                    f"<td>{note}</td></tr>")
     head = "".join(f"<th>{f}</th>" for f in features)
     base = "".join(f"<td>{_fmt(report.baseline['scale_aware_error'][f])}</td>" for f in features)
     ck = report.checkpoint

@@ -324,7 +324,7 @@ class Verdict:
     figures: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=_INTERNAL)
     # A deployment artifact's row (``convnextv2 parity --artifact``): its path, format, runtime, precision found,
     # conventions found, where it first diverges and, quantized, its metrics (docs/parity.md "Artifacts").
-    artifact: dict[str, Any] | None = None
+    artifact: dict[str, Any] | None = dataclasses.field(default=None, metadata=_INTERNAL)
 
     @property
     def precision(self) -> str:

@@ -1,6 +1,7 @@
-"""``convnextv2 parity``: run a checkpoint on several runtimes and compare each, stage by stage, with a float64
-PyTorch referee. Exit 0 pass, 1 parity failure, 2 bad input or usage (including a runtime asked for by
-name that cannot run here)."""
+"""``convnextv2 parity``: run a checkpoint on several runtimes, and any deployment files made from it
+(``--artifact``), and compare each, stage by stage, with a float64 PyTorch referee. Exit 0 pass, 1 parity failure
+(or an artifact that cannot be run here), 2 bad input or usage (including a runtime asked for by name that cannot
+run here, and an artifact that cannot be read)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
               help="Independent implementations to compare too: timm, transformers-pt, transformers-tf "
                    "(comma-separated or repeated; 'all' = every one, those that cannot run here listed as not "
                    "available).")
+@click.option("--artifact", "artifact_paths", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
+              help="A deployment file made by any tool (ONNX, .tflite, OpenVINO .xml, .pte, .keras, SavedModel "
+                   "folder, .pt2; TensorRT and Core ML are reported unavailable where they cannot run), run in its "
+                   "own runtime and judged against SRC (repeatable; with --runtimes none the artifacts alone). Its "
+                   "conventions and precision are found, not assumed: docs/parity.md \"Artifacts\".")
+@click.option("--artifact-layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
+              help="Pin the artifacts' input layout (default: from the signature).")
+@click.option("--artifact-input", "artifact_input", type=click.Choice(["normalized", "unit", "byte"]), default=None,
+              help="Pin what the artifacts take: normalized (mean/std applied outside), unit (RGB in [0, 1], "
+                   "normalisation in the graph) or byte (RGB in [0, 255]) (default: tried against the referee).")
+@click.option("--artifact-output", type=click.Choice(["logits", "probabilities", "pooled"]), default=None,
+              help="Pin what the artifacts output (default: tried against the referee).")
+@click.option("--artifact-precision", type=click.Choice(["float32", "float16", "bfloat16", "int8"]), default=None,
+              help="Pin the precision the artifacts are judged at (default: found in the file).")
 @click.option("--image-size", type=int, default=None, help="Input size in pixels (default: the checkpoint's).")
 @click.option("--batch", type=int, default=parity_rule.DEFAULT_BATCH, show_default=True,
               help="Number of seeded random images (the parity rule's default, docs/parity.md).")
@@ -88,7 +103,9 @@ def _select(values: tuple[str, ...], kind: str, default_all: bool) -> tuple[list
 @click.option("--jobs", type=click.IntRange(min=1), default=None, metavar="N",
               help="Worker processes running the runtimes side by side, while the referee is computed (default: "
                    "one per core, as memory allows; $CONVNEXTV2_PARITY_JOBS; 1: all in this process).")
-def parity(src: Path, fmt: str, ema: bool, revision: str | None, prefix: str | None, runtime_values: tuple[str, ...], peer_values: tuple[str, ...],
+def parity(src: Path, fmt: str, ema: bool, revision: str | None, prefix: str | None, runtime_values: tuple[str, ...],
+           peer_values: tuple[str, ...], artifact_paths: tuple[Path, ...], artifact_layout: str | None,
+           artifact_input: str | None, artifact_output: str | None, artifact_precision: str | None,
            image_size: int | None, batch: int, seed: int, images_dir: Path | None, dtypes: tuple[str, ...],
            atol: tuple[str, ...], rtol: tuple[str, ...], reports: tuple[Path, ...], overwrite: bool,
            as_json: bool, no_cache: bool, jobs: int | None) -> None:
@@ -117,8 +134,11 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, prefix: str | N
     runtime_names, runtimes_explicit = _select(runtime_values, "runtime", default_all=True)
     peer_names, peers_explicit = _select(peer_values, "peer", default_all=False)
     selected = runtime_names + peer_names
-    if not selected:
-        raise BadInputError("nothing to compare: --runtimes none and no --peers")
+    if not selected and not artifact_paths:
+        raise BadInputError("nothing to compare: --runtimes none, no --peers and no --artifact")
+    for path in artifact_paths:
+        if not path.exists():
+            raise BadInputError(f"--artifact {path}: no such file or directory")
     explicit = (set(peer_names) if peers_explicit else set()) | (set(runtime_names) if runtimes_explicit else set())
     for name in selected:
         if name in explicit:
@@ -145,11 +165,18 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, prefix: str | N
     def say(message: str) -> None:
         click.echo(f"  {message}", err=True)
 
+    pins = None
+    if artifact_paths:
+        from convnextv2.converters.runners.artifact import Pins
+
+        pins = Pins(layout=artifact_layout, input_range=artifact_input, output=artifact_output,
+                    precision=artifact_precision)
     cache = ParityCache(None) if no_cache else ParityCache.default()
     try:
         report = run_parity(ckpt, selected, dtypes=list(dtypes) or ["float32"], image_size=image_size, batch=batch,
                             seed=seed, images_dir=images_dir, atol=atol_by_dtype, rtol=rtol_by_dtype,
-                            checkpoint_path=str(src), progress=say, cache=cache, jobs=jobs)
+                            checkpoint_path=str(src), progress=say, cache=cache, jobs=jobs,
+                            artifacts=list(artifact_paths), artifact_pins=pins)
     finally:
         cache.close()
     # The run's own time outside the runtimes: interpreter start and the command line's imports, the read.
@@ -165,6 +192,7 @@ def parity(src: Path, fmt: str, ema: bool, revision: str | None, prefix: str | N
     for path in report_paths:
         click.echo(f"wrote {path}", err=True)
     if not report.passed:
-        failed = ", ".join(f"{r.name} ({r.status}{', first diverges at ' + r.first_divergence if r.first_divergence else ''})"
-                           for r in report.failures()) or "no runtime could run"
+        failed = ", ".join([*(f"{r.name} ({r.status}{', first diverges at ' + r.first_divergence if r.first_divergence else ''})"
+                              for r in report.failures()),
+                            *(f"{r.name} (not checked: {r.reason})" for r in report.unchecked())]) or "no runtime could run"
         raise CheckFailedError(f"parity failed: {failed}")
