@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convnextv2.converters import entry_cache
 from convnextv2.fixtures import make_checkpoint, write_fixture
 from convnextv2.parity_tests import cache as parity_cache
 from convnextv2.parity_tests.cache import ParityCache
@@ -61,7 +62,7 @@ def test_key_covers_the_toolkit_code_and_framework_versions(monkeypatch, tmp_pat
     parts = {"checkpoint": "c", "size": 64}
     before = cache.key("onnx", parts)
     assert cache.key("onnx", {**parts, "size": 96}) != before and cache.key("litert", parts) != before
-    monkeypatch.setattr(parity_cache, "toolkit_fingerprint", lambda: "another toolkit")
+    monkeypatch.setattr(entry_cache, "toolkit_fingerprint", lambda: "another toolkit")
     assert cache.key("onnx", parts) != before
 
 
@@ -70,10 +71,10 @@ def test_fingerprint_changes_with_a_source_file(tmp_path, monkeypatch):
     for folder in ("reference", "converters", "parity_tests", "fixtures"):
         (package / folder).mkdir(parents=True)
         (package / folder / "module.py").write_text("x = 1\n")
-    monkeypatch.setattr(parity_cache, "__file__", str(package / "parity_tests" / "cache.py"))
-    first = parity_cache.toolkit_fingerprint.__wrapped__()
+    monkeypatch.setattr(entry_cache, "__file__", str(package / "converters" / "entry_cache.py"))
+    first = entry_cache.toolkit_fingerprint.__wrapped__()
     (package / "converters" / "module.py").write_text("x = 2\n")
-    assert parity_cache.toolkit_fingerprint.__wrapped__() != first
+    assert entry_cache.toolkit_fingerprint.__wrapped__() != first
 
 
 def test_a_failed_build_leaves_no_entry_and_the_next_one_builds(tmp_path):
@@ -327,8 +328,9 @@ def test_an_entry_a_worker_built_is_checked_by_the_parent_and_worker_discards_ar
     code = textwrap.dedent("""
         import sys
         from pathlib import Path
+        from convnextv2.converters import entry_cache
         from convnextv2.parity_tests import cache as parity_cache
-        parity_cache.toolkit_fingerprint = lambda: sys.argv[2]  # the parent's, whatever was edited since it began
+        entry_cache.toolkit_fingerprint = lambda: sys.argv[2]  # the parent's, whatever was edited since it began
         cache = parity_cache.ParityCache.attach(Path(sys.argv[1]), persistent=True)
         with cache.folder("onnx", {"k": 1}, lambda folder: (folder / "model").write_bytes(b"graph")) as folder:
             print(folder)

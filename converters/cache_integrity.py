@@ -1,4 +1,4 @@
-"""What a parity cache entry stores, checked against what it stored when it was built.
+"""What a cache entry (the parity cache's, an export template's) stores, checked against its record.
 
 An entry's record (``entry.json``) lists every file the entry holds with its size and sha256, written when the
 entry is built. Before an entry is used its files are checked against that list: a changed, truncated, missing
