@@ -19,7 +19,6 @@ from typing import Any
 from convnextv2.converters.checkpoint import Checkpoint
 from convnextv2.converters.runners import registry
 from convnextv2.converters.runners.base import FileSource, RunContext
-from convnextv2.converters.runners.onnxruntime_runner import input_size
 from convnextv2.reference import parity_rule as rule
 from convnextv2.reference.errors import BadInputError, CheckFailedError, MissingDependencyError
 from convnextv2.reference.features import final_feature
@@ -136,7 +135,9 @@ def _extras(format: str, runner: Any) -> dict[str, Any]:
 def check_size(ckpt: Checkpoint, path: Path, format: str) -> int:
     """The image size a check runs at: the graph's own when an ONNX graph fixes one, else the checkpoint's."""
     if format == "onnx":
-        size = input_size(path)
+        from convnextv2.converters.runners import artifact
+
+        size = artifact.probe(Path(path)).image_size
         if size:
             return int(size)
     return int(ckpt.preprocessing.input_size)
@@ -172,22 +173,39 @@ def _file_check(referee: rule.Referee, path: Path, format: str, ckpt: Checkpoint
         module = next(m for m in entry.record.requires if m in reason)
         raise MissingDependencyError(f"--verify runs this format with {module}, which is not installed: "
                                      f"pip install {module}")
-    runner = entry.open(FileSource(Path(path), format, ckpt), RunContext())
-    verdict = rule.check(runner, referee, "float32", errors="raise")
+    if entry.name == "artifact":
+        verdict, label = _artifact_check(Path(path), ckpt, referee)
+    else:
+        runner = entry.open(FileSource(Path(path), format, ckpt), RunContext())
+        verdict, label = rule.check(runner, referee, "float32", errors="raise"), runner.label
     gc.collect()
     final = final_feature(ckpt.config)
     feature = verdict.feature(final)
     seconds = round(verdict.seconds, 3)
     if feature is None or feature.status == "not-exposed":
-        return FileCheck(runner.label, False, seconds, f"{final} is not exposed")
+        return FileCheck(label, False, seconds, f"{final} is not exposed")
     if feature.max_abs_error is None:
         expected = list(referee.features[final].shape)
         message = (f"{final} is not finite" if feature.message == "non-finite values"
                    else f"{final} has shape {feature.shape}, expected {expected}")
-        return FileCheck(runner.label, False, seconds, message)
-    return FileCheck(runner.label, feature.status == "pass", seconds,
+        return FileCheck(label, False, seconds, message)
+    return FileCheck(label, feature.status == "pass", seconds,
                      feature.message or "within the float32 parity rule", final, feature.max_abs_error,
                      feature.tolerance_abs, referee.baseline_max_abs["float32"][final])
+
+
+def _artifact_check(path: Path, ckpt: Checkpoint, referee: rule.Referee) -> tuple[rule.Verdict, str]:
+    """A file made anywhere, run as written by the artifact runner at float32 (the precision these checks judge);
+    one that cannot run here is refused with the reason, one the runtime cannot load is the check's failure."""
+    from convnextv2.converters.runners import artifact
+
+    found = artifact.probe(path, artifact.Pins(precision="float32"))
+    verdict = artifact.check(found, ckpt, referee, localise=False)
+    if verdict.status == "unavailable":
+        raise MissingDependencyError(f"{path}: {verdict.reason}")
+    if verdict.status == "error" and not verdict.features:
+        raise CheckFailedError(f"{path}: {found.runtime} cannot run it: {verdict.reason}")
+    return verdict, found.runtime
 
 
 def _referee(ckpt: Checkpoint, size: int) -> rule.Referee:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from convnextv2.converters.runners import deployment, onnxruntime_runner, peers, references
+from convnextv2.converters.runners import artifact, deployment, onnxruntime_runner, peers, references
 from convnextv2.converters.runners.base import RecordView, RunContext, Runner, RunnerRecord, Source
 from convnextv2.reference.errors import BadInputError
 
@@ -34,7 +34,7 @@ class Entry(RecordView):
 _CLASSES: dict[str, Factory] = {
     "torch": references.ReferenceRunner, "tensorflow": references.ReferenceRunner,
     "flax": references.ReferenceRunner, "onnxruntime": onnxruntime_runner.OnnxRuntimeRunner,
-    "onnxruntime-as-written": onnxruntime_runner.OnnxAsWrittenRunner, "executorch": deployment.ExecuTorchRunner,
+    "artifact": artifact.ArtifactRunner, "executorch": deployment.ExecuTorchRunner,
     "openvino": deployment.OpenVinoRunner, "litert": deployment.LiteRtRunner, "timm": peers.TimmRunner,
     "transformers-pt": peers.TransformersRunner, "transformers-tf": peers.TransformersRunner,
     "tensorflow-savedmodel": peers.SavedModelRunner,
@@ -42,7 +42,8 @@ _CLASSES: dict[str, Factory] = {
 # Registration order is the order runners are listed (and run) in.
 REGISTRY: dict[str, Entry] = {
     record.name: Entry(record, _CLASSES[record.name])
-    for record in (*references.RECORDS, *onnxruntime_runner.RECORDS, *deployment.RECORDS, *peers.RECORDS)
+    for record in (*references.RECORDS, *onnxruntime_runner.RECORDS, *artifact.RECORDS, *deployment.RECORDS,
+                   *peers.RECORDS)
 }
 
 
