@@ -71,6 +71,17 @@ def write(ckpt: Checkpoint, path: Path, *, size: int | None = None, features: bo
     """Lower ``ckpt`` to a .pte at ``path`` for images of ``size`` (default: the checkpoint's input size);
     written, not checked: converters.save runs it in the ExecuTorch runtime against the float64 referee before
     it publishes it. ``features`` returns every stage as well (the parity harness compares them)."""
+    write_with(ckpt, path, None, size=size, features=features)
+
+
+def write_with(ckpt: Checkpoint, path: Path, cache: Any, *, size: int | None = None, features: bool = False,
+               metadata_exact: bool = True) -> str:
+    """:func:`write`, through the architecture's template in ``cache`` (converters/templates.py): the lowered
+    program of the probe checkpoint with these weights written into its XNNPACK named data and constant segments.
+    The program's metadata method is serialized inside the program: with ``metadata_exact`` (what a user is given)
+    a template is used only when its metadata is already this checkpoint's, else the program is built afresh; the
+    parity harness passes False (its program is never handed to a user, its metadata never read). Returns how
+    the file was built."""
     reason = why_unavailable()
     if reason:
         raise MissingDependencyError(reason)
@@ -78,7 +89,24 @@ def write(ckpt: Checkpoint, path: Path, *, size: int | None = None, features: bo
     size = int(size or ckpt.preprocessing.input_size)
     if size % STRIDE or size < STRIDE:
         raise BadInputError(f"{path}: image size {size} is not a positive multiple of {STRIDE}")
+    if cache is None:
+        Path(path).write_bytes(program_bytes(ckpt, size, features=features))
+        return "built"
+    from convnextv2.converters import templates
+
+    why = ("the program's metadata method is serialized with its code (the toolkit cannot restamp it without "
+           "re-serializing the program)") if metadata_exact else None
+    if why is None:
+        files = templates.substituted(
+            cache, "executorch", ckpt, {"size": size, "features": features},
+            lambda probe, folder: (folder / "model.pte").write_bytes(program_bytes(probe, size, features=features)),
+            templates.executorch_located)
+        if not isinstance(files, str):
+            Path(path).write_bytes(files["model.pte"])
+            return templates.TEMPLATE
+        why = files
     Path(path).write_bytes(program_bytes(ckpt, size, features=features))
+    return templates.afresh(why)
 
 
 def metadata(ckpt: Checkpoint, size: int, features: bool) -> str:

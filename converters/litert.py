@@ -86,12 +86,36 @@ def write(ckpt: Checkpoint, path: Path, *, features: bool = False, fp16: bool = 
     input size); written, not checked: converters.save runs it in LiteRT against the float64 referee (float32
     rule; float16 rule with ``fp16``) before it publishes it. ``features`` adds the ``stem``, ``stage1``..``stage4``
     and ``pooled`` outputs (the parity harness compares them)."""
+    write_with(ckpt, path, None, features=features, fp16=fp16, size=size)
+
+
+def write_with(ckpt: Checkpoint, path: Path, cache: Any, *, features: bool = False, fp16: bool = False,
+               size: int | None = None) -> str:
+    """:func:`write`, through the architecture's template in ``cache`` when it has one (converters/templates.py);
+    returns how the file was built."""
     reason = why_unavailable()
     if reason:
         raise MissingDependencyError(reason)
     ckpt.validate(f"exporting {path}")
     size = int(size or ckpt.preprocessing.input_size)
-    flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
+    how, flatbuffer = "built", None
+    if cache is not None:
+        from convnextv2.converters import templates
+
+        why = "float16 weights (65,536 values cannot give every weight its own probe value)" if fp16 else None
+        if why is None:
+            files = templates.substituted(
+                cache, "litert", ckpt, {"features": features, "size": size},
+                lambda probe, folder: (folder / "model.tflite").write_bytes(convert(probe, size, features=features)),
+                templates.litert_located)
+            if isinstance(files, str):
+                why = files
+            else:
+                flatbuffer, how = bytes(files["model.tflite"]), templates.TEMPLATE
+        if why is not None:
+            how = templates.afresh(why)
+    if flatbuffer is None:
+        flatbuffer = convert(ckpt, size, features=features, fp16=fp16)
     head, weights_after = with_metadata(flatbuffer, _metadata(ckpt, features, fp16, size))
     del flatbuffer
     with open(path, "wb") as out:
@@ -99,6 +123,7 @@ def write(ckpt: Checkpoint, path: Path, *, features: bool = False, fp16: bool = 
         out.write(weights_after)
     del head, weights_after
     gc.collect()
+    return how
 
 
 def convert(ckpt: Checkpoint, size: int, *, features: bool = False, fp16: bool = False) -> bytes:

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +88,48 @@ def write(ckpt: Checkpoint, path: Path, *, features: bool = False, size: int | N
         raise MissingDependencyError(reason)
     ckpt.validate(f"exporting {path}")
     size = int(size or ckpt.preprocessing.input_size)
+    write_with(ckpt, path, None, features=features, size=size)
+
+
+def write_with(ckpt: Checkpoint, path: Path, cache: Any, *, features: bool = False, size: int | None = None) -> str:
+    """:func:`write`, its ONNX export through the architecture's template in ``cache`` (converters/templates.py):
+    the IR is converted from that graph as from a fresh one, so it is the same file. Returns how the ONNX graph
+    it was converted from was built."""
+    if path.suffix.lower() != SUFFIX:
+        raise BadInputError(f"{path}: an OpenVINO IR is written as NAME.xml (and NAME.bin beside it)")
+    reason = why_unavailable()
+    if reason:
+        raise MissingDependencyError(reason)
+    ckpt.validate(f"exporting {path}")
+    size = int(size or ckpt.preprocessing.input_size)
     with tempfile.TemporaryDirectory(prefix="convnextv2-openvino-") as tmp:
-        onnx_path = _write_onnx(ckpt, Path(tmp), features, size)
+        from convnextv2.converters.onnx import export as onnx_export
+
+        onnx_path = Path(tmp) / "model.onnx"
+        how = onnx_export.write_with(ckpt, onnx_path, cache, size=size, features=features, opset=ONNX_OPSET)
         model = ir_model(ckpt, onnx_path, features, size)
     save_ir(model, path)
+    return how
+
+
+def write_ir_template(ckpt: Checkpoint, folder: Path, cache: Any, *, features: bool, size: int,
+                      afresh: Callable[[], None]) -> str:
+    """The IR of ``ckpt`` as ``folder``/model.xml and model.bin for the parity harness: the architecture's IR
+    template with these weights written into its .bin and proven (no conversion), or built afresh. Its rt_info
+    metadata is the template's (the parity IR is never handed to a user; :func:`write_with` is what convert
+    uses). ``afresh`` writes it without a template. Returns how it was built."""
+    from convnextv2.converters import templates
+
+    files = templates.substituted(
+        cache, "openvino", ckpt, {"features": features, "size": size},
+        lambda probe, target: write(probe, target / "model.xml", features=features, size=size),
+        templates.openvino_located)
+    if isinstance(files, str):
+        afresh()
+        return templates.afresh(files)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return templates.TEMPLATE
 
 
 def save_ir(model: Any, path: Path) -> None:
@@ -99,15 +137,6 @@ def save_ir(model: Any, path: Path) -> None:
     import openvino as ov
 
     ov.save_model(model, str(path), compress_to_fp16=False)
-
-
-def _write_onnx(ckpt: Checkpoint, directory: Path, features: bool, size: int) -> Path:
-    """The ONNX export the IR is converted from (the torch export at ONNX_OPSET, as export-onnx writes it)."""
-    from convnextv2.converters.onnx import export as onnx_export
-
-    target = directory / "model.onnx"
-    onnx_export.write(ckpt, target, size=size, features=features, opset=ONNX_OPSET)
-    return target
 
 
 def ir_model(ckpt: Checkpoint, onnx_path: Path, features: bool, size: int) -> Any:

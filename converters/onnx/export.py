@@ -162,6 +162,15 @@ def output_bytes(ckpt: Checkpoint, options: Mapping[str, Any]) -> int:
 def write(ckpt: Checkpoint, path: Path, *, via: str = "torch", opset: int | None = None, dynamic_hw: bool = False,
           features: bool = False, fp16: bool = False, external_data: bool | None = None, size: int | None = None,
           source_path: str | os.PathLike[str] | None = None) -> None:
+    """Export ``ckpt`` to ``path``: :func:`write_with` without a template cache (built afresh)."""
+    write_with(ckpt, path, None, via=via, opset=opset, dynamic_hw=dynamic_hw, features=features, fp16=fp16,
+               external_data=external_data, size=size, source_path=source_path)
+
+
+def write_with(ckpt: Checkpoint, path: Path, cache: Any, *, via: str = "torch", opset: int | None = None,
+               dynamic_hw: bool = False, features: bool = False, fp16: bool = False,
+               external_data: bool | None = None, size: int | None = None,
+               source_path: str | os.PathLike[str] | None = None) -> str:
     """Export ``ckpt`` to ``path`` (its ``.data`` file beside it when the weights go there: asked for, or past
     2 GB), traced at image size ``size`` (default: the checkpoint's input size). Written, not checked:
     converters.save puts the graph through onnx.checker and onnxruntime (ORT_ENABLE_ALL) against the float64
@@ -182,6 +191,36 @@ def write(ckpt: Checkpoint, path: Path, *, via: str = "torch", opset: int | None
     if external_data is False and weight_bytes > EXTERNAL_DATA_THRESHOLD:
         raise BadInputError(f"--no-external-data: the model holds {weight_bytes / 1e9:.2f} GB of weights and a "
                             "protobuf file stops at 2 GB; let the weights go to the .data file")
-    proto = exporter.build(ckpt, opset, dynamic_hw, features, fp16, size)
+    external = writes_external_data(ckpt, fp16, external_data)
+    how, proto = "built", None
+    if cache is not None:
+        # With a template cache (converters/templates.py): the graph of this architecture built once, the weights
+        # written into it and proven; the metadata is then this checkpoint's, as a fresh export's.
+        from convnextv2.converters import templates
+
+        reason = ("float16 weights (65,536 values cannot give every weight its own probe value)" if fp16 else
+                  "the weights go to a .data file (a graph past 2 GB)" if external else None)
+        if reason is None:
+            options = {"via": via, "opset": opset, "dynamic_hw": dynamic_hw, "features": features, "size": size}
+            files = templates.substituted(cache, "onnx", ckpt, options, lambda probe, folder: _build_template(
+                exporter, probe, folder, options), lambda folder: templates.onnx_located(folder))
+            if isinstance(files, str):
+                reason = files
+            else:
+                import onnx
+
+                proto, how = onnx.ModelProto.FromString(bytes(files["model.onnx"])), templates.TEMPLATE
+        if reason is not None:
+            how = templates.afresh(reason)
+    if proto is None:
+        proto = exporter.build(ckpt, opset, dynamic_hw, features, fp16, size)
     _finish_proto(proto, ckpt, via, opset, fp16, features, dynamic_hw, source_sha256)
-    _save_proto(proto, path, writes_external_data(ckpt, fp16, external_data))
+    _save_proto(proto, path, external)
+    return how
+
+
+def _build_template(exporter: ModuleType, probe: Checkpoint, folder: Path, options: Mapping[str, Any]) -> None:
+    proto = exporter.build(probe, options["opset"], options["dynamic_hw"], options["features"], False,
+                           options["size"])
+    _finish_proto(proto, probe, options["via"], options["opset"], False, options["features"], options["dynamic_hw"], "")
+    (folder / "model.onnx").write_bytes(proto.SerializeToString(deterministic=True))

@@ -35,10 +35,15 @@ class OpenVinoRunner(Runner):
             if self.file is not None:
                 path = self.file.path
             else:
-                def build(folder: Path) -> None:
+                def afresh(folder: Path) -> None:
                     with onnx_graph(ckpt, size, False, self.context) as onnx_path:
                         openvino_format.write_from_onnx(ckpt, onnx_path, folder / "model.xml", features=True,
                                                         size=size)
+
+                def build(folder: Path) -> None:
+                    # The architecture's IR with these weights in its .bin, proven; or converted afresh.
+                    self.context.timings.artifacts["openvino"] = openvino_format.write_ir_template(
+                        ckpt, folder, self.context.cache, features=True, size=size, afresh=lambda: afresh(folder))
 
                 with self.context.phase("export"):
                     folder = stack.enter_context(self.context.artifact(
@@ -85,9 +90,12 @@ class LiteRtRunner(Runner):
                 with self.context.phase("export"):
                     parts = {"checkpoint": self.context.cache.digest(ckpt), "size": size, "features": True,
                              "fp16": fp16}
-                    folder = stack.enter_context(self.context.artifact(
-                        "litert", parts, lambda folder: litert.write(
-                            ckpt, folder / "model.tflite", size=size, features=True, fp16=fp16)))
+                    def build(folder: Path) -> None:
+                        # The architecture's flatbuffer with these weights in its buffers, proven; or afresh.
+                        self.context.timings.artifacts["litert"] = litert.write_with(
+                            ckpt, folder / "model.tflite", self.context.cache, size=size, features=True, fp16=fp16)
+
+                    folder = stack.enter_context(self.context.artifact("litert", parts, build))
                 path = folder / "model.tflite"
             with self.context.phase("compile"):
                 interpreter = litert.interpreter(path)
@@ -114,7 +122,9 @@ class ExecuTorchRunner(Runner):
             return executorch.run_program(self.file.path, images, output_names(ckpt, features=False))
 
         def build(folder: Path) -> None:
-            executorch.write(ckpt, folder / "model.pte", size=size, features=True)
+            # The architecture's lowered program with these weights in its data segments, proven; or afresh.
+            self.context.timings.artifacts["executorch"] = executorch.write_with(
+                ckpt, folder / "model.pte", self.context.cache, size=size, features=True, metadata_exact=False)
 
         with contextlib.ExitStack() as stack:
             with self.context.phase("export"):
