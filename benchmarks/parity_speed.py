@@ -1,12 +1,15 @@
 """python -m benchmarks.parity_speed [--variants atto,tiny,base] [--runtimes all]
 
 Where the time of a single-checkpoint ``convnextv2 parity`` goes, as a user runs it: the command line in a fresh
-process on an original ``.pt`` at 224 px, every runtime. Each variant runs twice: **cold** (an empty
-``$XDG_CACHE_HOME``: every export and the float64 referee built) and **warm** (the same checkpoint again: exports
-and referee from the parity cache, every runtime still run). The wall time is split with the report's own
+process on an original ``.pt`` at 224 px, every runtime. Each variant runs three times: **cold** (an empty
+``$XDG_CACHE_HOME``: every export and the float64 referee built), **warm** (the same checkpoint again: exports
+and referee from the parity cache, every runtime still run) and **new weights** (a second checkpoint of the same
+architecture: each export from its architecture's template with the new weights written in and proven,
+converters/templates.py; the referee computed afresh). The wall time is split with the report's own
 figures: interpreter start and the command line's imports, reading the checkpoint, the PyTorch referee and
 baseline, then per runtime its import, export, build, compile and forward; what is left is reporting and
-teardown. Goals (issue: parity at CI speed): tiny on every runtime <= 30 s cold and <= 15 s warm.
+teardown. Goals (issue: parity at CI speed): tiny on every runtime <= 30 s cold and <= 15 s warm; new weights
+within 1.3x warm (issue 26).
 
 Writes benchmarks/results/parity_speed.json and the table into docs/benchmarks.md (section "Parity speed").
 """
@@ -28,6 +31,8 @@ RESULTS = Path("benchmarks/results/parity_speed.json")
 DOC = Path("docs/benchmarks.md")
 SECTION = "## Parity speed"
 GOALS = {"cold": 30.0, "warm": 15.0}
+STATES = ("cold", "warm", "new weights")
+NEW_WEIGHTS_GOAL = 1.3  # x warm
 PHASES = ("worker start", "import", "export", "build", "compile", "forward", "default compile")
 
 
@@ -70,13 +75,15 @@ def measure(variant: str, runtimes: str, jobs: str, work: Path, log: Any) -> dic
     from convnextv2.fixtures import write_fixture
 
     src = work / f"{variant}.pt"
+    second = work / f"{variant}-second.pt"  # the same architecture, other weights
     if not src.exists():
         write_fixture(src, variant, "original", seed=0)
+        write_fixture(second, variant, "original", seed=1)
     cache_home = work / f"cache-{variant}-jobs-{jobs}"
     entry: dict[str, Any] = {"variant": variant, "jobs": jobs}
-    for state in ("cold", "warm"):
+    for state in STATES:
         log(f"parity {variant}.pt, {state}, jobs {jobs}")
-        entry[state] = run_once(src, runtimes, cache_home, jobs, log)
+        entry[state] = run_once(second if state == "new weights" else src, runtimes, cache_home, jobs, log)
         log(f"  {entry[state]['wall_s']:.1f} s")
     return entry
 
@@ -89,7 +96,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"`python -m benchmarks.parity_speed` (run by `nox -s bench`), {results['started']}: {machine['cpus']} CPUs, "
         f"load average {machine['load_average_at_start'][0]:.1f} at start and "
         f"{machine['load_average_at_end'][0]:.1f} at the end. `convnextv2 parity NAME.pt` (original .pt, 224 px, "
-        "8 images, every runtime) in a fresh process; cold: empty cache; warm: the same checkpoint again; jobs: "
+        "8 images, every runtime) in a fresh process; cold: empty cache; warm: the same checkpoint again; new "
+        "weights: a second checkpoint of the same size after the first (exports from their templates); jobs: "
         "worker processes (auto: one per core; 1: every runtime in the command's own process). Seconds. The "
         "referee and the workers overlap: \"referee + runtimes\" is that section's wall time, \"runtimes summed\" "
         "adds each runtime's own seconds. JSON: `benchmarks/results/parity_speed.json`.",
@@ -99,7 +107,7 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in results["variants"]:
-        for state in ("cold", "warm"):
+        for state in [s for s in STATES if s in entry]:
             run = entry[state]
             if run.get("exit"):
                 lines.append(f"| {entry['variant']} | {entry['jobs']} | {state} | {run['wall_s']:.1f} | exit "
@@ -107,7 +115,10 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             timings = run["timings"]
             goal = ""
-            if entry["variant"] == "tiny" and entry["jobs"] == "auto":
+            if state == "new weights" and not entry["warm"].get("exit"):
+                ratio = run["wall_s"] / entry["warm"]["wall_s"]
+                goal = f"{ratio:.2f}x warm (<= {NEW_WEIGHTS_GOAL}x: {'met' if ratio <= NEW_WEIGHTS_GOAL else 'not met'})"
+            elif entry["variant"] == "tiny" and entry["jobs"] == "auto":
                 goal = f"<= {GOALS[state]:.0f}: {'met' if run['wall_s'] <= GOALS[state] else 'not met'}"
             lines.append(f"| {entry['variant']} | {entry['jobs']} | {state} | {run['wall_s']:.1f} | {goal} | "
                          f"{timings.get('startup', 0):.1f} | {timings.get('load', 0):.1f} | "
@@ -118,7 +129,7 @@ def markdown(results: dict[str, Any]) -> str:
               "| size | jobs | run | runtime | total | " + " | ".join(PHASES) + " | exports |",
               "|---|---|---|---|---:|" + "---:|" * len(PHASES) + "---|"]
     for entry in results["variants"]:
-        for state in ("cold", "warm"):
+        for state in [s for s in STATES if s in entry]:
             run = entry[state]
             for name, row in run.get("runtimes", {}).items():
                 phases = row["phases"]

@@ -107,7 +107,7 @@ def write_with(ckpt: Checkpoint, path: Path, cache: Any, *, features: bool = Fal
             files = templates.substituted(
                 cache, "litert", ckpt, {"features": features, "size": size},
                 lambda probe, folder: (folder / "model.tflite").write_bytes(convert(probe, size, features=features)),
-                templates.litert_located)
+                template_located)
             if isinstance(files, str):
                 why = files
             else:
@@ -197,6 +197,33 @@ def _schema() -> Any:
     except ImportError:
         from tensorflow.lite.python import schema_py_generated as schema
     return schema
+
+
+def weight_ranges(data: bytes) -> list[tuple[str, int, int]]:
+    """Every FLOAT32 tensor's buffer in a .tflite flatbuffer (file, byte offset, bytes): where a template's
+    weights are (converters/templates.py)."""
+    schema = _schema()
+    model = schema.Model.GetRootAs(data, 0)
+    indices = set()
+    for s in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(s)
+        for t in range(graph.TensorsLength()):
+            tensor = graph.Tensors(t)
+            if tensor.Type() == schema.TensorType.FLOAT32 and tensor.Buffer() > 0:
+                indices.add(tensor.Buffer())
+    ranges: list[tuple[str, int, int]] = []
+    for index in sorted(indices):
+        buffer = model.Buffers(index)
+        if buffer.Offset() > 1:
+            ranges.append(("model.tflite", int(buffer.Offset()), int(buffer.Size())))
+        elif buffer.DataLength():
+            ranges.append(("model.tflite", buffer._tab.Vector(buffer._tab.Offset(4)), buffer.DataLength()))
+    return ranges
+
+
+def template_located(folder: Path) -> tuple[dict[str, bytes], list[tuple[str, int, int]]]:
+    data = (folder / "model.tflite").read_bytes()
+    return {"model.tflite": data}, weight_ranges(data)
 
 
 def _data_start(model: Any) -> int | None:

@@ -61,7 +61,7 @@ def gate_announcement(format: str, dest: Path) -> str:
 
 def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonical", *, overwrite: bool = False,
          strict: bool = False, verify: bool = False, warn: Callable[[str], None] | None = None,
-         gate: GateOptions = DEFAULT_GATE, log: Callable[[str], None] | None = None,
+         gate: GateOptions = DEFAULT_GATE, log: Callable[[str], None] | None = None, templates: Any = None,
          **options: Any) -> dict[str, Any]:
     """Write ``ckpt`` atomically in ``format``; an existing destination needs ``overwrite=True``.
 
@@ -73,7 +73,10 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     fails the parity rule. A readable format is written beside the destination, read back and compared bit for
     bit with what was meant; with ``verify=True`` the source file (``ckpt.file``) and the output are also run,
     each by its own runtime, and judged by the parity rule. Only then is it published. ``log``: progress lines
-    for a person. Returns the summary: ``changes``, ``check`` (gated formats), ``read_back``, ``verify``.
+    for a person. ``templates``: an entry cache (converters/entry_cache.py) whose export templates an ONNX,
+    OpenVINO, LiteRT or ExecuTorch export is built from (converters/templates.py; the output is the file a fresh
+    build writes). Returns the summary: ``changes``, ``check`` (gated formats), ``read_back``, ``verify``,
+    ``built`` (how an export was built: from its template, or afresh and why).
     """
     record = formats.get(format)
     formats.check_options(record.write, options, "writing", format, also=("overwrite",))
@@ -87,7 +90,7 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     # its own metadata records the function it computes. A weights rounding the user asked for (fp16) is left
     # to the writer, and the export gate still measures it against the source weights.
     to_write = format_limits.as_written(ckpt, [c for c in found if c.field != "weights"])
-    output = _Output(record, to_write, dest, options, gate, log)
+    output = _Output(record, to_write, dest, options, gate, log, templates, summary)
     companions = record.companions(dest)
     expected_bytes = record.output_bytes(to_write, options)
     if record.unnamed_build(to_write, dest, options):
@@ -115,6 +118,10 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], format: str = "canonica
     return summary
 
 
+# The exports built through a template cache when one is given: format -> its module's ``write_with``.
+_TEMPLATED = {"onnx": "onnx.export", "openvino": "openvino", "litert": "litert", "executorch": "executorch"}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Output:
     """What one save writes: the checkpoint as the target holds it, where it goes, the writer's options and
@@ -126,9 +133,18 @@ class _Output:
     options: dict[str, Any]
     gate: GateOptions
     log: Callable[[str], None] | None
+    templates: Any = None
+    summary: dict[str, Any] | None = None
 
     def write(self, target: Path) -> None:
-        if self.record.write_as is not None:
+        if self.templates is not None and self.record.name in _TEMPLATED:
+            import importlib
+
+            module = importlib.import_module(f"convnextv2.converters.{_TEMPLATED[self.record.name]}")
+            built = module.write_with(self.ckpt, target, self.templates, **self.options)
+            if self.summary is not None:
+                self.summary["built"] = built
+        elif self.record.write_as is not None:
             self.record.write_as(self.ckpt, target, self.dest, **self.options)
         else:
             self.record.write(self.ckpt, target, **self.options)

@@ -103,29 +103,6 @@ def openvino_ranges(xml: bytes) -> Ranges:
     return ranges
 
 
-def litert_ranges(data: bytes) -> Ranges:
-    """Every FLOAT32 tensor's buffer in a .tflite flatbuffer."""
-    from convnextv2.converters import litert
-
-    schema = litert._schema()
-    model = schema.Model.GetRootAs(data, 0)
-    indices = set()
-    for s in range(model.SubgraphsLength()):
-        graph = model.Subgraphs(s)
-        for t in range(graph.TensorsLength()):
-            tensor = graph.Tensors(t)
-            if tensor.Type() == schema.TensorType.FLOAT32 and tensor.Buffer() > 0:
-                indices.add(tensor.Buffer())
-    ranges: Ranges = []
-    for index in sorted(indices):
-        buffer = model.Buffers(index)
-        if buffer.Offset() > 1:
-            ranges.append(("model.tflite", int(buffer.Offset()), int(buffer.Size())))
-        elif buffer.DataLength():
-            ranges.append(("model.tflite", buffer._tab.Vector(buffer._tab.Offset(4)), buffer.DataLength()))
-    return ranges
-
-
 def executorch_ranges(data: bytes) -> Ranges:
     """The .pte's named data segments (the XNNPACK delegate's weights) and its constant segment (the weights of
     operators left to the portable kernels), from the program's flatbuffer and extended header."""
@@ -172,11 +149,6 @@ def onnx_located(folder: Path) -> tuple[dict[str, bytes], Ranges]:
 
 def openvino_located(folder: Path) -> tuple[dict[str, bytes], Ranges]:
     return {"model.bin": (folder / "model.bin").read_bytes()}, openvino_ranges((folder / "model.xml").read_bytes())
-
-
-def litert_located(folder: Path) -> tuple[dict[str, bytes], Ranges]:
-    data = (folder / "model.tflite").read_bytes()
-    return {"model.tflite": data}, litert_ranges(data)
 
 
 def executorch_located(folder: Path) -> tuple[dict[str, bytes], Ranges]:

@@ -194,10 +194,13 @@ def apply_preprocessing(ckpt: Any, given: dict[str, Any]) -> None:
 @click.option("--strict", is_flag=True,
               help="Refuse (exit 1, nothing written) when the target cannot carry something SRC holds, instead "
                    "of warning.")
+@click.option("--no-cache", is_flag=True,
+              help="Keep no export template: build an ONNX, OpenVINO, LiteRT or ExecuTorch export afresh (default: "
+                   "from its architecture's template under $XDG_CACHE_HOME/convnextv2, the same file; docs/deploy.md).")
 @preprocessing_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str | None, ema: bool,
-            revision: str | None, prefix: str | None, layout: str | None, overwrite: bool, source_digest: bool, verify: bool, strict: bool, as_json: bool,
+            revision: str | None, prefix: str | None, layout: str | None, overwrite: bool, source_digest: bool, verify: bool, strict: bool, no_cache: bool, as_json: bool,
             **preprocessing: Any) -> None:
     """Convert SRC to another format, writing DST atomically.
 
@@ -224,7 +227,10 @@ def convert(src: Path, dst: Path, to_format: str, from_format: str, variant: str
     options: dict[str, Any] = {"overwrite": overwrite}
     if layout is not None:
         options["layout"] = layout
+    from convnextv2.converters.entry_cache import EntryCache
+
     result = converters.save(ckpt, dst, format=to_format, strict=strict, verify=verify,
+                             templates=None if no_cache else EntryCache.default(),
                              warn=lambda m: click.echo(f"warning: {m}", err=True), **options)
     summary.update({"output": str(dst), "to": to_format, "variant": ckpt.config.variant,
                     "num_classes": ckpt.config.num_classes, "parameters": ckpt.parameter_count,
