@@ -53,7 +53,8 @@ def _summary_line(report: ParityReport) -> str:
 
 
 def _convention_text(name: str, found: dict[str, Any]) -> str:
-    text = f"{name} {found.get('value')} ({found.get('how', '?')}"
+    value = found.get("value")
+    text = f"{name} {'dynamic' if value is None else value} ({found.get('how', '?')}"
     candidates = found.get("candidates") or []
     if candidates:
         text += "; tried " + ", ".join(
