@@ -1,0 +1,388 @@
+"""The quantization rule's sweep: known-good and known-bad int8 quantizations made by the real tools, each judged
+against the float64 PyTorch referee stage by stage (convnextv2.reference.quantization_rule).
+
+    python -m benchmarks.quant_sweep [--variants atto,tiny] [--weights fixture,trained-like] [--batch 8]
+        [--calibration 16] [--json benchmarks/results/quant_sweep.json] [--docs docs/parity.md]
+        [--nncf-site /tmp/nncf-site] [--from-json FILE]
+
+Every artifact starts from our ONNX export with every stage as an output (converters/onnx/export.py,
+``features=True``), so each quantized graph exposes stem, stage1..4, pooled and logits:
+
+known good   onnxruntime quantize_static, QDQ, per-channel int8 weights on Conv/MatMul/Gemm, uint8 or int8
+             activations (MinMax on calibration images distinct from the judged ones; GRN's sum of squares, a
+             MatMul with a ones matrix in our export, left in float); onnxruntime quantize_dynamic (MatMul/Conv
+             weights int8, per channel); LiteRT int8 (tf.lite.TFLiteConverter on the Keras reference,
+             Optimize.DEFAULT with a representative dataset, builtins int8 only); NNCF int8 (nncf.quantize on the
+             OpenVINO model) when nncf imports (``--nncf-site``: a site dir of its own, installed --no-deps).
+known bad    the same QDQ with per-tensor weights; with LayerNormalization quantized too; with GRN's ops
+             (its sum of squares, Sqrt, ReduceMean, Div) quantized; with onnxruntime's default op set (which
+             quantizes LayerNormalization and GRN's MatMul); calibrated on one image; int8 activations calibrated
+             on images at a quarter of their range (a clipped range).
+
+Each artifact runs as written (onnxruntime with graph optimisations off, LiteRT's interpreter, OpenVINO's CPU
+plugin with the f32 hint). The table goes into docs/parity.md between the markers of "Quantized artifacts".
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convnextv2.reference import parity_rule as rule
+from convnextv2.reference import quantization_rule as qrule
+
+ROOT = Path(__file__).resolve().parent.parent
+JSON_PATH = ROOT / "benchmarks" / "results" / "quant_sweep.json"
+DOCS_PATH = ROOT / "docs" / "parity.md"
+TABLE_BEGIN = "<!-- quant-sweep table: python -m benchmarks.quant_sweep -->"
+TABLE_END = "<!-- end quant-sweep table -->"
+SIZE = 224
+JUDGED_SEED = rule.DEFAULT_SEED
+CALIBRATION_SEED = 1000  # calibration images distinct from the judged ones
+WEIGHTS = ("fixture", "trained-like")
+Say = Callable[[str], None]
+# name -> (expected, what it is)
+ARTIFACTS: dict[str, tuple[str, str]] = {
+    "ort-qdq-u8": ("good", "quantize_static QDQ, per-channel int8 weights, uint8 activations"),
+    "ort-qdq-s8": ("good", "quantize_static QDQ, per-channel int8 weights, symmetric int8 activations"),
+    "ort-dynamic": ("good", "quantize_dynamic, MatMul/Conv weights int8 per channel"),
+    "litert-dynamic": ("good", "TFLiteConverter, Optimize.DEFAULT, int8 weights (dynamic range)"),
+    "nncf-int8": ("good", "nncf.quantize, model_type TRANSFORMER, GRN's sum-of-squares MatMul ignored"),
+    "ort-qdq-per-tensor": ("bad", "as ort-qdq-u8 with per-tensor weights"),
+    "ort-qdq-layernorm": ("bad", "as ort-qdq-u8 with LayerNormalization quantized"),
+    "ort-qdq-grn": ("bad", "as ort-qdq-u8 with GRN's sum of squares, Sqrt, ReduceMean and Div quantized"),
+    "ort-qdq-default-ops": ("bad", "quantize_static's default op set (LayerNorm, GRN's MatMul, ...)"),
+    "ort-qdq-1-image": ("bad", "as ort-qdq-u8 calibrated on one image"),
+    "ort-qdq-s8-clipped": ("bad", "as ort-qdq-s8 calibrated on images at 1/4 of their range"),
+    "litert-int8": ("bad", "TFLiteConverter full integer (representative dataset, int8 builtins): LayerNorm "
+                    "and GRN arithmetic in int8"),
+    "nncf-int8-default": ("bad", "nncf.quantize with its defaults: GRN's sum-of-squares MatMul in int8"),
+}
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _checkpoint(variant: str, weights: str) -> Any:
+    from convnextv2.fixtures import make_checkpoint
+    from convnextv2.fixtures.trained_like import trained_like
+
+    ckpt = make_checkpoint(variant, seed=0, fmt="canonical")
+    return trained_like(ckpt) if weights == "trained-like" else ckpt
+
+
+# ------------------------------------------------------------------ onnxruntime's quantizer
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over seeded images, one image per call."""
+
+    def __init__(self, images: np.ndarray, input_name: str = "pixel_values") -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = iter(
+            [{input_name: images[i:i + 1]} for i in range(len(images))])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def grn_nodes(model: Any) -> tuple[list[str], list[str]]:
+    """Our export's GRN: the sum of squares over H x W is a MatMul of a ones matrix with x*x, then Sqrt, a
+    Reshape, ReduceMean (the mean over channels) and Div. Returns (the sum-of-squares MatMuls, every GRN node
+    of those op types)."""
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    matmuls = [node.name for node in model.graph.node
+               if node.op_type == "MatMul" and any(name.startswith("ones") for name in node.input)]
+    others = []
+    for node in model.graph.node:
+        if node.op_type not in ("ReduceMean", "Div"):
+            continue
+        reshape = made_by.get(node.input[0])
+        if reshape is not None and reshape.op_type == "Reshape" and made_by.get(reshape.input[0]) is not None \
+                and made_by[reshape.input[0]].op_type == "Sqrt":
+            others += [node.name, made_by[reshape.input[0]].name]
+    return matmuls, matmuls + sorted(set(others))
+
+
+def ort_static(source: Path, target: Path, calibration: np.ndarray, *, per_channel: bool = True,
+               activations: str = "uint8", op_types: list[str] | None = None, quantize_grn: bool = False) -> None:
+    """onnxruntime's quantize_static (QDQ) on ``source``; ``op_types`` None: its default op set."""
+    import onnx
+    from onnxruntime import quantization as oq
+
+    model = onnx.load(str(source))
+    grn_matmuls, grn_all = grn_nodes(model)
+    options: dict[str, Any] = {}
+    if op_types is not None:
+        types = list(op_types)
+        if quantize_grn:
+            types += ["Sqrt", "ReduceMean", "Div"]
+            options["nodes_to_quantize"] = [n.name for n in model.graph.node if n.op_type in op_types] + grn_all
+        else:
+            options["nodes_to_exclude"] = grn_matmuls
+        options["op_types_to_quantize"] = types
+    activation_type = oq.QuantType.QUInt8 if activations == "uint8" else oq.QuantType.QInt8
+    # Asymmetric int8 activations are uint8 shifted by 128 (the same numbers): int8 means symmetric here.
+    extra = {"ActivationSymmetric": activations == "int8"}
+    oq.quantize_static(str(source), str(target), _Calibration(calibration), quant_format=oq.QuantFormat.QDQ,
+                       per_channel=per_channel, activation_type=activation_type, weight_type=oq.QuantType.QInt8,
+                       extra_options=extra, **options)
+
+
+def ort_dynamic(source: Path, target: Path) -> None:
+    from onnxruntime import quantization as oq
+
+    oq.quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul", "Conv"], per_channel=True,
+                        weight_type=oq.QuantType.QInt8)
+
+
+def _ort_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    from convnextv2.converters.onnx.session import ort_session, run_ort
+
+    session = ort_session(path, threads=2, optimise=False)
+    return lambda images: run_ort(session, images)
+
+
+# ------------------------------------------------------------------ LiteRT and NNCF
+
+def litert_int8(ckpt: Any, target: Path, calibration: np.ndarray | None) -> None:
+    """The Keras reference's feature model through TFLiteConverter with Optimize.DEFAULT: with ``calibration``
+    as the representative dataset and int8 builtins only (full integer), else int8 weights only."""
+    from convnextv2.converters import litert
+    from convnextv2.reference.keras_model import SPATIAL_FEATURES, build_keras, feature_model, keras, tf
+
+    model = build_keras(ckpt.config, ckpt.model_tensors(), dtype="float32")
+    outputs = feature_model(model)
+
+    def serve(pixel_values: Any) -> dict[str, Any]:
+        result = outputs(tf.transpose(pixel_values, (0, 2, 3, 1)), training=False)
+        return {name: tf.transpose(value, (0, 3, 1, 2)) if name in SPATIAL_FEATURES else value
+                for name, value in result.items()}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(litert.SIGNATURE, serve, input_signature=[
+        tf.TensorSpec((1, 3, SIZE, SIZE), tf.float32, name=litert.INPUT_NAME)])
+    with tempfile.TemporaryDirectory(prefix="quant-sweep-litert-") as tmp:
+        archive.write_out(tmp, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[litert.SIGNATURE])
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if calibration is not None:
+            converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        target.write_bytes(converter.convert())
+
+
+def _litert_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    from convnextv2.converters import litert
+
+    interp = litert.interpreter(path, threads=2)
+    # The file is converted at batch 1: the images one at a time.
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        parts = [litert.run(interp, images[i:i + 1]) for i in range(len(images))]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return run
+
+
+def nncf_int8(source: Path, target: Path, calibration: np.ndarray, site: str | None, defaults: bool = False) -> None:
+    """nncf.quantize on the OpenVINO model of ``source``: with its defaults, or as a transformer with GRN's
+    sum-of-squares MatMuls (a ones matrix times x*x) left in float."""
+    if site and site not in sys.path:
+        sys.path.insert(0, site)  # nncf's pins clash with ours: a site dir of its own, installed --no-deps
+    import nncf
+    import openvino as ov
+
+    model = ov.convert_model(str(source))
+    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    options: dict[str, Any] = {}
+    if not defaults:
+        grn = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul" and any(
+            "ones" in port.get_source_output().get_node().get_friendly_name() for port in op.inputs())]
+        options = {"model_type": nncf.ModelType.TRANSFORMER, "ignored_scope": nncf.IgnoredScope(names=grn)}
+    quantized = nncf.quantize(model, dataset, subset_size=len(calibration), **options)
+    ov.save_model(quantized, str(target), compress_to_fp16=False)
+
+
+def _openvino_runner(path: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    from convnextv2.converters import openvino
+
+    compiled, _ = openvino.compile_ir(path, "float32", threads=2)
+    return lambda images: openvino.run(compiled, images)
+
+
+# ------------------------------------------------------------------ one checkpoint
+
+def _make(name: str, ckpt: Any, source: Path, work: Path, calibration: np.ndarray,
+          nncf_site: str | None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    conv = ["Conv", "MatMul", "Gemm"]
+    if name.startswith("litert"):
+        path = work / f"{name}.tflite"
+        litert_int8(ckpt, path, calibration if name == "litert-int8" else None)
+        return _litert_runner(path)
+    if name.startswith("nncf"):
+        path = work / f"{name}.xml"
+        nncf_int8(source, path, calibration, nncf_site, defaults=name.endswith("default"))
+        return _openvino_runner(path)
+    path = work / f"{name}.onnx"
+    static = {
+        "ort-qdq-u8": {"op_types": conv},
+        "ort-qdq-s8": {"op_types": conv, "activations": "int8"},
+        "ort-qdq-per-tensor": {"op_types": conv, "per_channel": False},
+        "ort-qdq-layernorm": {"op_types": [*conv, "LayerNormalization"]},
+        "ort-qdq-grn": {"op_types": conv, "quantize_grn": True},
+        "ort-qdq-default-ops": {"op_types": None},
+    }
+    if name in static:
+        ort_static(source, path, calibration, **static[name])
+    elif name == "ort-qdq-1-image":
+        ort_static(source, path, calibration[:1], op_types=conv)
+    elif name == "ort-qdq-s8-clipped":
+        ort_static(source, path, calibration * np.float32(0.25), op_types=conv, activations="int8")
+    elif name == "ort-dynamic":
+        ort_dynamic(source, path)
+    else:
+        raise ValueError(f"unknown artifact {name!r}")
+    return _ort_runner(path)
+
+
+def sweep_checkpoint(variant: str, weights: str, artifacts: list[str], batch: int, calibration_count: int,
+                     nncf_site: str | None, say: Say) -> list[dict[str, Any]]:
+    from convnextv2.converters.onnx import export
+
+    ckpt = _checkpoint(variant, weights)
+    images = rule.seeded_images(batch, SIZE, JUDGED_SEED)
+    calibration = rule.seeded_images(calibration_count, SIZE, CALIBRATION_SEED)
+    start = time.perf_counter()
+    referee = rule.Referee.build(ckpt, images)
+    say(f"{variant}/{weights}: referee {time.perf_counter() - start:.1f}s")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="quant-sweep-") as tmp:
+        source = Path(tmp) / "float.onnx"
+        export.write(ckpt, source, size=SIZE, features=True)
+        for name in artifacts:
+            start = time.perf_counter()
+            record: dict[str, Any] = {"variant": variant, "weights": weights, "artifact": name,
+                                      "expected": ARTIFACTS[name][0], "what": ARTIFACTS[name][1]}
+            try:
+                run = _make(name, ckpt, source, Path(tmp), calibration, nncf_site)
+                produced = {k: v for k, v in run(images).items() if k in rule.FEATURES}
+            except Exception as exc:  # a tool missing or failing here is reported, the sweep goes on
+                record.update(status="unavailable", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                say(f"{variant}/{weights} {name}: unavailable ({record['reason']})")
+                records.append(record)
+                continue
+            judged = qrule.judge_quantized(produced, referee)
+            record.update(status=judged.status, first_failing=judged.first_failing, metrics=judged.metrics,
+                          seconds=round(time.perf_counter() - start, 1))
+            records.append(record)
+            say(f"{variant}/{weights} {name}: {judged.status} {judged.first_failing or ''} "
+                f"({record['seconds']}s) {judged.reason}")
+            del run
+            gc.collect()
+    return records
+
+
+# ------------------------------------------------------------------ tables
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    lines = ["| size | weights | artifact | expected | SQNR dB stem / s1 / s2 / s3 / s4 / pooled / logits | "
+             "worst cosine | top-1 | top-5 | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["status"] == "unavailable":
+            lines.append(f"| {r['variant']} | {r['weights']} | {r['artifact']} | {r['expected']} | "
+                         f"not available: {r['reason']} | | | | |")
+            continue
+        m = r["metrics"]
+        sqnr = " / ".join(_fmt(m["sqnr_db"].get(s), 1) for s in rule.FEATURES)
+        worst_cos = min(v for v in m["cosine"].values() if v is not None)
+        verdict = r["status"] + (f" at {r['first_failing']}" if r["first_failing"] else "")
+        lines.append(f"| {r['variant']} | {r['weights']} | {r['artifact']} | {r['expected']} | {sqnr} | "
+                     f"{worst_cos:.4f} | {_fmt(m['top1_agreement'], 2)} | {_fmt(m['top5_agreement'], 2)} | "
+                     f"{verdict} |")
+    return "\n".join(lines)
+
+
+def margins(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per weights kind: the worst known-good and the best known-bad, as the smallest SQNR over stages and the
+    smallest cosine (what the thresholds separate)."""
+    found: dict[str, Any] = {}
+    for r in records:
+        if r["status"] == "unavailable":
+            continue
+        key = f"{r['weights']}/{r['expected']}"
+        sqnr = min(v for v in r["metrics"]["sqnr_db"].values() if v is not None)
+        cos = min(v for v in r["metrics"]["cosine"].values() if v is not None)
+        entry = found.setdefault(key, {"min_sqnr_db": [], "min_cosine": []})
+        entry["min_sqnr_db"].append(round(sqnr, 2))
+        entry["min_cosine"].append(round(cos, 5))
+    return found
+
+
+def write_docs(path: Path, text: str) -> bool:
+    """Replace the table between the markers in ``path``; False when the markers are not there."""
+    content = path.read_text()
+    if TABLE_BEGIN not in content or TABLE_END not in content:
+        return False
+    head, rest = content.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    path.write_text(f"{head}{TABLE_BEGIN}\n{text}\n{TABLE_END}{tail}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quant_sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="atto,tiny")
+    parser.add_argument("--weights", default=",".join(WEIGHTS), help="fixture, trained-like")
+    parser.add_argument("--fixture-variants", default="atto",
+                        help="sizes at which the plain fixture weights are swept (they do not discriminate)")
+    parser.add_argument("--artifacts", default=",".join(ARTIFACTS))
+    parser.add_argument("--batch", type=int, default=rule.DEFAULT_BATCH)
+    parser.add_argument("--calibration", type=int, default=16, help="calibration images")
+    parser.add_argument("--nncf-site", default="/tmp/nncf-site", help="where nncf was installed --no-deps")
+    parser.add_argument("--json", type=Path, default=JSON_PATH)
+    parser.add_argument("--docs", type=Path, default=DOCS_PATH)
+    parser.add_argument("--from-json", type=Path, help="re-render the table from a previous run")
+    args = parser.parse_args(argv)
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if args.from_json:
+        records = json.loads(args.from_json.read_text())["records"]
+    else:
+        records = []
+        started = time.perf_counter()
+        for weights in _csv(args.weights):
+            variants = _csv(args.fixture_variants) if weights == "fixture" else _csv(args.variants)
+            for variant in variants:
+                records += sweep_checkpoint(variant, weights, _csv(args.artifacts), args.batch, args.calibration,
+                                            args.nncf_site, say)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "machine": {"python": platform.python_version(), "platform": platform.platform()},
+            "seconds": round(time.perf_counter() - started, 1), "size": SIZE, "batch": args.batch,
+            "calibration_images": args.calibration, "thresholds": qrule.THRESHOLDS,
+            "margins": margins(records), "records": records}, indent=1) + "\n")
+    text = table(records)
+    print(text)
+    if args.docs and args.docs.is_file() and not write_docs(args.docs, text):
+        say(f"{args.docs}: no quant-sweep markers; the table was not written there")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""The quantization rule (reference/quantization_rule.py): its metrics against formulas worked by hand, its
+verdict on synthetic features, and on int8 graphs made in the test by onnxruntime's own quantizer from our ONNX
+export (every stage an output): a per-channel QDQ passes, GRN's arithmetic in int8 (asked for, or through
+quantize_static's default op set) fails and names the stage where it first breaks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from convnextv2.reference import parity_rule as rule
+from convnextv2.reference import quantization_rule as qrule
+from convnextv2.reference.errors import BadInputError
+
+STAGES = ("stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits")
+
+
+# ------------------------------------------------------------------ the metrics, against hand-worked numbers
+
+def test_sqnr_is_the_worst_image_in_decibels():
+    referee = np.ones((2, 10))
+    value = referee.copy()
+    value[0] += 0.1   # noise power 10 x 0.01 = 0.1 against a signal of 10: 20 dB
+    value[1] += 0.01  # 10 x 1e-4 = 1e-3: 40 dB
+    assert qrule.sqnr_db(value, referee) == pytest.approx(20.0, abs=1e-9)
+    assert qrule.sqnr_db(value[1:], referee[1:]) == pytest.approx(40.0, abs=1e-9)
+
+
+def test_sqnr_of_an_exact_copy_is_the_cap_and_of_noise_on_zeros_is_its_negative():
+    referee = np.arange(12.0).reshape(3, 4)
+    assert qrule.sqnr_db(referee.astype(np.float32), referee) == qrule.SQNR_CAP_DB
+    assert qrule.sqnr_db(np.full((1, 4), 1e-3), np.zeros((1, 4))) == -qrule.SQNR_CAP_DB
+
+
+def test_sqnr_of_a_sign_flip_is_minus_six_decibels():
+    referee = np.array([[3.0, -4.0]])
+    # noise (2x)^2 = 4 x signal: 10 log10(1/4)
+    assert qrule.sqnr_db(-referee, referee) == pytest.approx(10 * math.log10(0.25))
+
+
+def test_cosine_is_the_worst_image():
+    referee = np.array([[1.0, 0.0], [0.0, 2.0]])
+    value = np.array([[1.0, 1.0], [0.0, 5.0]])  # 45 degrees; parallel
+    assert qrule.cosine(value, referee) == pytest.approx(1 / math.sqrt(2))
+
+
+def test_top_k_agreement_counts_classes_by_hand():
+    referee = np.array([[9.0, 8, 7, 6, 5, 4, 0], [0.0, 1, 2, 3, 4, 5, 6]])
+    value = np.array([[8.0, 9, 7, 6, 0, 4, 5],   # top-1 1 (referee 0); top-5 {1,0,2,3,6}: 4 of {0,1,2,3,4}
+                      [0.0, 1, 2, 3, 4, 5, 6]])  # identical
+    assert qrule.top_k_agreement(value, referee, 1) == pytest.approx(0.5)
+    assert qrule.top_k_agreement(value, referee, 5) == pytest.approx((4 / 5 + 1) / 2)
+
+
+# ------------------------------------------------------------------ the verdict on synthetic features
+
+def _referee(headless: bool = False, seed: int = 0) -> rule.Referee:
+    rng = np.random.default_rng(seed)
+    shapes = {"stem": (4, 8, 8, 8), "stage1": (4, 8, 8, 8), "stage2": (4, 16, 4, 4), "stage3": (4, 32, 2, 2),
+              "stage4": (4, 64, 1, 1), "pooled": (4, 64), "logits": (4, 100)}
+    features = {name: rng.standard_normal(shape) for name, shape in shapes.items()
+                if not (headless and name == "logits")}
+    return rule.Referee.from_features(np.zeros((4, 3, 32, 32), np.float32), features, {"float32": features})
+
+
+def _at_sqnr(referee: np.ndarray, db: float, seed: int) -> np.ndarray:
+    """``referee`` plus noise scaled so that every image's SQNR is exactly ``db``."""
+    noise = np.random.default_rng(seed).standard_normal(referee.shape)
+    flat_ref, flat_noise = referee.reshape(len(referee), -1), noise.reshape(len(noise), -1)
+    scale = np.sqrt(np.sum(flat_ref ** 2, axis=1) / np.sum(flat_noise ** 2, axis=1) / 10 ** (db / 10))
+    return referee + (flat_noise * scale[:, None]).reshape(referee.shape)
+
+
+def test_a_stage_below_the_sqnr_threshold_is_the_first_failing_one():
+    referee = _referee()
+    limit = qrule.THRESHOLDS["sqnr_db"]
+    db = {"stem": 40, "stage1": 35, "stage2": limit - 3, "stage3": limit - 6}
+    produced = {name: _at_sqnr(referee.features[name], db.get(name, 40), i) for i, name in enumerate(STAGES)}
+    judged = qrule.judge_quantized(produced, referee)
+    assert judged.status == "fail" and judged.first_failing == "stage2"
+    assert judged.metrics["sqnr_db"]["stage2"] == pytest.approx(limit - 3)
+    assert judged.metrics["sqnr_db"]["stem"] == pytest.approx(40)
+    assert [s.name for s in judged.stages if s.status == "fail"][:2] == ["stage2", "stage3"]
+    assert "stage2" in judged.reason and "SQNR" in judged.reason
+    assert set(judged.metrics) == {"sqnr_db", "cosine", "top1_agreement", "top5_agreement", "thresholds"}
+
+
+def test_clean_features_pass_and_top_k_is_reported():
+    referee = _referee()
+    produced = {name: _at_sqnr(referee.features[name], 45, i) for i, name in enumerate(STAGES)}
+    judged = qrule.judge_quantized(produced, referee)
+    assert judged.status == "pass" and judged.first_failing is None
+    assert judged.metrics["top1_agreement"] == 1.0 and judged.metrics["thresholds"] == qrule.THRESHOLDS
+
+
+def test_the_final_output_alone_is_judged_and_other_stages_are_not_exposed():
+    referee = _referee()
+    judged = qrule.judge_quantized({"logits": referee.features["logits"].copy()}, referee)
+    assert judged.status == "pass" and list(judged.metrics["sqnr_db"]) == ["logits"]
+    results = qrule.feature_results(judged, referee)
+    assert [r.name for r in results] == list(STAGES)
+    assert [r.status for r in results] == ["not-exposed"] * 6 + ["pass"]
+    assert results[-1].top1_agreement == 1.0 and results[-1].cosine_similarity == pytest.approx(1.0)
+
+
+def test_missing_final_output_is_refused_by_name():
+    referee = _referee()
+    with pytest.raises(BadInputError, match="'logits' is missing"):
+        qrule.judge_quantized({"stem": referee.features["stem"]}, referee)
+
+
+def test_headless_checkpoint_is_judged_on_pooled_without_top_k():
+    referee = _referee(headless=True)
+    judged = qrule.judge_quantized({"pooled": _at_sqnr(referee.features["pooled"], 2, 1)}, referee)
+    assert judged.first_failing == "pooled" and judged.metrics["top1_agreement"] is None
+
+
+def test_top1_disagreement_fails_the_logits_even_at_a_good_sqnr():
+    referee = _referee()
+    logits = referee.features["logits"]
+    swapped = logits.copy()
+    # Swap each image's two best classes: a tiny change in SQNR terms, the class changes on every image.
+    order = np.argsort(-logits, axis=1)
+    rows = np.arange(len(logits))
+    swapped[rows, order[:, 0]], swapped[rows, order[:, 1]] = logits[rows, order[:, 1]], logits[rows, order[:, 0]]
+    judged = qrule.judge_quantized({"logits": swapped}, referee)
+    assert judged.metrics["top1_agreement"] == 0.0
+    assert judged.status == "fail" and judged.first_failing == "logits" and "top-1 agreement" in judged.reason
+
+
+def test_non_finite_and_misshapen_stages_fail():
+    referee = _referee()
+    produced = {name: referee.features[name].copy() for name in STAGES}
+    produced["stage1"][0, 0, 0, 0] = np.nan
+    produced["stage3"] = produced["stage3"][:, :16]
+    judged = qrule.judge_quantized(produced, referee)
+    assert judged.first_failing == "stage1"
+    messages = {s.name: s.message for s in judged.stages}
+    assert messages["stage1"] == "non-finite values" and "shape" in messages["stage3"]
+
+
+# ------------------------------------------------------------------ int8 graphs made by onnxruntime's quantizer
+
+@pytest.fixture(scope="module")
+def quantizable(tmp_path_factory):
+    """atto with trained-like scales (fixtures/trained_like.py: plain fixture weights quantize alike whatever the
+    recipe), exported with every stage as an output; its referee; calibration images distinct from the judged."""
+    pytest.importorskip("onnxruntime")
+    from convnextv2.converters.onnx import export
+    from convnextv2.fixtures import make_checkpoint
+    from convnextv2.fixtures.trained_like import trained_like
+
+    ckpt = trained_like(make_checkpoint("atto", seed=0, fmt="canonical"))
+    path = tmp_path_factory.mktemp("quant") / "atto.onnx"
+    export.write(ckpt, path, size=SIZE, features=True)
+    referee = rule.Referee.build(ckpt, rule.seeded_images(4, SIZE, seed=0))
+    return path, referee, rule.seeded_images(8, SIZE, seed=1000)
+
+
+SIZE = 128
+
+
+def _quantize(source, target, calibration, **options):
+    import onnx
+    from onnxruntime import quantization as oq
+
+    class Images(oq.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"pixel_values": calibration[i:i + 1]} for i in range(len(calibration))])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    model = onnx.load(str(source))
+    # Our export writes GRN's sum of squares over H x W as a MatMul of a ones matrix with x*x.
+    options.setdefault("nodes_to_exclude", [n.name for n in model.graph.node if n.op_type == "MatMul"
+                                            and any(i.startswith("ones") for i in n.input)])
+    oq.quantize_static(str(source), str(target), Images(), quant_format=oq.QuantFormat.QDQ,
+                       activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8, **options)
+    return target
+
+
+def _judge(path, referee):
+    from convnextv2.converters.onnx.session import ort_session, run_ort
+
+    produced = run_ort(ort_session(path, threads=2, optimise=False), referee.images)
+    return qrule.judge_quantized({k: v for k, v in produced.items() if k in rule.FEATURES}, referee)
+
+
+CONV = ["Conv", "MatMul", "Gemm"]
+
+
+def test_per_channel_qdq_passes(quantizable, tmp_path):
+    source, referee, calibration = quantizable
+    judged = _judge(_quantize(source, tmp_path / "good.onnx", calibration, per_channel=True,
+                              op_types_to_quantize=CONV), referee)
+    assert judged.status == "pass", judged.reason
+    assert list(judged.metrics["sqnr_db"]) == list(STAGES)
+    # Noise is there (it is int8), well above the threshold.
+    assert qrule.THRESHOLDS["sqnr_db"] < min(judged.metrics["sqnr_db"].values()) < 60
+
+
+def test_grn_in_int8_fails_where_grn_first_breaks(quantizable, tmp_path):
+    import onnx
+
+    source, referee, calibration = quantizable
+    model = onnx.load(str(source))
+    grn = [n.name for n in model.graph.node if (n.op_type == "MatMul" and any(i.startswith("ones") for i in n.input))
+           or n.op_type in ("Sqrt", "Div")]
+    weights = [n.name for n in model.graph.node if n.op_type in CONV]
+    judged = _judge(_quantize(source, tmp_path / "grn.onnx", calibration, per_channel=True,
+                              op_types_to_quantize=[*CONV, "Sqrt", "Div"], nodes_to_quantize=weights + grn,
+                              nodes_to_exclude=[]), referee)
+    assert judged.status == "fail" and judged.first_failing == GRN_FIRST_FAILING, judged.reason
+    # The stem has no GRN: it passes.
+    assert judged.stages[0].name == "stem" and judged.stages[0].status == "pass"
+
+
+def test_quantize_static_default_op_set_fails(quantizable, tmp_path):
+    """Without op_types_to_quantize onnxruntime quantizes every op it knows: LayerNormalization and our GRN's
+    sum-of-squares MatMul too."""
+    source, referee, calibration = quantizable
+    judged = _judge(_quantize(source, tmp_path / "default.onnx", calibration, per_channel=True,
+                              nodes_to_exclude=[]), referee)
+    assert judged.status == "fail" and judged.first_failing == DEFAULT_OPS_FIRST_FAILING, judged.reason
+
+
+GRN_FIRST_FAILING = "stage3"
+DEFAULT_OPS_FIRST_FAILING = "stage4"
