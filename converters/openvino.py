@@ -122,7 +122,9 @@ def write_ir_template(ckpt: Checkpoint, folder: Path, cache: Any, *, features: b
 
     files = templates.substituted(
         cache, "openvino", ckpt, {"features": features, "size": size},
-        lambda probe, target: write(probe, target / "model.xml", features=features, size=size),
+        # Converted from the probe's ONNX graph, itself from the ONNX template the onnxruntime runner shares: the
+        # probe is not exported twice.
+        lambda probe, target: write_with(probe, target / "model.xml", cache, features=features, size=size),
         templates.openvino_located)
     if isinstance(files, str):
         afresh()

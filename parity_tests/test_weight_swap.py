@@ -137,3 +137,29 @@ def test_convert_of_a_second_checkpoint_reuses_the_template_and_equals_a_fresh_b
     nothing = EntryCache(None)
     assert export.write_with(b, tmp_path / "c.onnx", nothing, size=64).startswith("built afresh: no persistent")
     assert (tmp_path / "c.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("litert", ".tflite"), ("openvino", ".xml")])
+def test_convert_of_a_second_checkpoint_uses_the_template_and_writes_the_fresh_file(tmp_path, fmt, suffix):
+    """The command a user runs: the second checkpoint's export comes from the first's template (its JSON says
+    so) and is the file ``--no-cache`` (a fresh build) writes, byte for byte."""
+    import json
+
+    from convnextv2.fixtures import write_fixture
+    from convnextv2.parity_tests.conftest_helpers import run_cli
+
+    _needs({"onnx": "onnxruntime", "litert": "litert", "openvino": "openvino"}[fmt])
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for seed in (1, 2):
+        write_fixture(tmp_path / f"{seed}.pt", "atto", "original", seed=seed)
+    outcomes = []
+    for name, extra in (("1", []), ("2", []), ("2", ["--no-cache"])):
+        out = tmp_path / f"{name}{'-fresh' if extra else ''}{suffix}"
+        done = run_cli("convert", str(tmp_path / f"{name}.pt"), str(out), "--to", fmt, "--json", *extra, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outcomes.append(json.loads(done.stdout)["built"])
+    assert outcomes[1] == templates.TEMPLATE and outcomes[2].startswith("built afresh: no persistent cache")
+    assert (tmp_path / f"2{suffix}").read_bytes() == (tmp_path / f"2-fresh{suffix}").read_bytes()
+    if fmt == "openvino":
+        assert (tmp_path / "2.bin").read_bytes() == (tmp_path / "2-fresh.bin").read_bytes()
