@@ -11,9 +11,11 @@ import numpy as np
 from convnextv2.reference.errors import MissingDependencyError
 
 
-def ort_session(path: str | os.PathLike[str], threads: int = 0, optimise: bool = True) -> Any:
+def ort_session(path: str | os.PathLike[str] | bytes, threads: int = 0, optimise: bool = True,
+                external_data_folder: str | os.PathLike[str] | None = None) -> Any:
     """onnxruntime at ORT_ENABLE_ALL (the level whose BiasGelu fusion once broke ConvNeXt V2); with
-    ``optimise=False`` every graph optimisation off: the graph as written, not onnxruntime's rewrite of it."""
+    ``optimise=False`` every graph optimisation off: the graph as written, not onnxruntime's rewrite of it.
+    ``path`` may be a serialized model; ``external_data_folder`` is then where its external data lies."""
     try:
         import onnxruntime as ort
     except ModuleNotFoundError as exc:
@@ -26,7 +28,11 @@ def ort_session(path: str | os.PathLike[str], threads: int = 0, optimise: bool =
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if external_data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(external_data_folder))
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def run_ort(session: Any, images_nchw: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,292 @@
+"""Localisation on graphs made by the real tools: torch.onnx (TorchScript and dynamo exporters) from our reference
+model and from timm's, openvino.convert_model from timm's module, TensorFlow's TFLiteConverter from our Keras model,
+onnxconverter-common's float16 conversion. Each artifact is run by its own runtime (converters/runners/
+intermediates.py), its tensors mapped onto the stages and compared with the float64 PyTorch referee; broken models
+(tanh GELU in stage 3, a GRN removed, a GRN overflowing float16) are localised to their stage, block and op kind.
+
+atto at 64 x 64, two images: every stage exists (stage4 is 2 x 2) and each export takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convnextv2 import converters, reference
+from convnextv2.converters.runners.localise import (
+    FLOAT16_MAX,
+    Tensor,
+    divergence_inside,
+    first_non_finite,
+    intermediate_tensors,
+    locate_stages,
+)
+from convnextv2.fixtures.make import make_checkpoint
+from convnextv2.reference import parity_rule
+from convnextv2.reference.features import FEATURES
+from convnextv2.reference.headroom import float16_headroom, over_float16
+
+SIZE = 64
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return make_checkpoint("atto")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return parity_rule.seeded_images(BATCH, SIZE)
+
+
+@pytest.fixture(scope="module")
+def referee(ckpt, images):
+    return parity_rule.referee_features(ckpt, images)
+
+
+@pytest.fixture(scope="module")
+def baseline(ckpt, images, referee):
+    return parity_rule.baseline_errors(parity_rule.baseline_features(ckpt, images, "float32"), referee)
+
+
+def torch_module(ckpt):
+    from convnextv2.reference import torch_model
+
+    return torch_model.contiguous_copy(reference.build(ckpt, "torch"))
+
+
+def timm_module(ckpt, folder: Path):
+    """timm's own convnextv2_atto (pretrained=False) with the checkpoint's weights, written in timm's layout by
+    converters.save and loaded by timm's model."""
+    import safetensors.torch
+
+    from convnextv2.converters.runners.peers import import_timm
+
+    path = folder / "timm.safetensors"
+    converters.save(ckpt, path, format="timm", overwrite=True)
+    model = import_timm().create_model("convnextv2_atto", pretrained=False)
+    model.load_state_dict(safetensors.torch.load_file(str(path)), strict=True)
+    return model.eval()
+
+
+def export_onnx(model, images, path: Path, dynamo: bool) -> Path:
+    import torch
+
+    torch.onnx.export(model, (torch.from_numpy(images),), str(path), dynamo=dynamo, input_names=["pixels"],
+                      output_names=["logits"])
+    return path
+
+
+def first_failing(localisation, referee, baseline) -> str | None:
+    """The first located stage the float32 parity rule fails (the artifact runner's job, done here by the rule)."""
+    for name in FEATURES:
+        if name in localisation.stages:
+            verdict = parity_rule.judge(name, localisation.stages[name][1], referee[name][:BATCH], baseline[name])
+            if not verdict.passed:
+                return name
+    return None
+
+
+def assert_all_stages_agree(localisation, referee, baseline) -> None:
+    assert set(localisation.stages) == set(FEATURES), localisation.found
+    assert localisation.how == "matched 7 of 7 stages by shape, position and value", localisation.found
+    assert_agree(localisation, referee, baseline, FEATURES)
+
+
+def assert_agree(localisation, referee, baseline, names) -> None:
+    for name in names:
+        tensor, array = localisation.stages[name]
+        assert array.shape == referee[name].shape, name
+        verdict = parity_rule.judge(name, array, referee[name], baseline[name])
+        assert verdict.passed, (name, tensor, verdict.message)
+
+
+# ------------------------------------------------------------------ every stage found, every exporter
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["torchscript", "dynamo"])
+def test_torch_onnx_export_of_the_reference_every_stage_located(tmp_path, ckpt, images, referee, baseline, dynamo):
+    path = export_onnx(torch_module(ckpt), images, tmp_path / "model.onnx", dynamo)
+    tensors = intermediate_tensors("onnx", path, {"pixels": images})
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert_all_stages_agree(localisation, referee, baseline)
+    # Structure, not just value: each stage output is a residual Add, the stem what the first block reads.
+    for name in ("stage1", "stage2", "stage3", "stage4"):
+        assert tensors[localisation.positions[name]].op == "Add"
+        assert localisation.positions[name] == localisation.blocks[name][-1]
+    assert [len(localisation.blocks[f"stage{i + 1}"]) for i in range(4)] == list(ckpt.config.depths)
+    assert localisation.to_json_dict()["stages"]["logits"] == "logits"
+
+
+@pytest.mark.slow  # timm, two exports: about 30 s (a broken timm IR runs in the default set)
+def test_timm_through_torch_onnx_and_openvino_every_stage_located(tmp_path, ckpt, images, referee, baseline):
+    import openvino
+    import torch
+
+    model = timm_module(ckpt, tmp_path)
+    onnx_path = export_onnx(model, images, tmp_path / "timm.onnx", dynamo=False)
+    localisation = locate_stages(intermediate_tensors("onnx", onnx_path, {"pixels": images}), referee, BATCH)
+    assert_all_stages_agree(localisation, referee, baseline)
+
+    ir = openvino.convert_model(model, example_input=torch.from_numpy(images))
+    openvino.save_model(ir, str(tmp_path / "timm.xml"), compress_to_fp16=False)
+    tensors = intermediate_tensors("openvino", tmp_path / "timm.xml", {ir.inputs[0].get_any_name(): images})
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert_all_stages_agree(localisation, referee, baseline)
+    assert {tensors[localisation.positions[f"stage{i}"]].op for i in range(1, 5)} == {"Add"}
+
+
+@pytest.mark.slow  # TensorFlow's import and conversion: about 30 s
+def test_tflite_from_keras_nhwc_every_stage_located(tmp_path, ckpt, images, referee, baseline):
+    from convnextv2.converters import litert
+
+    # converters.litert.convert: the Keras reference through tf.lite.TFLiteConverter (builtin ops); NHWC inside.
+    path = tmp_path / "model.tflite"
+    path.write_bytes(litert.convert(ckpt, SIZE))
+    tensors = intermediate_tensors("litert", path, {litert.INPUT_NAME: images})
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert_all_stages_agree(localisation, referee, baseline)
+    assert {localisation.layouts[f"stage{i}"] for i in range(1, 5)} == {"NHWC"}
+
+
+def test_formats_without_intermediates_say_why(tmp_path):
+    for probe_format in ("executorch", "keras", "savedmodel", "torch-export", "tensorrt", "coreml"):
+        reason = intermediate_tensors(probe_format, tmp_path / "whatever", {})
+        assert isinstance(reason, str) and "only" in reason, probe_format
+
+
+# ------------------------------------------------------------------ broken artifacts
+
+def _tanh_gelu_forward(self, x):
+    import torch.nn.functional as F
+
+    y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+    y = F.gelu(self.pwconv1(y), approximate="tanh")
+    y = self.pwconv2(self.grn(y))
+    return x + y.permute(0, 3, 1, 2)
+
+
+def test_tanh_gelu_in_stage3_is_localised(tmp_path, ckpt, images, referee, baseline):
+    model = torch_module(ckpt)
+    for block in model.stages[2].blocks:
+        block.forward = types.MethodType(_tanh_gelu_forward, block)
+    path = export_onnx(model, images, tmp_path / "tanh.onnx", dynamo=False)
+    tensors = intermediate_tensors("onnx", path, {"pixels": images})
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert set(localisation.stages) == set(FEATURES)
+    assert first_failing(localisation, referee, baseline) == "stage3"
+    inside = divergence_inside("stage3", tensors, ckpt, images, localisation=localisation)
+    assert (inside["block"], inside["op"]) == (0, "GELU"), inside["how"]
+    assert inside["artifact_op"] == "Gelu" and inside["non_finite_op"] is None
+    assert max(inside["block_errors"][:1]) > inside["threshold"]
+
+
+def test_grn_removed_is_localised_through_dynamo_onnx(tmp_path, ckpt, images, referee, baseline):
+    import torch
+
+    model = torch_module(ckpt)
+    model.stages[1].blocks[1].grn = torch.nn.Identity()
+    path = export_onnx(model, images, tmp_path / "nogrn.onnx", dynamo=True)
+    tensors = intermediate_tensors("onnx", path, {"pixels": images})
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert first_failing(localisation, referee, baseline) == "stage2"
+    assert_agree(localisation, referee, baseline, ("stem", "stage1"))
+    # The broken stage is still found by its place: the last residual Add of its shape.
+    assert localisation.positions["stage2"] == localisation.blocks["stage2"][-1]
+    inside = divergence_inside("stage2", tensors, ckpt, images, localisation=localisation)
+    assert (inside["block"], inside["op"]) == (1, "GRN"), inside["how"]
+    assert inside["block_errors"][0] <= inside["threshold"] < inside["block_errors"][1]
+
+
+def test_grn_removed_from_timm_is_localised_through_openvino(tmp_path, ckpt, images, referee, baseline):
+    import openvino
+    import torch
+
+    model = timm_module(ckpt, tmp_path)
+    model.stages[3].blocks[0].mlp.grn = torch.nn.Identity()
+    ir = openvino.convert_model(model, example_input=torch.from_numpy(images))
+    openvino.save_model(ir, str(tmp_path / "nogrn.xml"), compress_to_fp16=False)
+    tensors = intermediate_tensors("openvino", tmp_path / "nogrn.xml", {ir.inputs[0].get_any_name(): images})
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert first_failing(localisation, referee, baseline) == "stage4"
+    assert_agree(localisation, referee, baseline, ("stem", "stage1", "stage2", "stage3"))
+    assert {tensors[localisation.positions[f"stage{i}"]].op for i in range(1, 5)} == {"Add"}
+    inside = divergence_inside("stage4", tensors, ckpt, images, localisation=localisation)
+    assert (inside["block"], inside["op"]) == (0, "GRN"), inside["how"]
+
+
+# ------------------------------------------------------------------ float16 overflow and headroom
+
+def overflowing(ckpt, factor: float = 400.0):
+    """stage2's first block with pwconv1 scaled: its GELU output reaches ~290, so GRN's squares (and their sum over
+    H x W) pass 65504 in float16, while the float64 model is fine."""
+    tensors = dict(ckpt.tensors)
+    for leaf in ("weight", "bias"):
+        tensors[f"stages.1.blocks.0.pwconv1.{leaf}"] = tensors[f"stages.1.blocks.0.pwconv1.{leaf}"] * np.float32(factor)
+    return dataclasses.replace(ckpt, tensors=tensors)
+
+
+def test_float16_grn_overflow_names_the_first_non_finite_op(tmp_path, ckpt, images):
+    import onnx
+    from onnxconverter_common import float16
+
+    big = overflowing(ckpt)
+    referee = parity_rule.referee_features(big, images)
+    path = export_onnx(torch_module(big), images, tmp_path / "f32.onnx", dynamo=False)
+    half = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    onnx.save(half, str(tmp_path / "f16.onnx"))
+    tensors = intermediate_tensors("onnx", tmp_path / "f16.onnx", {"pixels": images})
+    assert not np.all(np.isfinite(tensors[-1].array))  # the float16 artifact's logits really are broken
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert np.isfinite(localisation.errors["stage1"]) and not np.isfinite(localisation.errors["stage2"])
+    bad = first_non_finite(tensors, localisation)
+    assert bad is not None and (bad["stage"], bad["block"], bad["kind"]) == ("stage2", 0, "GRN"), bad
+    assert tensors[bad["index"]].array.dtype == np.float16
+    assert all(np.all(np.isfinite(t.array)) for t in tensors[:bad["index"]])
+    inside = divergence_inside("stage2", tensors, big, images, localisation=localisation)
+    assert (inside["block"], inside["op"]) == (0, "GRN") and inside["non_finite_op"] == bad
+
+    headroom = float16_headroom(big, images)
+    assert headroom["stage2"]["grn_sum_of_squares"] >= FLOAT16_MAX
+    assert over_float16(headroom)[0].startswith("stage2 grn_sum_of_squares")
+    assert all(not line.startswith(("stem", "stage1")) for line in over_float16(headroom))
+    assert over_float16(float16_headroom(ckpt, images)) == []
+
+
+def test_headroom_agrees_with_onnxruntime(tmp_path, ckpt, images, referee):
+    """Independent oracles: our export computes GRN's sum of squares as a MatMul with ones (its graph form), and
+    every LayerNorm as one LayerNormalization node; onnxruntime's float32 values of those sums, and numpy's variance
+    of those nodes' inputs, per stage, are what float16_headroom reports from its float64 hooks."""
+    path = export_onnx(torch_module(ckpt), images, tmp_path / "model.onnx", dynamo=False)
+    tensors = intermediate_tensors("onnx", path, {"pixels": images})
+    by_name = {t.name: t.array.astype(np.float64) for t in tensors}
+    headroom = float16_headroom(ckpt, images)
+    assert set(headroom) == {"stem", "stage1", "stage2", "stage3", "stage4", "pooled", "logits"}
+    for index, name in enumerate(("stem", "stage1", "stage2", "stage3", "stage4")):
+        prefix = "/stem/" if name == "stem" else f"/stages.{index - 1}/"
+        mine = [t for t in tensors if t.name.startswith(prefix)]
+        sums = [t.array for t in mine if t.op == "MatMul" and "/grn/" in t.name]
+        assert len(sums) == (0 if name == "stem" else ckpt.config.depths[index - 1])
+        expected = max((float(np.max(s)) for s in sums), default=0.0)
+        assert headroom[name]["grn_sum_of_squares"] == pytest.approx(expected, rel=1e-5)
+        variances = [by_name[t.inputs[0]].var(axis=-1).max() for t in mine if t.op == "LayerNormalization"]
+        assert variances, name
+        assert headroom[name]["layernorm_variance"] == pytest.approx(max(variances), rel=1e-4)
+        assert headroom[name]["peak_abs"] >= np.max(np.abs(referee[name]))
+        assert headroom[name]["float16_max"] == FLOAT16_MAX
+
+
+def test_saturation_is_named_in_float16_only():
+    ramp = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 4, 2, 2)
+    tensors = [Tensor("a", "Conv", ramp.astype(np.float16)),
+               Tensor("b", "Mul", (ramp * 70000).astype(np.float32)),
+               Tensor("c", "Mul", np.full((1, 4, 2, 2), 65504, dtype=np.float16)),
+               Tensor("d", "Div", np.full((1, 4), np.nan, dtype=np.float32))]
+    found = first_non_finite(tensors)
+    assert (found["tensor"], found["op"]) == ("c", "Mul") and "saturates" in found["what"]
+    assert first_non_finite(tensors, float16=True)["tensor"] == "b"
+    assert first_non_finite(tensors[:2] + tensors[3:])["what"].startswith("non-finite (4 of 4")
