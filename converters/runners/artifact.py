@@ -34,6 +34,8 @@ LAYOUTS = ("NCHW", "NHWC")
 INPUT_RANGES = ("normalized", "unit", "byte")
 OUTPUT_KINDS = ("logits", "probabilities", "pooled")
 ARTIFACT_PRECISIONS = ("float32", "float16", "bfloat16", "int8")
+# Output names that say what the output is (transformers names the pooled features pooler_output).
+_OUTPUT_NAMES = {"logits": "logits", "pooled": "pooled", "pooler_output": "pooled"}
 _CONVENTIONS = ("layout", "batch", "image_size", "input_dtype", "input_range", "output", "classes")
 _PIN_CHOICES = {"layout": LAYOUTS, "input_range": INPUT_RANGES, "output": OUTPUT_KINDS,
                 "precision": ARTIFACT_PRECISIONS}
@@ -121,7 +123,7 @@ def _ranges(port: formats.Port, pins: Pins) -> tuple[list[str], str]:
     if pins.input_range:
         return [pins.input_range], "pinned"
     if port.dtype == "uint8" and port.quantization is None:
-        return ["byte"], "signature (uint8 input without quantization)"
+        return ["byte"], "signature"
     return list(INPUT_RANGES), "tried"
 
 
@@ -193,8 +195,8 @@ def _output_kinds(port: formats.Port, value: np.ndarray, ckpt: Checkpoint, pins:
     name = port.name.lower()
     if port.op.lower() == "softmax" or "prob" in name or "softmax" in name:
         said = "probabilities"
-    elif name in ("logits", "pooled", "pooler_output"):
-        said = "pooled" if name != "logits" else "logits"
+    elif name in _OUTPUT_NAMES:
+        said = _OUTPUT_NAMES[name]
     else:
         return fitting, "tried"
     return ([said] if said in fitting else []), "signature"
@@ -288,7 +290,7 @@ def _judge(result: parity_rule.Verdict, opened: formats.Opened, ckpt: Checkpoint
         result.status, result.reason = size_problem
         return
     batch = shape[0] if shape else None
-    conventions["batch"] = _choice(batch, "signature" if shape else "not declared",
+    conventions["batch"] = _choice(batch, "signature" if shape else "tried",
                                    note=("images run one at a time" if batch == 1 else
                                          f"images run {batch} at a time" if batch else "all images at once"))
     conventions["input_dtype"] = _choice(port.dtype, "signature", **(
@@ -325,7 +327,7 @@ def _judge(result: parity_rule.Verdict, opened: formats.Opened, ckpt: Checkpoint
         tensor=output_name)
     conventions["classes"] = _choice(int(chosen.outputs[output_name].shape[1]) if kind != "pooled" else None,
                                      "signature" if opened.outputs and all(
-                                         p.shape and p.shape[-1] for p in opened.outputs) else "output shape")
+                                         p.shape and p.shape[-1] for p in opened.outputs) else "tried")
     feed = _feed(referee.images, chosen, port, ckpt)
     artifact_judging.judge(result, ckpt, referee, artifact_judging.ChosenRun(
         Path(row["path"]), opened.format, chosen.outputs, output_name, kind, feed, port, judging[1]), judging[0])

@@ -320,15 +320,17 @@ def open_openvino(path: Path) -> Opened:
                 and int(np.prod(list(op.get_output_shape(0)))) > 1:
             counts[op.get_output_element_type(0).get_type_name()] += 1
 
-    def port(value: Any, output: bool) -> Port:
+    def port(value: Any, index: int, output: bool) -> Port:
         shape = value.get_partial_shape()
         dims = None if shape.rank.is_dynamic else [d.get_length() if d.is_static else None for d in shape]
         op = value.get_node().input_value(0).get_node().get_type_name() if output else ""
-        return Port(value.get_any_name(), dims, _OV_DTYPES.get(value.get_element_type().get_type_name(), "unknown"),
-                    op=op)
+        # convert_model from a torch module leaves tensors unnamed: they are known by position.
+        name = sorted(value.get_names())[0] if value.get_names() else f"{'output' if output else 'input'}{index}"
+        return Port(name, dims, _OV_DTYPES.get(value.get_element_type().get_type_name(), "unknown"), op=op)
 
     opened = Opened("openvino", f"OpenVINO {ov.get_version().split('-')[0]} CPU",
-                    [port(v, False) for v in model.inputs], [port(v, True) for v in model.outputs])
+                    [port(v, i, False) for i, v in enumerate(model.inputs)],
+                    [port(v, i, True) for i, v in enumerate(model.outputs)])
     floats = counts["f32"] + counts["f16"] + counts["bf16"]
     integer = counts["i8"] + counts["u8"] + counts["i4"] + counts["u4"]
     if fake_quantize or integer > counts["f32"] + counts["f16"]:
@@ -362,8 +364,8 @@ def start_openvino(path: Path, opened: Opened) -> None:
     request = compiled.create_infer_request()
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        request.infer({name: np.ascontiguousarray(value) for name, value in feed.items()})
-        return {o.get_any_name(): np.array(request.get_tensor(o).data, copy=True) for o in compiled.outputs}
+        request.infer({i: np.ascontiguousarray(feed[p.name]) for i, p in enumerate(opened.inputs)})
+        return {p.name: np.array(request.get_output_tensor(i).data, copy=True) for i, p in enumerate(opened.outputs)}
 
     opened.run = run
 

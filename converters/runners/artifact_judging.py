@@ -17,6 +17,9 @@ from convnextv2.converters.runners.artifact_formats import Port
 from convnextv2.reference import parity_rule
 from convnextv2.reference.features import FEATURES, SPATIAL_FEATURES, final_feature
 
+# The stage an output kind is judged at: probabilities against softmax of the referee's logits.
+STAGE_OF_OUTPUT = {"logits": "logits", "probabilities": "logits", "pooled": "pooled"}
+
 
 @dataclasses.dataclass
 class ChosenRun:
@@ -53,22 +56,23 @@ def judge(result: parity_rule.Verdict, ckpt: Checkpoint, referee: parity_rule.Re
     row = result.artifact
     assert row is not None
     final = final_feature(ckpt.config)
-    stage = "pooled" if chosen.kind == "pooled" else "logits"
+    stage = STAGE_OF_OUTPUT[chosen.kind]
     produced: dict[str, np.ndarray] = {stage: chosen.outputs[chosen.output_name]}
     stages, tensors = _localise(row, chosen, ckpt, referee, produced)
     for name, (_, array) in stages.items():
         produced.setdefault(name, array)
-    if chosen.kind == "probabilities" and "logits" in stages:
-        produced["logits"] = stages["logits"][1]
     names = {name: stages[name][0] for name in stages}
-    names.setdefault(stage, chosen.output_name)
+    # The final output is always what is judged at its stage (probabilities against softmax of the referee's
+    # logits), not a tensor localisation found before it.
+    produced[stage] = chosen.outputs[chosen.output_name]
+    names[stage] = chosen.output_name
     result.figures["produced"] = {k: v for k, v in produced.items() if k in FEATURES}
     if result.dtype == "int8":
         _judge_quantized(result, produced, referee, chosen)
     else:
         _judge_float(result, produced, ckpt, referee, chosen, tolerance)
     judged = {f.name for f in result.features}
-    if final not in judged and stage not in judged:
+    if result.status != "error" and final not in judged and stage not in judged and result.dtype != "int8":
         result.status, result.reason = "error", f"the artifact's {final} could not be judged"
     if result.first_divergence:
         row["first_divergence"] = _where(result, names, tensors, ckpt, referee)
@@ -113,8 +117,13 @@ def _probability_baseline(referee: parity_rule.Referee, ckpt: Checkpoint, precis
 
 def _judge_quantized(result: parity_rule.Verdict, produced: dict[str, np.ndarray], referee: parity_rule.Referee,
                      chosen: ChosenRun) -> None:
-    from convnextv2.reference import quantization_rule
-
+    try:
+        from convnextv2.reference import quantization_rule
+    except ImportError:
+        result.status = "error"
+        result.reason = "an int8 artifact is judged by the quantization rule (reference/quantization_rule.py), " \
+                        "which is not installed here"
+        return
     if chosen.kind == "probabilities" and produced.get("logits") is chosen.outputs[chosen.output_name]:
         # Logits are softmax's input up to one constant per image: log-probabilities shifted to the referee's mean.
         logp = np.log(np.clip(np.asarray(produced["logits"], dtype=np.float64), 1e-300, None))
@@ -234,6 +243,8 @@ def _where(result: parity_rule.Verdict, names: Mapping[str, str], read: Any, ckp
         if key in inside:
             inside[f"op_{key}"] = inside.pop(key)
     where.update({k: v for k, v in inside.items() if k != "feature"})
+    if not isinstance(where.get("block"), int):  # "downsample": the op says it
+        where["block"] = None
     return where
 
 
