@@ -156,13 +156,12 @@ def _localise(row: dict[str, Any], chosen: ChosenRun, ckpt: Checkpoint, referee:
         row["localisation"] = {"how": f"the artifact outputs its stages by name ({len(named)} of "
                                       f"{len(referee.names)})", "stages": {n: n for n in named}}
         return named, None
+    from convnextv2.converters.runners import localise
+
     try:
-        from convnextv2.converters.runners import localise
-    except ImportError:
-        row["localisation"] = {"how": "only the final output was judged: reading intermediate tensors is not "
-                                      "available (converters/runners/localise.py)"}
-        return {}, None
-    tensors = _intermediates(localise, chosen)
+        tensors = _intermediates(localise, chosen)
+    except Exception as exc:  # the file ran as it is; the run with every tensor kept is another configuration
+        tensors = f"the run keeping every intermediate tensor failed ({type(exc).__name__}: {exc})"
     if isinstance(tensors, str):
         row["localisation"] = {"how": f"only the final output was judged: {tensors}"}
         return {}, None

@@ -206,12 +206,16 @@ def _litert_tensors(path: Path, feed: Mapping[str, np.ndarray], keep: Keep) -> l
     from convnextv2.converters.litert import interpreter_name
 
     if interpreter_name() == "ai_edge_litert":
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
     else:
         import tensorflow as tf
 
         Interpreter = tf.lite.Interpreter  # noqa: N806  # the class, named as its module names it
-    interpreter = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True)
+        OpResolverType = tf.lite.experimental.OpResolverType  # noqa: N806
+    # Without the default XNNPACK delegate: a delegated subgraph keeps its intermediate results to itself, so
+    # the tensors the interpreter "preserves" inside it hold whatever the arena had (1e15 read as a stem).
+    interpreter = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     indices = _litert_feed_indices(interpreter, feed)
     for index, array in indices.values():
         interpreter.resize_tensor_input(index, list(array.shape))
@@ -220,8 +224,7 @@ def _litert_tensors(path: Path, feed: Mapping[str, np.ndarray], keep: Keep) -> l
         interpreter.set_tensor(index, np.ascontiguousarray(array))
     interpreter.invoke()
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    # The model's own ops in their order (topological); a delegate (XNNPACK, applied op by op when every tensor is
-    # preserved) appends nodes that compute the same outputs: those are left out, their values are the ones read.
+    # The model's own ops in their order (topological); a delegate node, should one still be applied, is left out.
     ops = [op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]
     produced = {out for op in ops for out in op["outputs"]}
     graph_inputs = {index for index, _ in indices.values()}
