@@ -55,6 +55,8 @@ def _summary_line(report: ParityReport) -> str:
 def _convention_text(name: str, found: dict[str, Any]) -> str:
     value = found.get("value")
     text = f"{name} {'dynamic' if value is None else value} ({found.get('how', '?')}"
+    if found.get("how") == "tried" and found.get("note"):
+        text += f": {found['note']}"
     candidates = found.get("candidates") or []
     if candidates:
         text += "; tried " + ", ".join(

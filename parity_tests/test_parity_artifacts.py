@@ -25,16 +25,19 @@ CONFIG = "custom:depths=1,1,2,1;dims=8,16,32,64"
 SIZE = 224  # the checkpoint's own input size: the graphs are static in it, as exporters write them
 
 
-def _torch_onnx(ckpt_path: Path, target: Path) -> Path:
-    """The checkpoint's PyTorch module exported by torch.onnx as a user would (dynamic batch, one output)."""
+def _torch_onnx(ckpt_path: Path, target: Path, *, legacy_batch: bool = False) -> Path:
+    """The checkpoint's PyTorch module exported by torch.onnx as a user would (dynamic batch, one output).
+    ``legacy_batch``: the batch made dynamic with the older ``dynamic_axes`` argument, with which torch 2.13's
+    exporter declares a dynamic batch but bakes batch 1 into a Reshape."""
     import torch
 
     from convnextv2 import converters, reference
 
     model = reference.build(converters.load(ckpt_path), "torch")
     example = torch.zeros(1, 3, SIZE, SIZE)
-    torch.onnx.export(model, (example,), str(target), input_names=["image"], output_names=["scores"],
-                      dynamic_shapes=({0: torch.export.Dim("n", min=1, max=64)},))
+    dynamic = ({"dynamic_axes": {"image": {0: "n"}, "scores": {0: "n"}}} if legacy_batch else
+               {"dynamic_shapes": ({0: torch.export.Dim("n", min=1, max=64)},)})
+    torch.onnx.export(model, (example,), str(target), input_names=["image"], output_names=["scores"], **dynamic)
     return target
 
 
@@ -103,6 +106,15 @@ def test_artifacts_alone_and_together(files):
     assert done.returncode == 1
     statuses = {Path(a["path"]).name: a["status"] for a in json.loads(done.stdout)["artifacts"]}
     assert statuses == {"good.onnx": "pass", "other-weights.onnx": "fail"}
+
+
+def test_a_declared_dynamic_batch_that_fails_runs_one_image_at_a_time(files, tmp_path):
+    graph = _torch_onnx(files["source"], tmp_path / "legacy-batch.onnx", legacy_batch=True)
+    done = _parity(str(files["source"]), "--runtimes", "none", "--artifact", str(graph), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    batch = json.loads(done.stdout)["artifacts"][0]["conventions"]["batch"]
+    assert batch["value"] == 1 and batch["how"] == "tried"
+    assert "declared dynamic, but a batch of 4 fails" in batch["note"] and "Reshape" in batch["note"]
 
 
 def test_an_unreadable_artifact_is_bad_input_named_in_one_line(files, tmp_path):

@@ -154,6 +154,11 @@ def _feed(images: np.ndarray, candidate: _Candidate, port: formats.Port, ckpt: C
     return np.ascontiguousarray(x.astype(dtype))
 
 
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def _run_batches(opened: formats.Opened, port: formats.Port, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every image through the artifact, in chunks of its static batch (the last one padded, the padding dropped)."""
     assert opened.run is not None
@@ -306,10 +311,25 @@ def _judge(result: parity_rule.Verdict, opened: formats.Opened, ckpt: Checkpoint
                 (width or referee.images.shape[3]) != referee.images.shape[3]:
             candidate.error = f"input shape {shape} does not take {layout} images"
         else:
+            feed = _feed(referee.images, candidate, port, ckpt)
             try:
-                candidate.outputs = _run_batches(opened, port, _feed(referee.images, candidate, port, ckpt))
+                candidate.outputs = _run_batches(opened, port, feed)
             except Exception as exc:
-                candidate.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+                candidate.error = _one_line(exc)
+                if batch is None and len(feed) > 1:
+                    # Exporters declare a dynamic batch and still bake batch 1 into a Reshape: such a file runs
+                    # only one image at a time, which the report says, rather than failing on our batching.
+                    single = dataclasses.replace(port, shape=[1, *(shape[1:] if shape else [None] * 3)])
+                    try:
+                        candidate.outputs = _run_batches(opened, single, feed)
+                    except Exception:
+                        pass
+                    else:
+                        port, batch = single, 1
+                        conventions["batch"] = _choice(1, "tried", note=(
+                            f"declared dynamic, but a batch of {len(feed)} fails ({candidate.error}): images run "
+                            "one at a time"))
+                        candidate.error = ""
         tried.append(candidate)
     ranked = [(score, c) for c in tried if c.outputs is not None
               for score in _score(c.outputs, opened, ckpt, pins, targets)]
