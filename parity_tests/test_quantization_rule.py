@@ -155,11 +155,11 @@ def quantizable(tmp_path_factory):
     ckpt = trained_like(make_checkpoint("atto", seed=0, fmt="canonical"))
     path = tmp_path_factory.mktemp("quant") / "atto.onnx"
     export.write(ckpt, path, size=SIZE, features=True)
-    referee = rule.Referee.build(ckpt, rule.seeded_images(4, SIZE, seed=0))
-    return path, referee, rule.seeded_images(8, SIZE, seed=1000)
+    referee = rule.Referee.build(ckpt, rule.seeded_images(8, SIZE, seed=0))
+    return path, referee, rule.seeded_images(16, SIZE, seed=1000)
 
 
-SIZE = 128
+SIZE = 224  # as the sweep: the GRN sums run over 56 x 56 maps, where int8 breaks them
 
 
 def _quantize(source, target, calibration, **options):
@@ -207,11 +207,17 @@ def test_grn_in_int8_fails_where_grn_first_breaks(quantizable, tmp_path):
 
     source, referee, calibration = quantizable
     model = onnx.load(str(source))
+    made_by = {out: n for n in model.graph.node for out in n.output}
+    # GRN: the ones-matrix MatMul (sum of squares), Sqrt, then ReduceMean and Div of the reshaped norms (the
+    # head's ReduceMean, the global pooling, reads stage4 itself).
     grn = [n.name for n in model.graph.node if (n.op_type == "MatMul" and any(i.startswith("ones") for i in n.input))
-           or n.op_type in ("Sqrt", "Div")]
+           or n.op_type in ("Sqrt", "Div")
+           or (n.op_type == "ReduceMean" and made_by.get(n.input[0]) is not None
+               and made_by[n.input[0]].op_type == "Reshape")]
     weights = [n.name for n in model.graph.node if n.op_type in CONV]
     judged = _judge(_quantize(source, tmp_path / "grn.onnx", calibration, per_channel=True,
-                              op_types_to_quantize=[*CONV, "Sqrt", "Div"], nodes_to_quantize=weights + grn,
+                              op_types_to_quantize=[*CONV, "Sqrt", "ReduceMean", "Div"],
+                              nodes_to_quantize=weights + grn,
                               nodes_to_exclude=[]), referee)
     assert judged.status == "fail" and judged.first_failing == GRN_FIRST_FAILING, judged.reason
     # The stem has no GRN: it passes.
@@ -227,5 +233,5 @@ def test_quantize_static_default_op_set_fails(quantizable, tmp_path):
     assert judged.status == "fail" and judged.first_failing == DEFAULT_OPS_FIRST_FAILING, judged.reason
 
 
-GRN_FIRST_FAILING = "stage3"
-DEFAULT_OPS_FIRST_FAILING = "stage4"
+GRN_FIRST_FAILING = "stage4"  # as the sweep measured (atto, trained-like): 4.3 dB there
+DEFAULT_OPS_FIRST_FAILING = "stage4"  # 6.8 dB in the sweep

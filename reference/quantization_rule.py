@@ -29,12 +29,17 @@ import numpy as np
 from convnextv2.reference import parity_rule
 from convnextv2.reference.errors import BadInputError
 
-# Chosen by the sweep (docs/parity.md "Quantized artifacts"): see the module docstring.
+# Chosen by the sweep (docs/parity.md "Quantized artifacts", benchmarks/results/quant_sweep.json). The stem is one
+# convolution and a LayerNorm: every known-good quantization keeps it at 33-39 dB, a clipped input range drops it
+# to 12 and LiteRT's full-integer build (LayerNorm in int8) to 20-21. Later stages accumulate the noise of every
+# block: known-good ones end at 8-26 dB at stage4 (atto, tiny); GRN's arithmetic in int8 falls to 0-4 dB there.
+# top-1 / top-5 on the seeded images of fixture weights are near-ties: loose floors (good ones went to 0.5 / 0.62).
 THRESHOLDS: dict[str, float] = {
-    "sqnr_db": 10.0,
-    "cosine": 0.95,
+    "stem_sqnr_db": 25.0,
+    "sqnr_db": 7.0,
+    "cosine": 0.85,
     "top1_agreement": 0.5,
-    "top5_agreement": 0.5,
+    "top5_agreement": 0.55,
 }
 # A feature reproduced exactly has no noise: its SQNR is reported as this (JSON has no infinity).
 SQNR_CAP_DB = 200.0
@@ -118,16 +123,24 @@ def _judge_stage(name: str, value: np.ndarray, referee: np.ndarray, thresholds: 
         return StageJudgement(name, "fail", list(value.shape), message="non-finite values")
     result = StageJudgement(name, "pass", list(value.shape), sqnr_db(value, referee), cosine(value, referee),
                             parity_rule.max_abs_error(value, referee), parity_rule.feature_scale(referee))
-    problems = []
-    if result.sqnr_db < thresholds["sqnr_db"]:
-        problems.append(f"SQNR {result.sqnr_db:.1f} dB < {thresholds['sqnr_db']:g} dB")
-    if result.cosine < thresholds["cosine"]:
-        problems.append(f"cosine {result.cosine:.4f} < {thresholds['cosine']:g}")
+    problems = stage_problems(name, result.sqnr_db, result.cosine, thresholds)
     if problems:
         result.status, result.message = "fail", "; ".join(problems)
     else:
         result.message = f"SQNR {result.sqnr_db:.1f} dB, cosine {result.cosine:.4f}"
     return result
+
+
+def stage_problems(name: str, sqnr: float, cos: float, thresholds: Mapping[str, float] | None = None) -> list[str]:
+    """What one stage's SQNR and cosine break of ``thresholds`` (default THRESHOLDS); empty when it passes."""
+    limits = {**THRESHOLDS, **(thresholds or {})}
+    floor = limits["stem_sqnr_db"] if name == "stem" else limits["sqnr_db"]
+    problems = []
+    if sqnr < floor:
+        problems.append(f"SQNR {sqnr:.1f} dB < {floor:g} dB")
+    if cos < limits["cosine"]:
+        problems.append(f"cosine {cos:.4f} < {limits['cosine']:g}")
+    return problems
 
 
 def judge_quantized(produced: Mapping[str, np.ndarray], referee: parity_rule.Referee,
