@@ -88,6 +88,8 @@ def artifact_lines(result: Verdict) -> list[str]:
             parts.append(f"tensor {where['tensor']}")
         if where.get("scale_aware_error") is not None:
             parts.append(f"error {_fmt(where['scale_aware_error'])} vs tolerance {_fmt(where.get('tolerance'))}")
+        if where.get("how"):
+            parts.append(str(where["how"]))
         if where.get("non_finite_op"):
             parts.append(f"first non-finite or saturated output: {where['non_finite_op']}")
         lines.append(", ".join(parts))
