@@ -178,6 +178,26 @@ def tests_mmpretrain(session: nox.Session) -> None:
            env=env)
 
 
+# The tools of the artifact corpus whose pins clash with ours (onnx2tf: numpy 1.26, onnx 1.19, TensorFlow 2.19;
+# litert-torch: typing-extensions, LLM tooling), each in a site dir of its own, as mmpretrain above. They are never
+# on pytest's path: fixtures/artifact_corpus.py runs each as a subprocess with its dir on PYTHONPATH.
+ARTIFACT_SITE_DIRS = {"CONVNEXTV2_ONNX2TF_SITE": (".venv-onnx2tf", "constraints-onnx2tf.txt"),
+                      "CONVNEXTV2_LITERT_TORCH_SITE": (".venv-litert-torch", "constraints-litert-torch.txt")}
+
+
+@nox.session(venv_backend="none")
+def tests_artifacts(session: nox.Session) -> None:
+    """The artifact corpus: deployment files made by the real tools, good and broken, through
+    `convnextv2 parity --artifact` (parity_tests/test_artifact_corpus.py, the slow cases included)."""
+    python = _install_if_isolated(session)
+    env = {"CONVNEXTV2_EXPECT_ARTIFACT_TOOLS": "1"}  # a missing tool fails its cases instead of skipping them
+    for variable, (folder, pin_file) in ARTIFACT_SITE_DIRS.items():
+        env[variable] = str(_site_dir(session, python, folder, pin_file)[0])
+    # One at a time: onnx2tf and ExecuTorch's lowering each take a core and a few GB.
+    _timed(session, python, "-m", "pytest", "-q", "parity_tests/test_artifact_corpus.py", *session.posargs,
+           env=env)
+
+
 _SHARED_PARITY_CACHE: list[str] = []
 
 
