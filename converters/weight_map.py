@@ -155,7 +155,8 @@ def establish(probe: Checkpoint, files: Mapping[str, bytes | bytearray | memoryv
     return WeightMap(files=order, tensors=names, shapes=shapes, starts=starts,
                      file_of=np.array(columns[0], dtype=np.int64), offset=np.array(columns[1], dtype=np.int64),
                      count=np.array(columns[2], dtype=np.int64), tensor_of=np.array(columns[3], dtype=np.int64),
-                     layouts=list(columns[4]), index=np.concatenate(pieces))
+                     layouts=list(columns[4]),
+                     index=np.concatenate(pieces).astype(np.int32 if total < 2**31 else np.int64))
 
 
 def _check_architecture(wmap: WeightMap, ckpt: Checkpoint) -> None:
