@@ -1,5 +1,6 @@
 """The quantization rule's sweep: known-good and known-bad int8 quantizations made by the real tools, each judged
-against the float64 PyTorch referee stage by stage (convnextv2.reference.quantization_rule).
+against the float64 PyTorch referee stage by stage, within margins of the int8 yardstick measured in the same run
+(convnextv2.reference.quantization_rule: int8_yardstick, judge_quantized).
 
     python -m benchmarks.quant_sweep [--variants atto,tiny] [--weights fixture,trained-like] [--batch 8]
         [--calibration 16] [--json benchmarks/results/quant_sweep.json] [--docs docs/parity.md]
@@ -20,9 +21,12 @@ known bad    the same QDQ with per-tensor weights; with LayerNormalization quant
              on images at a quarter of their range (a clipped range); LiteRT full integer (representative
              dataset, int8 builtins only); NNCF with its defaults.
 
-Weights: the plain fixture (atto only by default: it discriminates nothing but the clipped range) and
-fixtures/trained_like.py (order-1 pre-activations, per-channel scale spread). ``--from-json`` re-judges the
-recorded metrics under the current THRESHOLDS and re-renders the table.
+Weights: fixtures/trained_like.py (order-1 pre-activations, per-channel scale spread) by default; the plain
+fixture (``--weights fixture,trained-like``, atto) discriminates nothing but the clipped range. Per checkpoint the
+int8 yardstick is measured on the same images; each artifact's gap to it (yardstick SQNR minus the artifact's,
+per stage) is what the margins separate: ``separation`` in the JSON gives, per metric, the largest gap of a
+known-good artifact and the smallest largest-gap of a known-bad one. ``--from-json`` re-judges the recorded
+metrics under the current THRESHOLDS (measuring the yardstick where a record lacks it) and re-renders the table.
 
 Each artifact runs as written (onnxruntime with graph optimisations off, LiteRT's interpreter, OpenVINO's CPU
 plugin with the f32 hint). The table goes into docs/parity.md between the markers of "Quantized artifacts".
@@ -55,6 +59,8 @@ SIZE = 224
 JUDGED_SEED = rule.DEFAULT_SEED
 CALIBRATION_SEED = 1000  # calibration images distinct from the judged ones
 WEIGHTS = ("fixture", "trained-like")
+DEFAULT_WEIGHTS = ("trained-like",)  # the plain fixture discriminates nothing but the clipped range
+YARDSTICK_KEYS = ("yardstick_sqnr_db", "yardstick_cosine", "yardstick_top1_agreement", "yardstick_top5_agreement")
 Say = Callable[[str], None]
 # name -> (expected, what it is)
 ARTIFACTS: dict[str, tuple[str, str]] = {
@@ -267,9 +273,12 @@ def sweep_checkpoint(variant: str, weights: str, artifacts: list[str], batch: in
     images = rule.seeded_images(batch, SIZE, JUDGED_SEED)
     calibration = rule.seeded_images(calibration_count, SIZE, CALIBRATION_SEED)
     start = time.perf_counter()
-    referee = rule.Referee.build(ckpt, images)
-    say(f"{variant}/{weights}: referee {time.perf_counter() - start:.1f}s")
-    records = []
+    referee = rule.Referee.build(ckpt, images, precisions=())
+    yardstick = qrule.int8_yardstick(ckpt, images)
+    yard = qrule.measure(yardstick, referee)
+    say(f"{variant}/{weights}: referee and int8 yardstick {time.perf_counter() - start:.1f}s; yardstick SQNR "
+        + " / ".join(f"{v:.1f}" for v in yard["sqnr_db"].values()))
+    records = [_yardstick_record(variant, weights, yard)]
     with tempfile.TemporaryDirectory(prefix="quant-sweep-") as tmp:
         source = Path(tmp) / "float.onnx"
         export.write(ckpt, source, size=SIZE, features=True)
@@ -285,7 +294,7 @@ def sweep_checkpoint(variant: str, weights: str, artifacts: list[str], batch: in
                 say(f"{variant}/{weights} {name}: unavailable ({record['reason']})")
                 records.append(record)
                 continue
-            judged = qrule.judge_quantized(produced, referee)
+            judged = qrule.judge_quantized(produced, referee, yardstick)
             record.update(status=judged.status, first_failing=judged.first_failing, metrics=judged.metrics,
                           seconds=round(time.perf_counter() - start, 1))
             records.append(record)
@@ -296,6 +305,33 @@ def sweep_checkpoint(variant: str, weights: str, artifacts: list[str], batch: in
     return records
 
 
+def _yardstick_record(variant: str, weights: str, yard: dict[str, Any]) -> dict[str, Any]:
+    return {"variant": variant, "weights": weights, "artifact": "int8-yardstick", "expected": "yardstick",
+            "what": "PyTorch float64 reference, per-channel int8 weights, uint8 inputs at every Conv/Linear",
+            "status": "yardstick", "metrics": yard}
+
+
+def attach_yardsticks(records: list[dict[str, Any]], batch: int, say: Say) -> list[dict[str, Any]]:
+    """Records of an older sweep without the yardstick: measure it per checkpoint (same images) and attach it."""
+    measured: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        if r["status"] not in ("pass", "fail") or "yardstick_sqnr_db" in r["metrics"]:
+            continue
+        key = (r["variant"], r["weights"])
+        if key not in measured:
+            ckpt = _checkpoint(*key)
+            images = rule.seeded_images(batch, SIZE, JUDGED_SEED)
+            measured[key] = qrule.measure(qrule.int8_yardstick(ckpt, images),
+                                          rule.Referee.build(ckpt, images, precisions=()))
+            say(f"{key[0]}/{key[1]}: yardstick measured")
+        yard = measured[key]
+        r["metrics"].update(zip(YARDSTICK_KEYS, (yard["sqnr_db"], yard["cosine"], yard["top1_agreement"],
+                                                 yard["top5_agreement"]), strict=True))
+    known = {(r["variant"], r["weights"]) for r in records if r["artifact"] == "int8-yardstick"}
+    extra = [_yardstick_record(*key, yard) for key, yard in measured.items() if key not in known]
+    return extra + records
+
+
 # ------------------------------------------------------------------ tables
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -304,51 +340,82 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     lines = ["| size | weights | artifact | expected | SQNR dB stem / s1 / s2 / s3 / s4 / pooled / logits | "
-             "worst cosine | top-1 | top-5 | verdict |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
+             "largest gap to the yardstick (dB) | worst cosine | top-1 | top-5 | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: r["expected"] != "yardstick"):
         if r["status"] == "unavailable":
             lines.append(f"| {r['variant']} | {r['weights']} | {r['artifact']} | {r['expected']} | "
-                         f"not available: {r['reason']} | | | | |")
+                         f"not available: {r['reason']} | | | | | |")
             continue
         m = r["metrics"]
-        status, first = rejudge(m)
         sqnr = " / ".join(_fmt(m["sqnr_db"].get(s), 1) for s in rule.FEATURES)
         worst_cos = min(v for v in m["cosine"].values() if v is not None)
-        verdict = status + (f" at {first}" if first else "")
-        lines.append(f"| {r['variant']} | {r['weights']} | {r['artifact']} | {r['expected']} | {sqnr} | "
+        if r["expected"] == "yardstick":
+            gap, verdict = "—", "(the yardstick)"
+        else:
+            status, first = rejudge(m)
+            stage, db = largest_gap(m)
+            gap, verdict = f"{db:.1f} at {stage}", status + (f" at {first}" if first else "")
+        lines.append(f"| {r['variant']} | {r['weights']} | {r['artifact']} | {r['expected']} | {sqnr} | {gap} | "
                      f"{worst_cos:.4f} | {_fmt(m['top1_agreement'], 2)} | {_fmt(m['top5_agreement'], 2)} | "
                      f"{verdict} |")
     return "\n".join(lines)
 
 
-def rejudge(metrics: dict[str, Any]) -> tuple[str, str | None]:
-    """The verdict of recorded metrics under the current THRESHOLDS (the rule's own stage_problems), so that
-    ``--from-json`` shows what the rule decides now."""
-    limits = qrule.THRESHOLDS
+def _stage_metrics(metrics: dict[str, Any], name: str, prefix: str = "") -> dict[str, float | None]:
+    got = {"sqnr_db": metrics[prefix + "sqnr_db"].get(name), "cosine": metrics[prefix + "cosine"].get(name)}
+    if name == "logits":
+        got.update(top1_agreement=metrics[prefix + "top1_agreement"],
+                   top5_agreement=metrics[prefix + "top5_agreement"])
+    return got
+
+
+def largest_gap(metrics: dict[str, Any]) -> tuple[str, float]:
+    """The stage where the artifact's SQNR falls furthest below the yardstick's, and by how many dB."""
+    gaps = {name: metrics["yardstick_sqnr_db"][name] - db for name, db in metrics["sqnr_db"].items()
+            if db is not None and metrics["yardstick_sqnr_db"].get(name) is not None}
+    worst = max(gaps, key=lambda name: gaps[name])
+    return worst, gaps[worst]
+
+
+def rejudge(metrics: dict[str, Any], thresholds: dict[str, float] | None = None) -> tuple[str, str | None]:
+    """The verdict of recorded metrics under ``thresholds`` (default the current THRESHOLDS; the rule's own
+    stage_problems), so that ``--from-json`` shows what the rule decides now."""
     for name in rule.FEATURES:
         if metrics["sqnr_db"].get(name) is None:
             continue
-        failing = qrule.stage_problems(name, metrics["sqnr_db"][name], metrics["cosine"][name])
-        if name == "logits" and metrics["top1_agreement"] is not None:
-            failing += [k for k in ("top1_agreement", "top5_agreement") if metrics[k] < limits[k]]
-        if failing:
+        if qrule.stage_problems(name, _stage_metrics(metrics, name), _stage_metrics(metrics, name, "yardstick_"),
+                                thresholds):
             return "fail", name
     return "pass", None
 
 
-def margins(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per weights kind: the worst known-good and the best known-bad, as the smallest SQNR over stages and the
-    smallest cosine (what the thresholds separate)."""
-    found: dict[str, Any] = {}
+def _gaps(metrics: dict[str, Any]) -> dict[str, float]:
+    """Per metric, the artifact's largest shortfall against the yardstick over its stages: SQNR in dB, the
+    cosine distance (1 - cosine) in dB above the yardstick's, top-1 / top-5 agreement below the yardstick's."""
+    sqnr = largest_gap(metrics)[1]
+    cos = max(10 * np.log10(max(1 - c, 1e-20) / max(1 - metrics["yardstick_cosine"][n], 1e-20))
+              for n, c in metrics["cosine"].items() if c is not None)
+    found = {"sqnr_db": float(sqnr), "cosine_db": float(cos)}
+    for key in ("top1_agreement", "top5_agreement"):
+        if metrics.get(key) is not None:
+            found[key] = metrics["yardstick_" + key] - metrics[key]
+    return found
+
+
+def separation(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per metric: the largest shortfall of any known-good artifact (a margin must be at least this) and, per
+    known-bad artifact, its largest shortfall (a margin below it catches it on that metric)."""
+    found: dict[str, Any] = {"good_worst": {}, "bad": {}}
     for r in records:
-        if r["status"] == "unavailable":
+        if r["status"] not in ("pass", "fail"):
             continue
-        key = f"{r['weights']}/{r['expected']}"
-        sqnr = min(v for v in r["metrics"]["sqnr_db"].values() if v is not None)
-        cos = min(v for v in r["metrics"]["cosine"].values() if v is not None)
-        entry = found.setdefault(key, {"min_sqnr_db": [], "min_cosine": []})
-        entry["min_sqnr_db"].append(round(sqnr, 2))
-        entry["min_cosine"].append(round(cos, 5))
+        gaps = _gaps(r["metrics"])
+        if r["expected"] == "good":
+            for key, gap in gaps.items():
+                found["good_worst"][key] = round(max(found["good_worst"].get(key, -np.inf), gap), 3)
+        else:
+            found["bad"][f"{r['variant']}/{r['weights']}/{r['artifact']}"] = {k: round(v, 3) for k, v in gaps.items()}
     return found
 
 
@@ -367,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quant_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="atto,tiny")
-    parser.add_argument("--weights", default=",".join(WEIGHTS), help="fixture, trained-like")
+    parser.add_argument("--weights", default=",".join(DEFAULT_WEIGHTS), help="fixture, trained-like")
     parser.add_argument("--fixture-variants", default="atto",
                         help="sizes at which the plain fixture weights are swept (they do not discriminate)")
     parser.add_argument("--artifacts", default=",".join(ARTIFACTS))
@@ -383,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     if args.from_json:
-        records = json.loads(args.from_json.read_text())["records"]
+        saved = json.loads(args.from_json.read_text())
+        records = attach_yardsticks(saved["records"], args.batch, say)
+        header = {k: saved[k] for k in ("machine", "seconds", "size", "batch", "calibration_images") if k in saved}
     else:
         records = []
         started = time.perf_counter()
@@ -392,12 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 records += sweep_checkpoint(variant, weights, _csv(args.artifacts), args.batch, args.calibration,
                                             args.nncf_site, say)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "machine": {"python": platform.python_version(), "platform": platform.platform()},
-            "seconds": round(time.perf_counter() - started, 1), "size": SIZE, "batch": args.batch,
-            "calibration_images": args.calibration, "thresholds": qrule.THRESHOLDS,
-            "margins": margins(records), "records": records}, indent=1) + "\n")
+        header = {"machine": {"python": platform.python_version(), "platform": platform.platform()},
+                  "seconds": round(time.perf_counter() - started, 1), "size": SIZE, "batch": args.batch,
+                  "calibration_images": args.calibration}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        **header, "yardstick_calibration": {"seed": qrule.CALIBRATION_SEED, "images": qrule.CALIBRATION_IMAGES},
+        "thresholds": qrule.THRESHOLDS, "separation": separation(records), "records": records}, indent=1) + "\n")
     text = table(records)
     print(text)
     if args.docs and args.docs.is_file() and not write_docs(args.docs, text):

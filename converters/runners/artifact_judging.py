@@ -68,7 +68,7 @@ def judge(result: parity_rule.Verdict, ckpt: Checkpoint, referee: parity_rule.Re
     names[stage] = chosen.output_name
     result.figures["produced"] = {k: v for k, v in produced.items() if k in FEATURES}
     if result.dtype == "int8":
-        _judge_quantized(result, produced, referee, chosen)
+        _judge_quantized(result, produced, ckpt, referee, chosen)
     else:
         _judge_float(result, produced, ckpt, referee, chosen, tolerance)
     judged = {f.name for f in result.features}
@@ -115,31 +115,29 @@ def _probability_baseline(referee: parity_rule.Referee, ckpt: Checkpoint, precis
     return parity_rule.scale_aware_error(softmax(base["logits"]), softmax(referee.features["logits"]))
 
 
-def _judge_quantized(result: parity_rule.Verdict, produced: dict[str, np.ndarray], referee: parity_rule.Referee,
-                     chosen: ChosenRun) -> None:
-    try:
-        from convnextv2.reference import quantization_rule
-    except ImportError:
-        result.status = "error"
-        result.reason = "an int8 artifact is judged by the quantization rule (reference/quantization_rule.py), " \
-                        "which is not installed here"
-        return
+def _judge_quantized(result: parity_rule.Verdict, produced: dict[str, np.ndarray], ckpt: Checkpoint,
+                     referee: parity_rule.Referee, chosen: ChosenRun) -> None:
+    """The int8 rule: every stage within the margins of the int8 yardstick measured here on the referee's images."""
+    from convnextv2.reference import quantization_rule
+
     if chosen.kind == "probabilities" and produced.get("logits") is chosen.outputs[chosen.output_name]:
         # Logits are softmax's input up to one constant per image: log-probabilities shifted to the referee's mean.
         logp = np.log(np.clip(np.asarray(produced["logits"], dtype=np.float64), 1e-300, None))
         produced["logits"] = logp - logp.mean(axis=1, keepdims=True) + \
             referee.features["logits"].mean(axis=1, keepdims=True)
-    verdict = quantization_rule.judge_quantized({k: v for k, v in produced.items() if k in FEATURES}, referee)
+    yardstick = quantization_rule.int8_yardstick(ckpt, referee.images)
+    verdict = quantization_rule.judge_quantized({k: v for k, v in produced.items() if k in FEATURES}, referee,
+                                                yardstick)
     row = result.artifact
     assert row is not None
-    row["metrics"] = getattr(verdict, "metrics", None)
-    result.status = getattr(verdict, "status", "error")
-    result.first_divergence = getattr(verdict, "first_divergence", None) or getattr(verdict, "first_failing", None)
-    result.reason = getattr(verdict, "reason", "") or (
-        f"the int8 rule: {'first fails at ' + result.first_divergence if result.first_divergence else 'within it'}")
-    features = getattr(verdict, "features", None)
-    if features:
-        result.features = list(features)
+    row["metrics"] = verdict.metrics
+    result.status = verdict.status
+    result.first_divergence = verdict.first_failing
+    margins = ", ".join(f"{k} {v:g}" for k, v in verdict.metrics["thresholds"].items())
+    result.reason = verdict.reason or (
+        f"within the int8 rule (margins against the int8 yardstick: {margins}) on {len(verdict.stages)} "
+        f"feature(s): {', '.join(s.name for s in verdict.stages)}")
+    result.features = quantization_rule.feature_results(verdict, referee)
 
 
 # ------------------------------------------------------------------ localisation
