@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from convnextv2 import converters
-from convnextv2.converters.runners import artifact, registry
+from convnextv2.converters.runners import artifact, artifact_tensorrt, registry
 from convnextv2.reference import parity_rule
 from convnextv2.reference.errors import BadInputError
 
@@ -321,12 +321,43 @@ def test_tensorrt_and_core_ml_say_why_they_cannot_run(made, tmp_path):
     engine.write_bytes(b"ftrt" + b"\0" * 64)
     found, verdict = _check(engine, made)
     assert found.format == "tensorrt" and verdict.status == "unavailable"
-    if not Path("/dev/nvidia0").exists():
+    if not artifact_tensorrt.nvidia_gpu():
         assert "needs an NVIDIA GPU and TensorRT" in verdict.reason
     mlmodel = tmp_path / "model.mlmodel"
     mlmodel.write_bytes(b"\x08\x04" + b"\0" * 64)
     found, verdict = _check(mlmodel, made)
     assert found.format == "coreml" and verdict.status == "unavailable" and "macOS" in verdict.reason
+
+
+@pytest.mark.skipif(artifact_tensorrt.why_unavailable() is not None,
+                    reason="TensorRT engines run only on an NVIDIA GPU with tensorrt and a CUDA torch")
+def test_tensorrt_engine_built_from_a_torch_onnx_graph(made, tmp_path):
+    """Where a GPU is present: an engine built by TensorRT's own builder from the torch.onnx graph passes at
+    float32 (TF32 off), and at float16 when pinned."""
+    import tensorrt as trt
+
+    model, _, _, _ = made
+    graph = _export(model, tmp_path / "model.onnx")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(graph.read_bytes()), [parser.get_error(i) for i in range(parser.num_errors)]
+    for fp16 in (False, True):
+        config = builder.create_builder_config()
+        config.clear_flag(trt.BuilderFlag.TF32)
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        profile.set_shape("input", (1, 3, SIZE, SIZE), (2, 3, SIZE, SIZE), (4, 3, SIZE, SIZE))
+        config.add_optimization_profile(profile)
+        engine = tmp_path / f"model-{fp16}.engine"
+        engine.write_bytes(bytes(builder.build_serialized_network(network, config)))
+        pins = artifact.Pins(precision="float16") if fp16 else None
+        found, verdict = _check(engine, made, pins)
+        assert found.format == "tensorrt" and found.unavailable is None
+        assert verdict.status == "pass", verdict.reason
+        assert verdict.dtype == ("float16" if fp16 else "float32")
 
 
 def test_the_registry_runs_every_artifact_format_with_the_artifact_runner():

@@ -531,20 +531,31 @@ def open_torch_export(path: Path) -> Opened:
 
 # ------------------------------------------------------------------ TensorRT, Core ML: where they can run
 
-def _nvidia_gpu() -> bool:
-    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
-
-
 def open_tensorrt(path: Path) -> Opened:
+    from convnextv2.converters.runners import artifact_tensorrt as tensorrt_engine
+
     opened = Opened("tensorrt", "TensorRT", [], [])
-    if not _nvidia_gpu():
-        opened.unavailable = "a TensorRT engine needs an NVIDIA GPU and TensorRT (no NVIDIA GPU here)"
-    elif importlib.util.find_spec("tensorrt") is None:
-        opened.unavailable = "a TensorRT engine needs TensorRT: pip install tensorrt (the version that built it)"
-    else:
-        opened.unavailable = ("running TensorRT engines is not implemented by this toolkit yet (an engine is tied to "
-                              "the GPU and TensorRT version that built it)")
     opened.precision_how = "not inspected (an engine is opaque without its runtime)"
+    opened.unavailable = tensorrt_engine.why_unavailable()
+    if opened.unavailable is not None:
+        return opened
+    try:
+        trt, engine = tensorrt_engine.load_engine(path)
+    except RuntimeError as exc:
+        opened.unavailable = str(exc)
+        return opened
+    inputs, outputs = tensorrt_engine.io_tensors(trt, engine)
+    opened.runtime = f"TensorRT {trt.__version__}"
+    opened.inputs = [Port(name, shape, dtype) for name, shape, dtype in inputs]
+    opened.outputs = [Port(name, shape, dtype) for name, shape, dtype in outputs]
+    # What an engine computes in is its builder's choice per layer; the I/O types are all it says. An engine built
+    # with float16 layers and float32 I/O is judged by the float32 rule unless --artifact-precision says float16.
+    if any(port.dtype == "float16" for port in opened.outputs):
+        opened.precision, opened.precision_how = "float16", "float16 outputs (layer precisions are not readable)"
+    else:
+        opened.precision_how = ("float32 I/O; the builder's layer precisions are not readable: pin "
+                                "--artifact-precision float16 for an engine built with float16 layers")
+    opened.run = tensorrt_engine.runner(trt, engine)
     return opened
 
 
