@@ -290,3 +290,83 @@ def test_saturation_is_named_in_float16_only():
     assert (found["tensor"], found["op"]) == ("c", "Mul") and "saturates" in found["what"]
     assert first_non_finite(tensors, float16=True)["tensor"] == "b"
     assert first_non_finite(tensors[:2] + tensors[3:])["what"].startswith("non-finite (4 of 4")
+
+
+# ------------------------------------------------------------------ graph patterns, on synthetic tensor lists
+
+def _decomposed_layernorm(x, name: str, gamma, beta, eps: float = 1e-6) -> list[Tensor]:
+    """onnx2tf's / TensorFlow's LayerNorm over the last axis of an NHWC ``x`` (the tensor named ``name + 'in'``):
+    ``x * scale + (beta - mean * scale)``, ``scale = gamma * rsqrt(var + eps)``; its last Add reads two
+    activations of x's shape, neither computed from the other."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    scale = gamma / np.sqrt(var + eps)
+    return [Tensor(f"{name}mean", "MEAN", mean, (f"{name}in",)),
+            Tensor(f"{name}sqdiff", "SQUARED_DIFFERENCE", (x - mean) ** 2, (f"{name}in", f"{name}mean")),
+            Tensor(f"{name}var", "MEAN", var, (f"{name}sqdiff",)),
+            Tensor(f"{name}rsqrt", "RSQRT", 1 / np.sqrt(var + eps), (f"{name}var",)),
+            Tensor(f"{name}scale", "MUL", scale * np.ones_like(x), (f"{name}rsqrt",)),
+            Tensor(f"{name}mul_1", "MUL", x * scale, (f"{name}in", f"{name}scale")),
+            Tensor(f"{name}mul_2", "MUL", mean * scale, (f"{name}mean", f"{name}scale")),
+            Tensor(f"{name}sub", "SUB", beta - mean * scale, (f"{name}mul_2",)),
+            Tensor(f"{name}add_1", "ADD", x * scale + beta - mean * scale, (f"{name}mul_1", f"{name}sub"))]
+
+
+def _nhwc_stem_and_block(beta_error: float = 0.0) -> tuple[list[Tensor], dict[str, np.ndarray]]:
+    """A stem (conv, decomposed LayerNorm) and one block (a branch from the stem output, the residual Add) as a
+    .tflite made by onnx2tf lists them (NHWC), and the referee's stem and stage1 (NCHW, float64). ``beta_error``
+    shifts the artifact's stem LayerNorm bias: a broken artifact."""
+    rng = np.random.default_rng(0)
+    conv = rng.normal(size=(2, 3, 5, 4)) * 3 + 1
+    gamma, beta = rng.normal(size=4) + 1, rng.normal(size=4)
+    stem = [Tensor("stem/conv", "CONV_2D", conv, ("input",)),
+            *_decomposed_layernorm(conv, "stem/ln/", gamma, beta + beta_error)[:-1]]
+    norm = _decomposed_layernorm(conv, "stem/ln/", gamma, beta + beta_error)[-1]
+    stem[0] = dataclasses.replace(stem[0], name="stem/ln/in")
+    branch = np.tanh(norm.array) * 0.5
+    tensors = [*stem, norm, Tensor("block/dw", "DEPTHWISE_CONV_2D", branch, (norm.name,)),
+               Tensor("block/add", "ADD", norm.array + branch, (norm.name, "block/dw"))]
+    reference_ln = _decomposed_layernorm(conv, "r", gamma, beta)[-1].array
+    referee = {"stem": reference_ln.transpose(0, 3, 1, 2),
+               "stage1": (reference_ln + np.tanh(reference_ln) * 0.5).transpose(0, 3, 1, 2)}
+    return [dataclasses.replace(t, array=t.array.astype(np.float32)) for t in tensors], referee
+
+
+def test_a_decomposed_layernorm_add_is_no_residual_and_the_stem_is_its_output():
+    """onnx2tf's NHWC .tflite: the stem LayerNorm's last Add (x * scale + shifted bias) is not a block output; the
+    stem is the first residual Add's skip input, not ``mul_1`` inside the LayerNorm (0.2 off: a good file failed)."""
+    tensors, referee = _nhwc_stem_and_block()
+    found = locate_stages(tensors, referee, 2)
+    assert [tensors[i].name for i in found.blocks["stage1"]] == ["block/add"]
+    assert found.stages["stem"][0] == "stem/ln/add_1", found.found
+    assert found.stages["stage1"][0] == "block/add" and found.layouts["stem"] == "NHWC"
+    assert max(found.errors.values()) < 1e-6 and "position" in found.found["stem"], found.found
+
+
+def test_a_broken_decomposed_layernorm_keeps_its_structural_place():
+    tensors, referee = _nhwc_stem_and_block(beta_error=5.0)  # another tensor is closer by value
+    found = locate_stages(tensors, referee, 2)
+    assert found.stages["stem"][0] == "stem/ln/add_1", found.found
+    assert found.found["stem"].startswith("by shape and position"), found.found
+    assert found.errors["stem"] > 1 and found.errors["stage1"] > 1
+    assert "not exposed" not in found.how
+
+
+def test_a_stage_fused_into_the_next_op_is_not_exposed():
+    """A head LayerNorm whose gamma and beta are folded into the classifier: no tensor is ``pooled``, the one at
+    its place (the normalised mean) is off while the logits computed from it match; ``pooled`` is not judged."""
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=(2, 6))
+    normalised = (mean - mean.mean(1, keepdims=True)) / mean.std(1, keepdims=True)
+    gamma, beta, weight = rng.normal(size=6) + 1, rng.normal(size=6), rng.normal(size=(6, 3))
+    logits = (normalised * gamma + beta) @ weight
+    tensors = [Tensor("gap", "MEAN", mean), Tensor("norm", "MVN", normalised, ("gap",)),
+               Tensor("fc", "FULLY_CONNECTED", normalised @ (gamma[:, None] * weight) + beta @ weight, ("norm",))]
+    referee = {"pooled": normalised * gamma + beta, "logits": logits}
+    found = locate_stages(tensors, referee, 2)
+    assert list(found.stages) == ["logits"], found.found
+    assert "not exposed (not judged): pooled" in found.how and "norm" in found.how, found.how
+    # The same graph with the classifier wrong too: pooled keeps its place and fails, nothing is hidden.
+    tensors[2] = dataclasses.replace(tensors[2], array=tensors[2].array + 1)
+    found = locate_stages(tensors, referee, 2)
+    assert found.stages["pooled"][0] == "norm" and "not exposed" not in found.how, found.how

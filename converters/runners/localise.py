@@ -5,7 +5,8 @@ Stages (reference/features.py: stem, stage1..stage4, pooled, logits) are found i
 
 - shape: a tensor of the referee feature's shape, NCHW or NHWC (transposed back), or (N, C) with unit dims;
 - position: stages in forward order; a stage output is a residual Add (an Add of two activations of the stage's
-  shape), the last of its shape, and the stem output is what the first residual Add reads first;
+  shape, one computed from the other: not a decomposed LayerNorm's final Add), the last of its shape, and the stem
+  output is the first residual Add's skip input;
 - value: the candidate with the smallest scale-aware error against the float64 referee.
 
 Value decides among candidates of the right shape, but a broken artifact's stage tensor matches nothing: then the
@@ -28,12 +29,14 @@ from convnextv2.reference.features import FEATURES, SPATIAL_FEATURES
 from convnextv2.reference.parity_rule import scale_aware_error
 from convnextv2.reference.variants import MLP_RATIO
 
-__all__ = ["FLOAT16_MAX", "NEAR_MATCH", "Localisation", "Tensor", "divergence_inside", "first_non_finite",
+__all__ = ["FLOAT16_MAX", "NEAR_MATCH", "UNHEALED", "Localisation", "Tensor", "divergence_inside", "first_non_finite",
            "intermediate_tensors", "locate_stages"]
 
 FLOAT16_MAX = 65504.0
 # A value match this close (scale-aware) and 10x closer than the structural candidate overrides the structure.
 NEAR_MATCH = 1e-2
+# A stage off by this many times a later stage's error is not that stage's output (errors do not heal downstream).
+UNHEALED = 100.0
 _ADD_OPS = {"add", "addv2", "add_v2"}
 _SOFTMAX_OPS = {"softmax", "logsoftmax", "log_softmax", "sigmoid"}
 # Op types (lower case) by the kind of ConvNeXt V2 op they belong to, to say what a bad block contains.
@@ -141,30 +144,57 @@ def _plural(count: int, word: str) -> str:
 
 
 def residual_adds(tensors: Sequence[Tensor]) -> list[int]:
-    """Indices of the Adds of two distinct activations of the output's shape: block outputs (a LayerNorm's or a
-    bias's Add reads a constant)."""
-    shapes = {t.name: t.array.shape for t in tensors}
+    """Indices of the block outputs: Adds of two activations of the output's shape where one is computed from the
+    other (the skip connection and its branch). A LayerNorm decomposed into ``x * scale + (beta - mean * scale)``
+    (onnx2tf's, TensorFlow's) also adds two such activations, but neither is computed from the other."""
+    return [index for index, _ in _residuals(tensors)]
+
+
+def _residuals(tensors: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """(residual Add, its skip input) index pairs, in forward order."""
+    index_of = {t.name: i for i, t in enumerate(tensors)}
     found = []
     for index, tensor in enumerate(tensors):
-        inputs = set(tensor.inputs)
-        if tensor.op.lower() in _ADD_OPS and len(inputs) >= 2 and all(
-                shapes.get(name) == tensor.array.shape for name in inputs):
-            found.append(index)
+        inputs = [index_of.get(name) for name in dict.fromkeys(tensor.inputs)]
+        if tensor.op.lower() not in _ADD_OPS or len(inputs) != 2 or None in inputs or not all(
+                tensors[i].array.shape == tensor.array.shape for i in inputs):
+            continue
+        skip, branch = sorted(inputs)  # type: ignore[type-var]  # None was ruled out above
+        if _reads(tensors, index_of, branch, skip):
+            found.append((index, skip))
     return found
+
+
+def _reads(tensors: Sequence[Tensor], index_of: Mapping[str, int], later: int, earlier: int) -> bool:
+    """Whether tensor ``later`` is computed from tensor ``earlier``. The list is in topological order, so the search
+    backwards stops below ``earlier``; a path through a tensor the reader left out (an integer or rank-5 one) cannot
+    be followed, and then the Add counts as residual, as it would by shapes alone."""
+    todo, seen = [later], {later}
+    while todo:
+        for name in tensors[todo.pop()].inputs:
+            i = index_of.get(name)
+            if i is None:
+                return True
+            if i == earlier:
+                return True
+            if i > earlier and i not in seen:
+                seen.add(i)
+                todo.append(i)
+    return False
 
 
 def locate_stages(tensors: Sequence[Tensor], referee: Mapping[str, np.ndarray], batch: int) -> Localisation:
     """Map the referee's features (stem, stage1..stage4, pooled, logits; those it has) onto ``tensors``, one run of
     an artifact on the first ``batch`` referee images."""
     ref = {name: np.asarray(referee[name], dtype=np.float64)[:batch] for name in FEATURES if name in referee}
-    index_of = {t.name: i for i, t in enumerate(tensors)}
-    residuals = residual_adds(tensors)
+    skips = dict(_residuals(tensors))
+    residuals = list(skips)
     blocks = {name: [i for i in residuals if _views(tensors[i].array, ref[name].shape)]
               for name in SPATIAL_FEATURES[1:] if name in ref}
     result = Localisation({}, "", blocks=blocks)
     lo = 0
     for name, target in ref.items():
-        hi, structural, structure = _bounds(name, tensors, ref, blocks, index_of, lo)
+        hi, structural, structure = _bounds(name, tensors, ref, blocks, skips, lo)
         pick = _choose(tensors, target, lo, hi, structural, structure)
         if pick is None:
             result.found[name] = f"no tensor of shape {_shape_text(target.shape)} after the previous stage"
@@ -175,25 +205,50 @@ def locate_stages(tensors: Sequence[Tensor], referee: Mapping[str, np.ndarray], 
         result.errors[name] = pick.error
         result.layouts[name] = pick.layout
         lo = pick.index + 1
+    hidden = _not_exposed(result)
     by_value = sum("position" not in how for name, how in result.found.items() if name in result.stages)
     result.how = (f"matched {len(result.stages)} of {len(ref)} stages by shape"
                   + (", position and value" if not by_value else " and value"))
-    missing = [name for name in ref if name not in result.stages]
+    if hidden:
+        result.how += (f"; not exposed (not judged): {', '.join(hidden)}, whose output the artifact fuses into "
+                       "another op (" + "; ".join(result.found[name] for name in hidden) + ")")
+    missing = [name for name in ref if name not in result.stages and name not in hidden]
     if missing:
         result.how += f"; not found: {', '.join(missing)}"
     return result
 
 
+def _not_exposed(result: Localisation) -> list[str]:
+    """Stages whose tensor is off while a later stage, computed from it, matches ``UNHEALED`` times closer: an
+    error does not heal downstream, so that tensor is not the stage's output but a part of it (a LayerNorm whose
+    bias add is folded into the next op leaves only ``x * scale``). Such a stage is dropped, not judged against the
+    wrong tensor; a broken artifact's stages are off from the first broken one on, and keep their structural place."""
+    hidden = []
+    names = list(result.stages)
+    for k, name in enumerate(names):
+        error = result.errors[name]
+        if not np.isfinite(error) or error <= NEAR_MATCH * 1e-3:
+            continue
+        later = [(result.errors[n], n) for n in names[k + 1:] if result.errors[n] <= NEAR_MATCH]
+        if not later or min(later)[0] * UNHEALED >= error:
+            continue
+        best, where = min(later)
+        result.found[name] = (f"{name}: the tensor at its place, {result.stages[name][0]}, is off by {error:.3g} "
+                              f"while {where} matches at {best:.3g}")
+        del result.stages[name], result.errors[name]
+        hidden.append(name)
+    return hidden
+
+
 def _bounds(name: str, tensors: Sequence[Tensor], ref: Mapping[str, np.ndarray], blocks: Mapping[str, list[int]],
-            index_of: Mapping[str, int], lo: int) -> tuple[int, int | None, str]:
+            skips: Mapping[int, int], lo: int) -> tuple[int, int | None, str]:
     """Where feature ``name`` can lie (an index bound above), its structural candidate and what that is."""
     end = len(tensors)
     if name == "stem":
         first = [i for i in blocks.get("stage1", []) if i >= lo]
         if not first:
             return end, None, ""
-        reads = [index_of[n] for n in tensors[first[0]].inputs if n in index_of]
-        return first[0], min(reads) if reads else None, "what the first residual Add reads first"
+        return first[0], skips[first[0]], "the first residual Add's skip input"
     if name in blocks:
         following = SPATIAL_FEATURES[SPATIAL_FEATURES.index(name) + 1:]
         nxt = [i for later in following for i in blocks.get(later, [])]
