@@ -311,11 +311,15 @@ def _yardstick_record(variant: str, weights: str, yard: dict[str, Any]) -> dict[
             "status": "yardstick", "metrics": yard}
 
 
-def attach_yardsticks(records: list[dict[str, Any]], batch: int, say: Say) -> list[dict[str, Any]]:
-    """Records of an older sweep without the yardstick: measure it per checkpoint (same images) and attach it."""
+def attach_yardsticks(records: list[dict[str, Any]], batch: int, say: Say, again: bool = False,
+                      ) -> list[dict[str, Any]]:
+    """Records of an older sweep without the yardstick (every record with ``again``): measure it per checkpoint
+    (same images) and attach it."""
     measured: dict[tuple[str, str], dict[str, Any]] = {}
+    if again:
+        records = [r for r in records if r["artifact"] != "int8-yardstick"]
     for r in records:
-        if r["status"] not in ("pass", "fail") or "yardstick_sqnr_db" in r["metrics"]:
+        if r["status"] not in ("pass", "fail") or ("yardstick_sqnr_db" in r["metrics"] and not again):
             continue
         key = (r["variant"], r["weights"])
         if key not in measured:
@@ -443,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nncf-site", default="/tmp/nncf-site", help="where nncf was installed --no-deps")
     parser.add_argument("--json", type=Path, default=JSON_PATH)
     parser.add_argument("--docs", type=Path, default=DOCS_PATH)
-    parser.add_argument("--from-json", type=Path, help="re-render the table from a previous run")
+    parser.add_argument("--from-json", type=Path, help="re-judge and re-render the table from a previous run")
+    parser.add_argument("--measure-yardstick", action="store_true",
+                        help="with --from-json: measure the yardstick again (its calibration changed)")
     args = parser.parse_args(argv)
 
     def say(message: str) -> None:
@@ -451,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        records = attach_yardsticks(saved["records"], args.batch, say)
+        records = attach_yardsticks(saved["records"], args.batch, say, args.measure_yardstick)
         header = {k: saved[k] for k in ("machine", "seconds", "size", "batch", "calibration_images") if k in saved}
     else:
         records = []

@@ -316,6 +316,7 @@ DEFAULT_OPS_FIRST_FAILING = "stage2"
 
 # ------------------------------------------------------------------ through the CLI
 
+@pytest.mark.slow  # the CLI's referee, localisation and yardstick: about two minutes on 2 busy cores
 def test_int8_qdq_artifact_through_the_cli_passes_with_its_metrics(quantizable, tmp_path):
     """``convnextv2 parity SRC --runtimes none --artifact q.onnx --json``: our plain export (logits only)
     quantized by quantize_static per channel is found to be int8 and judged by the quantization rule."""
