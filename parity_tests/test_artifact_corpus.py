@@ -185,8 +185,8 @@ def test_corpus(source, tmp_path, case):
 
 def _check_grn_overflow(folder: Path) -> None:
     """A checkpoint whose stage-1 GRN norm passes 65504: its float32 torch.export program passes, its float16 one
-    (PyTorch computes GRN in float16) fails, at stage 1 where the artifact's stages can be read and at the final
-    output otherwise, and the report's float16 headroom shows the GRN sum of squares past 65504 at stage 1."""
+    (PyTorch computes GRN in float16) fails at stage 1 (its graph run node by node), naming GRN's norm as the first
+    non-finite op, and the report's float16 headroom shows the GRN sum of squares past 65504 at stage 1."""
     scaled = corpus.make_source(folder / "source", grn_overflow=True, size=models.OVERFLOW_SIZE)
     float32 = corpus.make_torch_export(folder, scaled, name="grn_overflow_float32")
     float16 = corpus.make_grn_overflow_float16(folder, scaled)
@@ -195,7 +195,8 @@ def _check_grn_overflow(folder: Path) -> None:
     _assert_passes(_entry(data, float32), "float32")
     entry = _entry(data, float16)
     assert entry["precision"] == "float16", entry["precision_how"]
-    read_stages = "stages" in (entry.get("localisation") or {})
-    _assert_fails_at(entry, "stage1" if read_stages else "logits")
+    _assert_fails_at(entry, "stage1")
+    bad = entry["first_divergence"]["non_finite_op"] or {}
+    assert (bad.get("stage"), bad.get("kind")) == ("stage1", "GRN"), entry["first_divergence"]
     headroom = entry.get("headroom") or {}
     assert headroom.get("stage1", {}).get("grn_sum_of_squares", 0) > FLOAT16_MAX, headroom

@@ -153,8 +153,19 @@ def test_tflite_from_keras_nhwc_every_stage_located(tmp_path, ckpt, images, refe
     assert {localisation.layouts[f"stage{i}"] for i in range(1, 5)} == {"NHWC"}
 
 
+def test_torch_export_program_every_stage_located(tmp_path, ckpt, images, referee, baseline):
+    import torch
+
+    program = torch.export.export(torch_module(ckpt), (torch.from_numpy(images),))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    tensors = intermediate_tensors("torch-export", tmp_path / "model.pt2", {"x": images})
+    localisation = locate_stages(tensors, referee, BATCH)
+    assert_all_stages_agree(localisation, referee, baseline)
+    assert [len(localisation.blocks[f"stage{i + 1}"]) for i in range(4)] == list(ckpt.config.depths)
+
+
 def test_formats_without_intermediates_say_why(tmp_path):
-    for probe_format in ("executorch", "keras", "savedmodel", "torch-export", "tensorrt", "coreml"):
+    for probe_format in ("executorch", "keras", "savedmodel", "tensorrt", "coreml"):
         reason = intermediate_tensors(probe_format, tmp_path / "whatever", {})
         assert isinstance(reason, str) and "only" in reason, probe_format
 

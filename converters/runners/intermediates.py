@@ -9,6 +9,8 @@ type of the op that produced it as the file names it (``Erf``, ``ReduceL2``, ``M
   (the plugin's default would run bfloat16 on some CPUs);
 - LiteRT ``.tflite``: the interpreter with ``experimental_preserve_all_tensors``, every op output of the main
   subgraph; int8/int16 tensors dequantized with their scale and zero point.
+- torch.export ``.pt2``: the program's graph module run node by node (``torch.fx.Interpreter``), every ATen op's
+  output kept, in the program's own dtype (a float16 program's overflow is seen where it happens).
 
 Constants and ops fed only by constants (weight dequantization, shape arithmetic) are left out: they are not
 activations. converters/runners/localise.py maps the tensors onto the model's stages.
@@ -30,7 +32,6 @@ _NO_INTERMEDIATES = {
     "executorch": "an ExecuTorch program returns only its outputs (its delegates keep what they compute inside)",
     "keras": "a Keras model is run through its outputs only (its layers are not re-run one by one here)",
     "savedmodel": "a SavedModel is run through its serving signature, which returns only its outputs",
-    "torch-export": "a torch.export program is run through its outputs only",
     "tensorrt": "a TensorRT engine returns only its bindings (its layers are fused when it is built)",
     "coreml": "a Core ML model returns only its outputs",
 }
@@ -64,7 +65,8 @@ def intermediate_tensors(probe_format: str, path: Path, feed: Mapping[str, np.nd
     in the artifact's own layout, range and dtype), in topological order; ``keep`` chooses which are held (default
     :func:`activations_only`). A str says why none can be read for this format."""
     keep = keep or activations_only
-    readers = {"onnx": _onnx_tensors, "openvino": _openvino_tensors, "litert": _litert_tensors}
+    readers = {"onnx": _onnx_tensors, "openvino": _openvino_tensors, "litert": _litert_tensors,
+               "torch-export": _torch_export_tensors}
     if probe_format in readers:
         return readers[probe_format](Path(path), feed, keep)
     return _NO_INTERMEDIATES.get(probe_format, f"no intermediate tensor can be read from a {probe_format} artifact")
@@ -282,3 +284,45 @@ def _dequantized(array: np.ndarray, detail: Mapping[str, Any]) -> np.ndarray:
         scales = scales.reshape(shape)
         zero_points = zero_points.reshape(shape) if zero_points.size == scales.size else zero_points
     return ((array.astype(np.float32) - zero_points) * scales).astype(np.float32)
+
+
+# ------------------------------------------------------------------ torch.export
+
+def _torch_export_tensors(path: Path, feed: Mapping[str, np.ndarray], keep: Keep) -> list[Tensor]:
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError("running a torch.export program needs torch: pip install "
+                                     "'convnextv2-toolkit[torch]'") from exc
+
+    program = torch.export.load(str(path))
+    names = list(program.graph_signature.user_inputs)
+    arrays = [feed[name] for name in names] if all(name in feed for name in names) else list(feed.values())
+    module = program.module()
+    tensors: list[Tensor] = []
+    # Parameters and buffers (get_attr) and what is computed from them alone are constants, not activations.
+    constant: set[str] = set()
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: Any) -> Any:
+            value = super().run_node(node)
+            if node.op == "get_attr" or node.op == "call_function" and all(
+                    n.name in constant for n in node.all_input_nodes):
+                constant.add(node.name)
+            elif node.op == "call_function" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                live = tuple(n.name for n in node.all_input_nodes if n.name not in constant)
+                array = value.detach().float().numpy() if value.dtype == torch.bfloat16 else value.detach().numpy()
+                if keep(node.name, array):
+                    tensors.append(Tensor(node.name, _aten_name(node.target), array.copy(), live))
+            return value
+
+    with torch.inference_mode():
+        Recorder(module).run(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+    return tensors
+
+
+def _aten_name(target: Any) -> str:
+    """``aten.linalg_vector_norm.default`` -> ``linalg_vector_norm``; ``operator.getitem`` -> ``getitem``."""
+    text = str(target)
+    parts = text.split(".")
+    return parts[1] if text.startswith("aten.") and len(parts) > 1 else getattr(target, "__name__", text)

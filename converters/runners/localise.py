@@ -42,10 +42,10 @@ _SOFTMAX_OPS = {"softmax", "logsoftmax", "log_softmax", "sigmoid"}
 # Op types (lower case) by the kind of ConvNeXt V2 op they belong to, to say what a bad block contains.
 OP_KINDS = {
     "GELU": {"erf", "tanh", "gelu"},
-    "GRN": {"reducel2", "reducesumsquare", "normalizel2", "sqrt", "l2_normalization"},
-    "LayerNorm": {"layernormalization", "mvn", "rsqrt", "pow", "reducemean", "mean", "squared_difference"},
-    "pointwise Linear": {"matmul", "gemm", "fully_connected", "batch_matmul", "fullyconnected"},
-    "convolution": {"conv", "conv_2d", "depthwise_conv_2d", "convolution", "groupconvolution"},
+    "GRN": {"reducel2", "reducesumsquare", "normalizel2", "sqrt", "l2_normalization", "linalg_vector_norm"},
+    "LayerNorm": {"layernormalization", "layer_norm", "mvn", "rsqrt", "pow", "reducemean", "mean", "squared_difference"},
+    "pointwise Linear": {"linear", "matmul", "gemm", "fully_connected", "batch_matmul", "fullyconnected"},
+    "convolution": {"conv", "conv2d", "conv_2d", "depthwise_conv_2d", "convolution", "groupconvolution"},
 }
 
 
@@ -300,7 +300,7 @@ def _kind_of(tensor: Tensor, stage_shape: tuple[int, ...] | None) -> str | None:
     op = tensor.op.lower()
     if op in OP_KINDS["GELU"]:
         return "GELU"
-    if op in ("layernormalization", "mvn"):
+    if op in ("layernormalization", "layer_norm", "mvn"):
         return "LayerNorm"
     if stage_shape is not None and len(stage_shape) == 4:
         n, c, h, w = stage_shape
