@@ -81,13 +81,6 @@ def write(ckpt: Checkpoint, path: Path, *, features: bool = False, size: int | N
     image size ``size`` (default: the checkpoint's input size); written, not checked: converters.save runs it in
     OpenVINO at float32 against the float64 referee before it publishes it. ``features`` adds the ``stem``,
     ``stage1``..``stage4`` and ``pooled`` outputs (the parity harness compares them)."""
-    if path.suffix.lower() != SUFFIX:
-        raise BadInputError(f"{path}: an OpenVINO IR is written as NAME.xml (and NAME.bin beside it)")
-    reason = why_unavailable()
-    if reason:
-        raise MissingDependencyError(reason)
-    ckpt.validate(f"exporting {path}")
-    size = int(size or ckpt.preprocessing.input_size)
     write_with(ckpt, path, None, features=features, size=size)
 
 
