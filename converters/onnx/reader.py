@@ -174,7 +174,10 @@ class _Parser:
     def check_pads(self, event: Event, label: str, kernel: int) -> None:
         pads = int_list(event.attrs.get("pads", [0, 0, 0, 0]))
         auto = event.attrs.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        # A hostile graph's attribute bytes need not be UTF-8: undecodable ones are not a valid auto_pad either.
+        auto = auto.decode(errors="replace") if isinstance(auto, bytes) else str(auto)
+        if auto not in ("NOTSET", "", "SAME_UPPER", "SAME_LOWER", "VALID"):
+            raise self.fail(f"{label} with auto_pad NOTSET, SAME_UPPER, SAME_LOWER or VALID", event)
         want = [kernel // 2] * 4 if kernel == 7 else [0, 0, 0, 0]
         if auto in ("SAME_UPPER", "SAME_LOWER") and kernel == 7:
             return
