@@ -146,6 +146,27 @@ class EntryCache:
             build(Path(tmp))
             yield Path(tmp)
 
+    def being_built(self, kind: str, parts: Mapping[str, Any]) -> bool:
+        """Whether another process is building this entry now (it is missing and its lock is held): a caller that
+        can do without it (a runner that can export its checkpoint directly) need not wait for it."""
+        import fcntl
+
+        if not self.enabled or self.root is None:
+            return False
+        entry = self.root / kind / self.key(kind, parts)
+        lock = entry.parent / f".{entry.name}.lock"
+        if os.path.lexists(entry) or not lock.exists():
+            return False
+        try:
+            with open(lock, "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        except BlockingIOError:
+            return not os.path.lexists(entry)
+        except OSError:
+            return False
+        return False
+
     @contextlib.contextmanager
     def _building(self, entry: Path) -> Iterator[None]:
         """Held while an entry is looked up and, if missing, built: a second process after the same entry (two

@@ -60,6 +60,11 @@ def substituted(cache: Any, kind: str, ckpt: Checkpoint, options: Mapping[str, A
             (folder / REASON_FILE).write_text(str(exc) + "\n", encoding="utf-8")
 
     parts = {"architecture": architecture(ckpt), **options}
+    # Two processes of one run (the matrix's pytest workers, parity's workers) with two checkpoints of one
+    # architecture: the second exports its own rather than idle while the first builds the template (a minute
+    # for ExecuTorch); the template serves every checkpoint after.
+    if cache.being_built(f"template-{kind}", parts):
+        return "its template is being built by another process right now"
     with cache.folder(f"template-{kind}", parts, make) as folder:
         if (folder / REASON_FILE).is_file():
             return (folder / REASON_FILE).read_text(encoding="utf-8").strip()

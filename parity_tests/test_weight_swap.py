@@ -164,3 +164,28 @@ def test_convert_of_a_second_checkpoint_uses_the_template_and_writes_the_fresh_f
     assert (tmp_path / f"2{suffix}").read_bytes() == (tmp_path / f"2-fresh{suffix}").read_bytes()
     if fmt == "openvino":
         assert (tmp_path / "2.bin").read_bytes() == (tmp_path / "2-fresh.bin").read_bytes()
+
+
+def test_a_template_another_process_is_building_is_not_waited_for(tmp_path):
+    """While one process holds a template's build lock, another with other weights of the same architecture
+    exports its own (the reason says so) instead of idling; once the template exists it is used."""
+    import fcntl
+
+    cache = EntryCache(tmp_path / "cache")
+    ckpt = make_checkpoint("atto", seed=1)
+    parts = {"architecture": templates.architecture(ckpt), "size": 64}
+    kind = "template-onnx"
+    entry = cache.root / kind / cache.key(kind, parts)
+    entry.parent.mkdir(parents=True)
+    lock = entry.parent / f".{entry.name}.lock"
+    with open(lock, "a+b") as holder:  # a second open file description: flock treats it as another process
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert cache.being_built(kind, parts)
+        built: list[str] = []
+        reason = templates.substituted(cache, "onnx", ckpt, {"size": 64}, lambda probe, folder: built.append("x"),
+                                       lambda folder: ({}, []))
+        assert reason == "its template is being built by another process right now" and not built
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    assert not cache.being_built(kind, parts)
+    entry.mkdir()
+    assert not cache.being_built(kind, parts)  # there: nothing to wait for

@@ -73,6 +73,7 @@ class ArtifactCache(Protocol):
     def digest(self, ckpt: Checkpoint) -> str: ...
     def folder(self, kind: str, parts: Mapping[str, Any],
                build: Callable[[Path], None]) -> contextlib.AbstractContextManager[Path]: ...
+    def being_built(self, kind: str, parts: Mapping[str, Any]) -> bool: ...
 
 
 class TemporaryCache:
@@ -88,6 +89,9 @@ class TemporaryCache:
 
     def digest(self, ckpt: Checkpoint) -> str:
         return ""
+
+    def being_built(self, kind: str, parts: Mapping[str, Any]) -> bool:
+        return False
 
     @contextlib.contextmanager
     def folder(self, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]) -> Iterator[Path]:
