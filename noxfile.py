@@ -179,10 +179,12 @@ def tests_mmpretrain(session: nox.Session) -> None:
 
 
 # The tools of the artifact corpus whose pins clash with ours (onnx2tf: numpy 1.26, onnx 1.19, TensorFlow 2.19;
-# litert-torch: typing-extensions, LLM tooling), each in a site dir of its own, as mmpretrain above. They are never
-# on pytest's path: fixtures/artifact_corpus.py runs each as a subprocess with its dir on PYTHONPATH.
+# litert-torch: typing-extensions, LLM tooling; NNCF: caps on networkx and numpy that would hold ours back), each
+# in a site dir of its own, as mmpretrain above. They are never on pytest's path: fixtures/artifact_corpus.py runs
+# each as a subprocess with its dir on PYTHONPATH.
 ARTIFACT_SITE_DIRS = {"CONVNEXTV2_ONNX2TF_SITE": (".venv-onnx2tf", "constraints-onnx2tf.txt"),
-                      "CONVNEXTV2_LITERT_TORCH_SITE": (".venv-litert-torch", "constraints-litert-torch.txt")}
+                      "CONVNEXTV2_LITERT_TORCH_SITE": (".venv-litert-torch", "constraints-litert-torch.txt"),
+                      "CONVNEXTV2_NNCF_SITE": (".venv-nncf", "constraints-nncf.txt")}
 
 
 @nox.session(venv_backend="none")

@@ -130,6 +130,14 @@ def _litert_torch(folder: Path, source: corpus.Source) -> Path:
     return corpus.make_litert_torch(folder, source)
 
 
+def _nncf(recipe: str) -> Callable[[Path, corpus.Source], Path]:
+    def make(folder: Path, source: corpus.Source) -> Path:
+        _site_tool("nncf")
+        return corpus.make_nncf_int8(folder, source, recipe)
+
+    return make
+
+
 # case -> (maker, the precision it passes at | ("fail", feature) | ("unavailable", words in the reason))
 GOOD: dict[str, tuple[Callable[[Path, corpus.Source], Path], str]] = {
     "torch_onnx": (corpus.make_torch_onnx, "float32"),
@@ -147,6 +155,8 @@ GOOD: dict[str, tuple[Callable[[Path, corpus.Source], Path], str]] = {
     "keras": (corpus.make_keras, "float32"),
     "onnxruntime_qdq": (lambda f, s: corpus.make_onnx_qdq(f, _static_onnx(f, s), s), "int8"),
     "onnxruntime_dynamic": (lambda f, s: corpus.make_onnx_dynamic_quant(f, _static_onnx(f, s)), "int8"),
+    # NNCF's defaults (corpus.make_nncf_int8 "defaults") are no broken case: they pass on this source.
+    "nncf_int8_transformer": (_nncf("transformer"), "int8"),
 }
 
 BROKEN: dict[str, tuple[Callable[[Path, corpus.Source], Path], str]] = {
