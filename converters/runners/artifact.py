@@ -162,16 +162,10 @@ def _one_line(exc: Exception) -> str:
 def _run_batches(opened: formats.Opened, port: formats.Port, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every image through the artifact, in chunks of its static batch (the last one padded, the padding dropped)."""
     assert opened.run is not None
-    static = port.shape[0] if port.shape else None
-    step = static or len(x)
     chunks: list[dict[str, np.ndarray]] = []
-    for start in range(0, len(x), step):
-        part = x[start:start + step]
-        given = len(part)
-        if given < step:
-            part = np.concatenate([part, np.zeros((step - given, *part.shape[1:]), dtype=part.dtype)])
+    for part, given in artifact_judging.static_batches(port, x):
         out = opened.run({port.name: part})
-        chunks.append({name: np.asarray(v)[:given] if np.ndim(v) and np.shape(v)[0] == step else np.asarray(v)
+        chunks.append({name: np.asarray(v)[:given] if np.ndim(v) and np.shape(v)[0] == len(part) else np.asarray(v)
                        for name, v in out.items()})
     quant = {p.name: p.quantization for p in opened.outputs if p.quantization is not None}
     merged = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}

@@ -6,7 +6,7 @@ headroom (reference/headroom.py); for an int8 artifact the quantization rule (re
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,22 +164,29 @@ def _localise(row: dict[str, Any], chosen: ChosenRun, ckpt: Checkpoint, referee:
         row["localisation"] = {"how": f"only the final output was judged: {tensors}"}
         return {}, None
     located = localise.locate_stages(tensors, referee.features, len(referee.images))
-    stages = _stages_of(located)
-    row["localisation"] = {"how": str(getattr(located, "how", "") or f"matched {len(stages)} of "
-                                                                      f"{len(referee.names)} stages"),
-                           "stages": {n: t for n, (t, _) in stages.items()}}
+    stages = {n: located.stages[n] for n in FEATURES if n in located.stages}
+    row["localisation"] = {"how": located.how, "stages": {n: t for n, (t, _) in stages.items()}}
     return stages, (tensors, located)
+
+
+def static_batches(port: Port, x: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
+    """``x`` in chunks of the input's static batch (all at once when it is dynamic), the last one padded with
+    zeros to that batch: (chunk, how many of its images are real)."""
+    step = (port.shape[0] if port.shape else None) or len(x)
+    for start in range(0, len(x), step):
+        part = x[start:start + step]
+        given = len(part)
+        if given < step:
+            part = np.concatenate([part, np.zeros((step - given, *part.shape[1:]), dtype=part.dtype)])
+        yield part, given
 
 
 def _intermediates(localise: Any, chosen: ChosenRun) -> Any:
     """Every intermediate tensor of the chosen run, one chunk of the artifact's static batch at a time."""
-    static = chosen.port.shape[0] if chosen.port.shape else None
-    step = static or len(chosen.feed)
     runs = []
-    for start in range(0, len(chosen.feed), step):
-        part = chosen.feed[start:start + step]
-        if len(part) < step:
-            part = np.concatenate([part, np.zeros((step - len(part), *part.shape[1:]), dtype=part.dtype)])
+    step = len(chosen.feed)
+    for part, _ in static_batches(chosen.port, chosen.feed):
+        step = len(part)
         got = localise.intermediate_tensors(chosen.format, chosen.path, {chosen.port.name: part})
         if isinstance(got, str):
             return got
@@ -201,17 +208,6 @@ def _trimmed(tensors: list[Any], count: int, step: int) -> list[Any]:
         return tensors
     return [dataclasses.replace(t, array=np.asarray(t.array)[:count]) if np.ndim(t.array) and
             np.shape(t.array)[0] == step else t for t in tensors]
-
-
-def _stages_of(located: Any) -> dict[str, tuple[str, np.ndarray]]:
-    stages = getattr(located, "stages", located)
-    found = {}
-    for name, value in dict(stages or {}).items():
-        if isinstance(value, tuple):
-            found[name] = (str(value[0]), np.asarray(value[1]))
-        elif value is not None:
-            found[name] = (str(getattr(value, "name", name)), np.asarray(value.array))
-    return {n: found[n] for n in FEATURES if n in found}
 
 
 def _where(result: parity_rule.Verdict, names: Mapping[str, str], read: Any, ckpt: Checkpoint,
